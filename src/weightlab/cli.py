@@ -1,0 +1,135 @@
+"""The ``weightlab`` command line.
+
+Bad input (an unknown experiment, an unknown ``--set`` key, a value of the wrong type, an existing output
+folder, an unreadable file, ...) ends with a one-line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from weightlab.errors import WeightlabError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="weightlab: find, protect, merge, patch and quantize what a network knows in its weights.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise WeightlabError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the registered experiments."""
+    from weightlab import registry
+
+    table = Table("experiment", "paper key", "what it shows")
+    for name in registry.names("experiment"):
+        spec = registry.get("experiment", name)
+        table.add_row(name, spec.paper, spec.summary)
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    name: Annotated[str, typer.Argument(help="experiment name, or 'all'")],
+    profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
+    seed: Annotated[Optional[int], typer.Option(help="base seed")] = None,  # noqa: UP007
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/NAME/...)")] = None,  # noqa: UP007
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: key=value")] = None,  # noqa: UP007
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run an experiment (or all of them) and write its run directory."""
+    from weightlab import registry
+    from weightlab.experiments.base import claim_rows, get, run_experiment
+    from weightlab.report.progress import display
+    from weightlab.report.tables import markdown_table
+    from weightlab.weights.io import write_text_atomic
+
+    overrides = parse_sets(set_ or [])
+    names = registry.names("experiment") if name == "all" else [name]
+    for n in names:  # validate everything before the first long run
+        get(n).resolve(profile, seed=seed, overrides=overrides if name != "all" else None)
+    if name == "all" and (overrides or out):
+        raise WeightlabError("`run all` takes no --set or --out (each experiment has its own config and folder)")
+    summary = []
+    for n in names:
+        with display(enabled=not quiet):
+            path, results = run_experiment(n, profile=profile, seed=seed, out=out, overrides=overrides,
+                                           resume=resume)
+        rows = claim_rows(results.claims)
+        console.print(Markdown(f"## {n}: claims\n\n" + markdown_table(rows)))
+        console.print(f"[bold green]results:[/] {path}")
+        summary += [{"experiment": n, **row} for row in rows]
+    if name == "all":
+        text = markdown_table(summary)
+        write_text_atomic(Path("runs") / f"summary-{profile}.md", "# Claims\n\n" + text)
+        console.print(Markdown(text))
+        console.print(f"[bold green]summary:[/] {Path('runs') / f'summary-{profile}.md'}")
+
+
+@app.command("show")
+def show_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Print a run's results table and claims."""
+    md = run_dir / "results.md"
+    if not md.is_file():
+        raise WeightlabError(f"{str(run_dir)!r} is not a finished run directory (no results.md)")
+    console.print(Markdown(md.read_text()))
+    plots = sorted((run_dir / "plots").glob("*.png"))
+    if plots:
+        console.print("plots: " + ", ".join(str(p) for p in plots))
+
+
+# Modules that add commands to `app` (e.g. merge / compress / extract) with a `register(app)` function.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (the console script exits with it)."""
+    _register_extensions()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="weightlab")
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except WeightlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

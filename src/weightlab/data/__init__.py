@@ -1,0 +1,22 @@
+"""Data: the embedded digits, local real datasets, and continual-learning scenarios."""
+
+from weightlab.data.arrays import ArrayDataset, Batch, concat, stratified_split
+from weightlab.data.digits import digits, random_affine, resize
+from weightlab.data.local import load_cifar, load_cifar10c, load_image_folder, load_mnist
+from weightlab.data.scenarios import (
+    Experience,
+    Stream,
+    class_incremental,
+    class_order,
+    cumulative,
+    domain_incremental,
+    permute_pixels,
+    rotate,
+    task_incremental,
+)
+
+__all__ = [
+    "ArrayDataset", "Batch", "Experience", "Stream", "class_incremental", "class_order", "concat", "cumulative",
+    "digits", "domain_incremental", "load_cifar", "load_cifar10c", "load_image_folder", "load_mnist",
+    "permute_pixels", "random_affine", "resize", "rotate", "stratified_split", "task_incremental",
+]

@@ -1,0 +1,1 @@
+"""One module per paper key (see docs/architecture.md); shared continual-learning pieces live here too."""

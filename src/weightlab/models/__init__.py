@@ -1,0 +1,10 @@
+"""Model builders: small models for the embedded data, continual-learning heads."""
+
+from weightlab.models.heads import ExpandableHead, MultiHead
+from weightlab.models.small import MLP, CifarResNet, Classifier, SmallCNN, resnet18_cifar, resnet32_cifar
+from weightlab.models.vit import TinyViT
+
+__all__ = [
+    "MLP", "CifarResNet", "Classifier", "ExpandableHead", "MultiHead", "SmallCNN", "TinyViT",
+    "resnet18_cifar", "resnet32_cifar",
+]

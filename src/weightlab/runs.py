@@ -1,0 +1,102 @@
+"""Run directories: ``runs/<experiment>/<name>/`` with the resolved config, results, plots and checkpoints.
+
+    runs/forgetting/quick-seed0-20261127-101500/
+      config.yaml        the resolved configuration (experiment, profile, seed, every config field)
+      results.json       tables, claims and raw data
+      results.md         the same as Markdown tables
+      plots/*.png
+      checkpoints/*.safetensors   resumable state, written atomically
+
+A :class:`RunContext` is what an experiment receives: where to write, progress bars, and resumable state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import Tensor
+
+from weightlab.report.progress import track
+from weightlab.weights.io import load_tensors, read_metadata, save_tensors
+
+T = TypeVar("T")
+
+
+class RunContext:
+    """The run directory of one experiment run, and its resumable state."""
+
+    def __init__(self, directory: Path, *, resume: bool = False) -> None:
+        self.dir = directory
+        self.resume = resume
+        self.checkpoints = directory / "checkpoints"
+        self.plots = directory / "plots"
+        self.saves = 0  # how many states were saved in this process (used by interruption tests)
+
+    # ------------------------------------------------------------------ resumable state
+    def _path(self, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+        return self.checkpoints / f"{safe}.safetensors"
+
+    def save_state(self, key: str, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
+        """Write ``tensors`` and JSON-able ``meta`` under ``key`` (atomically)."""
+        save_tensors(tensors, self._path(key), metadata={"weightlab": json.dumps(meta or {})})
+        self.saves += 1
+
+    def has_state(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def load_state(self, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        path = self._path(key)
+        return load_tensors(path), json.loads(read_metadata(path).get("weightlab", "{}"))
+
+    def drop_state(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def cached(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Return the JSON result stored under ``key``, computing and storing it if absent (resumable units)."""
+        if self.has_state(key):
+            return self.load_state(key)[1]
+        value = compute()
+        self.save_state(key, {}, value)
+        return value
+
+    def stream(self, key: str, n: int, step: Callable[[int], list[float]],
+               state: Callable[[], dict[str, Tensor]], load: Callable[[dict[str, Tensor]], None]) -> list[list[float]]:
+        """Run ``step(i)`` for experiences ``i = 0..n-1`` with a checkpoint after each one.
+
+        ``step(i)`` trains on experience ``i`` and returns that row of the accuracy matrix; ``state()`` gives
+        the tensors that must survive an interruption (model, memory, ...) and ``load`` restores them.
+        After an interruption the last finished experience is loaded and the stream continues after it;
+        because each experience seeds itself (``derive_seed``), the end result equals an uninterrupted run.
+        """
+        done = [i for i in range(n) if self.has_state(f"{key}/exp{i}")]
+        rows: list[list[float]] = []
+        start = 0
+        if done:
+            tensors, meta = self.load_state(f"{key}/exp{done[-1]}")
+            load(tensors)
+            rows, start = meta["rows"], done[-1] + 1
+        for i in track(range(start, n), f"{key}", total=n - start):
+            rows.append(step(i))
+            self.save_state(f"{key}/exp{i}", state(), {"rows": rows})
+            if i > 0:
+                self.drop_state(f"{key}/exp{i - 1}")
+        return rows
+
+    # ------------------------------------------------------------------ outputs
+    def track(self, items: Iterable[T], description: str, *, total: int | None = None) -> Iterator[T]:
+        return track(items, description, total=total)
+
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as ``plots/<name>.png`` and close it."""
+        import matplotlib.pyplot as plt
+
+        self.plots.mkdir(parents=True, exist_ok=True)
+        path = self.plots / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
