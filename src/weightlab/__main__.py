@@ -1,0 +1,3 @@
+from weightlab.cli import entry
+
+entry()
