@@ -55,9 +55,10 @@ def run_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: key=value")] = None,  # noqa: UP007
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    log: Annotated[Optional[str], typer.Option(help="also log to: tensorboard")] = None,  # noqa: UP007
 ) -> None:
-    """Run an experiment (or all of them) and write its run directory."""
-    from weightlab import registry
+    """Run an experiment (or all of them) and write its run directory (works under torchrun too)."""
+    from weightlab import distributed, registry
     from weightlab.experiments.base import claim_rows, get, run_experiment
     from weightlab.report.progress import display
     from weightlab.report.tables import markdown_table
@@ -69,20 +70,57 @@ def run_cmd(
         get(n).resolve(profile, seed=seed, overrides=overrides if name != "all" else None)
     if name == "all" and (overrides or out):
         raise WeightlabError("`run all` takes no --set or --out (each experiment has its own config and folder)")
+    distributed.init_from_env()
+    main_rank = distributed.is_main()
     summary = []
     for n in names:
-        with display(enabled=not quiet):
+        with display(enabled=not quiet and main_rank):
             path, results = run_experiment(n, profile=profile, seed=seed, out=out, overrides=overrides,
-                                           resume=resume)
+                                           resume=resume, log=log)
+        if not main_rank:
+            continue
         rows = claim_rows(results.claims)
         console.print(Markdown(f"## {n}: claims\n\n" + markdown_table(rows)))
         console.print(f"[bold green]results:[/] {path}")
         summary += [{"experiment": n, **row} for row in rows]
-    if name == "all":
+    if name == "all" and main_rank:
         text = markdown_table(summary)
         write_text_atomic(Path("runs") / f"summary-{profile}.md", "# Claims\n\n" + text)
         console.print(Markdown(text))
         console.print(f"[bold green]summary:[/] {Path('runs') / f'summary-{profile}.md'}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    name: Annotated[str, typer.Argument(help="experiment name")],
+    grid: Annotated[Optional[list[str]], typer.Option(help="key=v1,v2 (repeatable)")] = None,  # noqa: UP007
+    seeds: Annotated[int, typer.Option(help="seeds per grid point")] = 1,
+    seed: Annotated[int, typer.Option(help="first seed")] = 0,
+    profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
+    workers: Annotated[int, typer.Option(help="parallel local worker processes")] = 2,
+    ray: Annotated[Optional[str], typer.Option(help="Ray address (host:port) or 'auto' for a local instance")] = None,  # noqa: UP007
+    out: Annotated[Optional[Path], typer.Option(help="sweep folder (re-use it to resume)")] = None,  # noqa: UP007
+    log: Annotated[Optional[str], typer.Option(help="also log every cell to: tensorboard")] = None,  # noqa: UP007
+) -> None:
+    """Run a grid of config values × seeds; every cell is an ordinary run directory."""
+    from weightlab.sweep import parse_grid, run_sweep
+
+    path, rows = run_sweep(name, parse_grid(grid or []), seeds=seeds, profile=profile, workers=workers,
+                           ray_address=ray, out=out, base_seed=seed, log=log)
+    console.print(Markdown((path / "sweep.md").read_text()))
+    console.print(f"[bold green]sweep:[/] {path}")
+
+
+@app.command("report")
+def report_cmd(
+    runs_dir: Annotated[Path, typer.Argument(help="a folder of runs and sweeps (e.g. runs/)")],
+    out: Annotated[Path, typer.Option(help="site folder to write")] = Path("site"),
+) -> None:
+    """Write a static HTML report (open OUT/index.html in a browser; no server needed)."""
+    from weightlab.report.html import build_site
+
+    index = build_site(runs_dir, out)
+    console.print(f"[bold green]report:[/] {index} (open it in a browser)")
 
 
 @app.command("show")

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
+from weightlab import distributed
+
 from weightlab.report.progress import track
 from weightlab.weights.io import load_tensors, read_metadata, save_tensors
 
@@ -35,6 +37,7 @@ class RunContext:
         self.checkpoints = directory / "checkpoints"
         self.plots = directory / "plots"
         self.saves = 0  # how many states were saved in this process (used by interruption tests)
+        self.logger: Any = None  # a TensorBoardLogger when the run was started with --log tensorboard
 
     # ------------------------------------------------------------------ resumable state
     def _path(self, key: str) -> Path:
@@ -42,8 +45,10 @@ class RunContext:
         return self.checkpoints / f"{safe}.safetensors"
 
     def save_state(self, key: str, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
-        """Write ``tensors`` and JSON-able ``meta`` under ``key`` (atomically)."""
-        save_tensors(tensors, self._path(key), metadata={"weightlab": json.dumps(meta or {})})
+        """Write ``tensors`` and JSON-able ``meta`` under ``key`` (atomically; rank 0 only under torchrun)."""
+        if distributed.is_main():
+            save_tensors(tensors, self._path(key), metadata={"weightlab": json.dumps(meta or {})})
+        distributed.barrier()
         self.saves += 1
 
     def has_state(self, key: str) -> bool:
@@ -54,7 +59,9 @@ class RunContext:
         return load_tensors(path), json.loads(read_metadata(path).get("weightlab", "{}"))
 
     def drop_state(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        distributed.barrier()  # every rank has read what it needs before rank 0 deletes
+        if distributed.is_main():
+            self._path(key).unlink(missing_ok=True)
 
     def cached(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Return the JSON result stored under ``key``, computing and storing it if absent (resumable units)."""
@@ -85,6 +92,10 @@ class RunContext:
             self.save_state(f"{key}/exp{i}", state(), {"rows": rows})
             if i > 0:
                 self.drop_state(f"{key}/exp{i - 1}")
+            if self.logger is not None:
+                self.logger.experience(key, i, rows[-1])
+        if self.logger is not None and start < n:
+            self.logger.matrix(key, rows)
         return rows
 
     # ------------------------------------------------------------------ outputs
@@ -92,11 +103,12 @@ class RunContext:
         return track(items, description, total=total)
 
     def savefig(self, fig: Any, name: str) -> Path:
-        """Save a matplotlib figure as ``plots/<name>.png`` and close it."""
+        """Save a matplotlib figure as ``plots/<name>.png`` (rank 0 only) and close it."""
         import matplotlib.pyplot as plt
 
-        self.plots.mkdir(parents=True, exist_ok=True)
         path = self.plots / f"{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        if distributed.is_main():
+            self.plots.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return path

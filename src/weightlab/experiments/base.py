@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from weightlab import registry
+from weightlab import distributed, registry
 from weightlab.errors import WeightlabError
 from weightlab.report.tables import fmt, markdown_table
 from weightlab.runs import RunContext
@@ -130,8 +130,16 @@ def config_record(spec: ExperimentSpec, config: Any, profile: str) -> dict[str, 
 
 def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None, out: Path | None = None,
                    overrides: dict[str, str] | None = None, resume: bool = False,
-                   root: Path = Path("runs")) -> tuple[Path, Results]:
-    """Resolve, run and record one experiment; returns the run directory and the results."""
+                   root: Path = Path("runs"), log: str | None = None) -> tuple[Path, Results]:
+    """Resolve, run and record one experiment; returns the run directory and the results.
+
+    ``log="tensorboard"`` also writes TensorBoard event files under ``<run dir>/tensorboard``.
+    """
+    from weightlab.report.tensorboard import LOGGERS, make_logger
+    from weightlab.train.loop import default_callbacks
+
+    if log is not None and log not in LOGGERS:
+        raise WeightlabError(f"unknown --log {log!r}; expected one of {', '.join(LOGGERS)}")
     spec = get(name)
     config = spec.resolve(profile, seed=seed, overrides=overrides)
     if out is None:
@@ -140,7 +148,7 @@ def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None
             raise WeightlabError(f"--resume: no unfinished run of {name!r} ({profile}, seed {config.seed}) "
                                  f"under {str(root / name)!r}; pass --out RUN_DIR")
         out = out or default_dir(name, profile, config.seed, root)
-    out = Path(out)
+    out = Path(distributed.broadcast(str(out)))  # under torchrun every rank uses rank 0's folder
     record = config_record(spec, config, profile)
     if resume:
         saved = out / "config.yaml"
@@ -153,12 +161,23 @@ def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None
     elif out.exists():
         raise WeightlabError(f"output folder {str(out)!r} already exists; pass --resume to continue it "
                              "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+    distributed.barrier()  # every rank has checked the folder before rank 0 creates it
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     ctx = RunContext(out, resume=resume)
-    results = spec.fn(config, ctx)
-    write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=2, default=_json_default))
-    write_text_atomic(out / "results.md", results.to_markdown(f"{name} ({profile}, seed {config.seed})"))
+    ctx.logger = make_logger(log, out) if main else None
+    try:
+        with default_callbacks(*([ctx.logger] if ctx.logger else [])):
+            results = spec.fn(config, ctx)
+    finally:
+        if ctx.logger is not None:
+            ctx.logger.close()
+    if main:
+        write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=2, default=_json_default))
+        write_text_atomic(out / "results.md", results.to_markdown(f"{name} ({profile}, seed {config.seed})"))
+    distributed.barrier()
     return out, results
 
 

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from weightlab import distributed
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.train.loop import ForwardFn, default_forward
 
@@ -36,11 +37,19 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 512,
 
 
 def accuracy(model: nn.Module, data: Dataset, *, batch_size: int = 512, forward: ForwardFn = default_forward) -> float:
-    """Top-1 accuracy in [0, 1]."""
+    """Top-1 accuracy in [0, 1]. Under ``torchrun`` each rank scores its shard and the counts are summed."""
     if len(data) == 0:  # type: ignore[arg-type]
         return float("nan")
-    logits, targets = predict(model, data, batch_size=batch_size, forward=forward)
-    return (logits.argmax(1) == targets).float().mean().item()
+    if distributed.is_distributed():
+        idx = distributed.shard(torch.arange(len(data)))  # type: ignore[arg-type]
+        data = data.subset(idx) if isinstance(data, ArrayDataset) else Subset(data, idx.tolist())
+    hits, n = 0, len(data)  # type: ignore[arg-type]
+    if n:
+        logits, targets = predict(model, data, batch_size=batch_size, forward=forward)
+        hits = (logits.argmax(1) == targets).sum().item()
+    counts = torch.tensor([hits, n], dtype=torch.float64)
+    correct, total = distributed.all_reduce_sum(counts).tolist()
+    return correct / total
 
 
 def per_class_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:

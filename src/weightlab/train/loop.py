@@ -8,8 +8,10 @@ in the loop draws random numbers (callbacks that do should draw from ``state.gen
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from weightlab import distributed
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.report.progress import track
@@ -74,6 +77,7 @@ class LoopState:
     step: int = 0
     total_steps: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    loss: Tensor | None = None  # the last step's loss (detached)
 
 
 def default_forward(model: nn.Module, batch: Batch) -> Tensor:
@@ -115,10 +119,37 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_s
 
 
 def _batches(data: Dataset, batch_size: int, generator: torch.Generator):  # noqa: ANN202
+    if distributed.is_distributed():
+        return _sharded_batches(data, batch_size, generator)
     if isinstance(data, ArrayDataset):
         return data.batches(batch_size, shuffle=True, generator=generator)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     return (Batch(*b) for b in loader)
+
+
+def _sharded_batches(data: Dataset, batch_size: int, generator: torch.Generator):  # noqa: ANN202
+    """Every rank draws the same global permutation and takes its slice of each full global batch."""
+    distributed.check_batch(batch_size)
+    order = torch.randperm(len(data), generator=generator)  # type: ignore[arg-type]
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = distributed.shard(order[start:start + batch_size])
+        if isinstance(data, ArrayDataset):
+            yield data.batch(idx)
+        else:
+            yield Batch(*(torch.stack(parts) for parts in zip(*(data[i] for i in idx.tolist()))))
+
+
+_DEFAULT_CALLBACKS: contextvars.ContextVar[tuple[Callback, ...]] = contextvars.ContextVar("callbacks", default=())
+
+
+@contextlib.contextmanager
+def default_callbacks(*callbacks: Callback) -> Iterator[None]:
+    """Add ``callbacks`` to every :func:`train` call inside this block (e.g. a logger set up by the CLI)."""
+    token = _DEFAULT_CALLBACKS.set(_DEFAULT_CALLBACKS.get() + callbacks)
+    try:
+        yield
+    finally:
+        _DEFAULT_CALLBACKS.reset(token)
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
@@ -138,19 +169,29 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
 
     Returns:
         The final :class:`LoopState` (step count, per-epoch mean losses).
+
+    Under ``torchrun`` the model is wrapped in DistributedDataParallel for the forward pass, every rank takes
+    its slice of each global batch of ``config.batch_size`` (incomplete last batches are dropped), and
+    callbacks still see the unwrapped model as ``state.model``.
     """
     if len(data) == 0:  # type: ignore[arg-type]
         raise WeightlabError("cannot train on an empty dataset")
     device = choose_device(config.device)
     model.to(device)
     optimizer = optimizer or make_optimizer(model.parameters(), config)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)  # type: ignore[arg-type]
+    if distributed.is_distributed():
+        distributed.check_batch(config.batch_size)
+        steps_per_epoch = max(len(data) // config.batch_size, 1)  # type: ignore[arg-type]
+        net: nn.Module = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        steps_per_epoch = math.ceil(len(data) / config.batch_size)  # type: ignore[arg-type]
+        net = model
     total = config.max_steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     schedule = make_schedule(optimizer, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     state = LoopState(model, optimizer, config, device, generator, experience, total_steps=total)
-    cbs = list(callbacks)
+    cbs = [*callbacks, *_DEFAULT_CALLBACKS.get()]
     on_batch, on_logits = overriding(cbs, "on_batch"), overriding(cbs, "transform_logits")
     on_weights, on_loss = overriding(cbs, "sample_weights"), overriding(cbs, "loss")
     on_backward, on_step = overriding(cbs, "after_backward"), overriding(cbs, "after_step")
@@ -170,7 +211,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             for cb in on_batch:
                 batch = cb.on_batch(state, batch)
             with torch.autocast(device.type, enabled=use_amp):
-                logits = forward(model, batch)
+                logits = forward(net, batch)
                 for cb in on_logits:
                     logits = cb.transform_logits(state, batch, logits)
                 losses = loss_fn(logits, batch.y)  # (B,)
@@ -195,7 +236,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             state.step += 1
             for cb in on_step:
                 cb.after_step(state)
-            loss_sum += loss.detach()
+            state.loss = loss.detach()
+            loss_sum += state.loss
             n_steps += 1
             if state.step >= total:
                 break
