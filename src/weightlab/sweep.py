@@ -112,7 +112,6 @@ def _run_ray(experiment: str, profile: str, cells: list[Cell], root: str, addres
         import ray
     except ModuleNotFoundError:
         raise WeightlabError("--ray needs the optional extra: pip install 'weightlab[ray]'") from None
-    _check_ray_address(address)
     started = not ray.is_initialized()
     if started:
         if address in {"auto", "local"}:
@@ -143,6 +142,8 @@ def run_sweep(experiment: str, grid: dict[str, list[str]], *, seeds: int = 1, pr
         spec.resolve(profile, seed=cell.seed, overrides=_overrides(spec, cell))
     if workers < 1:
         raise WeightlabError(f"--workers must be ≥ 1, got {workers}")
+    if ray_address:
+        _check_ray_address(ray_address)  # fail fast, before any folder is written
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out) if out is not None else root / "sweeps" / f"{experiment}-{profile}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

@@ -87,10 +87,12 @@ def run(config: ForgettingConfig, ctx: RunContext) -> Results:
 
     means = {m: {k: mean_std(v)[0] for k, v in s.items()} for m, s in summary.items()}
     claims = []
-    if {"finetune", "replay", "joint"} <= set(config.methods):
-        fgt, acc = means["finetune"]["fgt"], {m: means[m]["acc"] for m in METHODS}
+    if "finetune" in config.methods:
+        fgt = means["finetune"]["fgt"]
         claims.append(Claim("finetune forgets catastrophically (forgetting > 0.3)",
                             {"forgetting(finetune)": fgt}, fgt > 0.3))
+    if {"finetune", "replay", "joint"} <= set(config.methods):
+        acc = {m: means[m]["acc"] for m in METHODS}
         claims.append(Claim("joint training is the upper bound and replay lies between finetune and joint",
                             {f"acc({m})": a for m, a in acc.items()},
                             acc["joint"] >= acc["replay"] >= acc["finetune"]))
