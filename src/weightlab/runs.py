@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from torch import Tensor
 
 from weightlab import distributed
-
 from weightlab.report.progress import track
 from weightlab.weights.io import load_tensors, read_metadata, save_tensors
 

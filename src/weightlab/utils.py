@@ -41,7 +41,8 @@ def choose_device(device: str = "auto") -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as exc:
-        raise WeightlabError(f"device {device!r} is not a valid torch device (expected auto, cpu, cuda, cuda:N)") from exc
+        raise WeightlabError(f"device {device!r} is not a valid torch device "
+                             "(expected auto, cpu, cuda, cuda:N)") from exc
 
 
 def env_flag(name: str) -> bool:
@@ -62,12 +63,11 @@ def coerce(value: str, annotation: Any, *, key: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if value.lower() in {"none", "null"} and type(None) in args:
             return None
-        errors = []
         for a in non_none:
             try:
                 return coerce(value, a, key=key)
-            except WeightlabError as exc:
-                errors.append(str(exc))
+            except WeightlabError:
+                continue
         raise WeightlabError(f"--set {key}={value!r}: expected {_type_name(annotation)}")
     if origin is typing.Literal:
         if value in args:

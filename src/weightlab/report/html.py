@@ -22,7 +22,8 @@ from weightlab.report.tables import fmt
 from weightlab.weights.io import write_text_atomic
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem}
 table{border-collapse:collapse;margin:1rem 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f0f0f0}.held{color:#0a7a0a;font-weight:600}.failed{color:#b00020;font-weight:600}
 img.plot{max-width:560px;border:1px solid #ddd;margin:6px}img.thumb{max-width:160px;border:1px solid #ddd}
@@ -119,14 +120,16 @@ def build_site(runs_dir: Path, out: Path) -> Path:
         plots = _copy_plots(sweep, out / "sweeps" / slug)
         failed = [c for c in info["cells"] if c["status"] == "failed"]
         body = [f"<p>{len(info['cells'])} cells, {info['seeds']} seed(s) per point, profile "
-                f"<code>{html.escape(info['profile'])}</code>, grid <code>{html.escape(json.dumps(info['grid']))}</code>"
-                "</p>", "<h2>Aggregate (mean ± std over seeds)</h2>", _table(info["aggregate"]),
+                f"<code>{html.escape(info['profile'])}</code>, grid "
+                f"<code>{html.escape(json.dumps(info['grid']))}</code></p>",
+                "<h2>Aggregate (mean ± std over seeds)</h2>", _table(info["aggregate"]),
                 "<h2>Plots</h2>"] + [f"<img class='plot' src='{p}' alt='{p}'>" for p in plots]
         if failed:
             body += ["<h2>Failed cells</h2>", _table([{"cell": c["cell"], "error": c["error"]} for c in failed])]
         write_text_atomic(out / "sweeps" / slug / "index.html",
                           _page(f"sweep of {info['experiment']}", "".join(body), up="../../"))
-        sweep_rows.append({"sweep": f"<a href='sweeps/{slug}/index.html'>{html.escape(str(sweep.relative_to(runs_dir)))}</a>",
+        name = html.escape(str(sweep.relative_to(runs_dir)))
+        sweep_rows.append({"sweep": f"<a href='sweeps/{slug}/index.html'>{name}</a>",
                            "experiment": info["experiment"], "cells": len(info["cells"]), "failed": len(failed)})
     index = [f"<p>{len(runs)} runs, {len(sweeps)} sweeps from <code>{html.escape(str(runs_dir))}</code></p>",
              "<h2>Claims</h2>", _table(index_rows, table_id="claims")]
