@@ -151,3 +151,17 @@ def test_dense_groups_train_with_plain_adamw_and_clipping_scales_gradients() -> 
     torch.nn.utils.clip_grad_norm_([ref], 1e-3)
     torch_opt.step()
     assert torch.allclose(head, ref, atol=1e-6)
+
+
+def test_state_dict_round_trip_keeps_integer_indices_for_half_precision_weights() -> None:
+    w = nn.Parameter(torch.randn(300, 300).bfloat16())
+    keep = list(range(0, 90000, 7))  # indices that bf16 cannot represent exactly
+    opt = SparseAdamW([{"params": [w], "sparse": True, "selectors": [fixed(keep)]}], lr=0.1)
+    (w.float() ** 2).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    other = SparseAdamW([{"params": [w], "sparse": True, "selectors": [fixed([0])]}], lr=0.1)
+    other.load_state_dict(saved)
+    st = other.state[w]
+    assert st["indices"].dtype == torch.int32 and st["indices"].tolist() == keep
+    assert st["exp_avg"].dtype == torch.float32 and torch.equal(st["exp_avg"], opt.state[w]["exp_avg"])

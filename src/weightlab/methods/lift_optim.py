@@ -153,6 +153,21 @@ class SparseAdamW(torch.optim.Optimizer):
         self._grads.clear()
         super().zero_grad(set_to_none=set_to_none)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like :meth:`torch.optim.Optimizer.load_state_dict`, but integer ``indices`` and float32 moments are
+        not cast to a half-precision parameter's dtype (which would corrupt them; accelerate and the
+        transformers Trainer round-trip the state)."""
+        keys = ("indices", "exp_avg", "exp_avg_sq")
+        state = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, tensors in kept.items():
+            p = params[pid]
+            for key, value in tensors.items():
+                dtype = index_dtype(p.numel()) if key == "indices" else moment_dtype(p.dtype)
+                self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
