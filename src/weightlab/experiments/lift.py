@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset
+from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.lift import LiftConfig, find_targets, prepare
 from weightlab.models.vit import Block
@@ -64,6 +65,19 @@ class LiftExperimentConfig:
     methods: tuple[str, ...] = METHODS
     minilm: bool = False
     minilm_steps: int = 120
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise WeightlabError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
+        if self.modulus < 2:
+            raise WeightlabError(f"modulus must be ≥ 2, got {self.modulus}")
+        if not 1 <= self.filter_rank <= self.dim:
+            raise WeightlabError(f"filter_rank must be in [1, dim = {self.dim}], got {self.filter_rank}")
+        if self.lora_rank < 1:
+            raise WeightlabError(f"lora_rank must be ≥ 1, got {self.lora_rank}")
+        if not 0 < self.target_fraction < 1:
+            raise WeightlabError(f"target_fraction must be in (0, 1), got {self.target_fraction}")
 
 
 class TinyTransformer(nn.Module):
