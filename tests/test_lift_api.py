@@ -1,4 +1,4 @@
-"""LIFT's API (methods/lift.py): prepare, the weightlab loop, a plain loop, extract_delta, merge_and_unload."""
+"""LIFT's API (methods/lift.py): prepare, weightlab and plain loops, extract_delta, merge_and_unload."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(WeightlabError, match="rank 9 exceeds min\\(m, n\\) = 8 of 'body.0'"):
         prepare(Net(), LiftConfig(rank=9))
     model = Net()
-    model.body[2].weight = nn.Parameter(model.body[2].weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    fp8 = model.body[2].weight.detach().to(torch.float8_e4m3fn)
+    model.body[2].weight = nn.Parameter(fp8, requires_grad=False)
     with pytest.raises(WeightlabError, match="'body.2' has weights of dtype torch.float8_e4m3fn"):
         prepare(model, LiftConfig(rank=2))
     with pytest.raises(WeightlabError, match="give lora_rank \\(4\\) or density \\(0.05\\), not both"):

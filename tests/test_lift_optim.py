@@ -69,7 +69,8 @@ def test_weight_decay_acts_on_the_real_weights() -> None:
     # zero gradient: the Adam step is 0 and only decoupled decay w <- w (1 - lr wd) remains (the official code
     # applies it to a boolean-indexed copy, so there it does nothing)
     w = nn.Parameter(torch.full((2, 2), 2.0))
-    opt = SparseAdamW([{"params": [w], "sparse": True, "selectors": [fixed([0, 3])]}], lr=0.1, weight_decay=0.5)
+    opt = SparseAdamW([{"params": [w], "sparse": True, "selectors": [fixed([0, 3])]}], lr=0.1,
+                      weight_decay=0.5)
     (w * 0).sum().backward()
     opt.step()
     assert torch.allclose(w.detach(), torch.tensor([[2.0 * 0.95, 2.0], [2.0, 2.0 * 0.95]]))

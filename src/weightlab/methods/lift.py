@@ -11,9 +11,9 @@ rank-``r`` approximation of the weight, with ``k`` the parameter count of a rank
     delta = extract_delta(model)                                          # {name.weight: (m, n)} update
     model = merge_and_unload(model)                                       # plain module, hooks removed
 
-Memory: the optimizer holds O(k) per matrix (indices, two moments) and frees each dense gradient as soon as it is
-gathered (see :mod:`weightlab.methods.lift_optim`). ``track_delta`` keeps the original value of every entry the
-masks have touched (another O(k)) so :func:`extract_delta` needs no copy of the base model.
+Memory: the optimizer holds O(k) per matrix (indices, two moments) and frees each dense gradient as soon as
+it is gathered (see :mod:`weightlab.methods.lift_optim`). ``track_delta`` keeps the original value of every
+entry the masks have touched (another O(k)) so :func:`extract_delta` needs no copy of the base model.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class LiftConfig:
 
     Attributes:
         rank: filter rank ``r`` of the low-rank approximation the mask is selected from.
-        lora_rank: budget ``k = min((m + n)·lora_rank, m·n)`` per matrix (default 128 when ``density`` is unset).
-        density: alternatively, the fraction of entries of each matrix to train (exclusive with ``lora_rank``).
+        lora_rank: budget ``k = min((m + n)·lora_rank, m·n)`` per matrix (128 when ``density`` is unset).
+        density: alternatively, the fraction of entries of each matrix to train (not with ``lora_rank``).
         target_modules: names (dotted suffixes/components) of the ``nn.Linear`` modules to fine-tune;
             ``None``: every ``nn.Linear`` not excluded.
         exclude_modules: names never targeted (the output head by default).
@@ -137,7 +137,8 @@ def find_targets(model: nn.Module, config: LiftConfig) -> dict[str, nn.Linear]:
         rows, cols = m.weight.shape
         if config.mask == "principal" and config.rank > min(rows, cols):
             raise WeightlabError(f"rank {config.rank} exceeds min(m, n) = {min(rows, cols)} of {n!r} "
-                                 f"({rows}×{cols}); choose rank ≤ {min(rows, cols)} or restrict target_modules")
+                                 f"({rows}×{cols}); choose rank ≤ {min(rows, cols)} or restrict "
+                                 "target_modules")
     return chosen
 
 
@@ -161,7 +162,7 @@ def make_selector(config: LiftConfig, k: int, *, generator: torch.Generator | No
 
 
 class Lift:
-    """What :func:`prepare` returns: the model, its targets, the sparse optimizer and the delta bookkeeping."""
+    """What :func:`prepare` returns: the model, its targets, the sparse optimizer, the delta bookkeeping."""
 
     def __init__(self, model: nn.Module, config: LiftConfig, targets: dict[str, nn.Linear],
                  saved: dict[str, nn.Parameter], requires_grad: dict[str, bool]) -> None:
@@ -174,7 +175,8 @@ class Lift:
         self.touched: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (sorted indices, original values)
         generator = torch.Generator().manual_seed(config.seed)
         weights = [m.weight for m in targets.values()]
-        selectors = [make_selector(config, config.budget(tuple(w.shape)), generator=generator) for w in weights]
+        selectors = [make_selector(config, config.budget(tuple(w.shape)), generator=generator)
+                     for w in weights]
         groups: list[dict] = [{"params": weights, "sparse": True, "selectors": selectors}]
         if saved:
             groups.append({"params": list(saved.values()), "sparse": False})
@@ -197,8 +199,9 @@ class Lift:
 
 
 def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:  # noqa: ANN001
-    return SparseAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                       refresh_every=config.refresh_every, needs_grad=config.mask == "gradient",
+    return SparseAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                       weight_decay=config.weight_decay, refresh_every=config.refresh_every,
+                       needs_grad=config.mask == "gradient",
                        max_grad_norm=config.max_grad_norm, on_refresh=record)
 
 
@@ -238,7 +241,8 @@ def prepare(model: nn.Module, config: LiftConfig = LiftConfig()) -> Lift:
 def _handle(obj: nn.Module | Lift) -> Lift:
     lift = obj if isinstance(obj, Lift) else getattr(obj, "_weightlab_lift", None)
     if lift is None:
-        raise WeightlabError("this model was not prepared for LIFT (call weightlab.methods.lift.prepare first)")
+        raise WeightlabError("this model was not prepared for LIFT "
+                             "(call weightlab.methods.lift.prepare first)")
     return lift
 
 
@@ -248,7 +252,8 @@ def extract_delta(obj: nn.Module | Lift, *, dense: bool = True) -> dict[str, Ten
     Args:
         obj: the prepared model or its :class:`Lift` handle.
         dense: ``{name.weight: (m, n) delta}`` with zeros outside the touched entries (feeds task-vector
-            arithmetic); ``False``: ``{name.weight.indices: (t,), name.weight.values: (t,)}`` (safetensors-ready).
+            arithmetic); ``False``: ``{name.weight.indices: (t,), name.weight.values: (t,)}``
+            (safetensors-ready).
     """
     lift = _handle(obj)
     if not lift.config.track_delta:

@@ -1,8 +1,8 @@
 """Sparse AdamW for LIFT (``lift``): Adam moments only for the ``k`` masked entries of each matrix.
 
 Per sparse matrix the optimizer keeps ``indices`` ``(k,)`` (int32 while ``m·n < 2³¹``), ``exp_avg`` and
-``exp_avg_sq`` ``(k,)`` and a step counter — O(k) instead of AdamW's O(m·n). A post-accumulate-grad hook on each
-sparse weight gathers ``grad[indices]`` into a ``(k,)`` buffer as soon as autograd has written the dense
+``exp_avg_sq`` ``(k,)`` and a step counter — O(k) instead of AdamW's O(m·n). A post-accumulate-grad hook on
+each sparse weight gathers ``grad[indices]`` into a ``(k,)`` buffer as soon as autograd has written the dense
 gradient and then frees the dense gradient, so at most one layer's dense gradient is alive at a time.
 Gradient accumulation over several backward passes adds into the ``(k,)`` buffer.
 
@@ -27,7 +27,7 @@ from weightlab.errors import WeightlabError
 from weightlab.weights.lowrank import carry_over
 
 Selector = Callable[[Tensor, Tensor | None], Tensor]
-"""``selector(weight, grad_or_None) -> sorted flat indices (k,)``; ``grad`` is given only to gradient masks."""
+"""``selector(weight, grad_or_None) -> sorted flat indices (k,)``; ``grad`` is given to gradient masks."""
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -63,14 +63,16 @@ class SparseAdamW(torch.optim.Optimizer):
             raise WeightlabError(f"betas must be in [0, 1), got {betas}")
         if refresh_every < 0:
             raise WeightlabError(f"refresh_every must be ≥ 0 (0 = never), got {refresh_every}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "sparse": False}
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "sparse": False}
         super().__init__(list(params), defaults)
         self.refresh_every = refresh_every
         self.needs_grad = needs_grad
         self.max_grad_norm = max_grad_norm
         self.steps = 0
         # called as fn(p, old_indices, new_indices) on every selection, the first one included
-        self.on_refresh: list[Callable[[nn.Parameter, Tensor, Tensor], None]] = [on_refresh] if on_refresh else []
+        self.on_refresh: list[Callable[[nn.Parameter, Tensor, Tensor], None]] = [on_refresh] if on_refresh \
+            else []
         self._selectors: dict[nn.Parameter, Selector] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
         self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
@@ -81,9 +83,9 @@ class SparseAdamW(torch.optim.Optimizer):
             selectors = group.pop("selectors", None)
             if selectors is None or len(selectors) != len(group["params"]):
                 raise WeightlabError("a sparse parameter group needs one selector per parameter")
-            for p, select in zip(group["params"], selectors):
+            for p, select in zip(group["params"], selectors, strict=True):
                 if p.dim() != 2:
-                    raise WeightlabError(f"sparse parameters must be 2-D matrices, got shape {tuple(p.shape)}")
+                    raise WeightlabError(f"sparse parameters must be 2-D matrices, got {tuple(p.shape)}")
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()
                 self._selectors[p] = select
@@ -235,12 +237,12 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ accounting
     def state_numel(self) -> dict[str, int]:
-        """Counts of stored numbers: ``indices``, ``moments`` (both Adam moments) of sparse and dense params."""
+        """Counts of stored numbers: ``indices`` and ``moments`` (both Adam moments, sparse and dense)."""
         out = {"indices": 0, "moments": 0}
         for st in self.state.values():
             if "indices" in st:
                 out["indices"] += st["indices"].numel()
-            out["moments"] += st.get("exp_avg", torch.zeros(0)).numel() + st.get("exp_avg_sq", torch.zeros(0)).numel()
+            out["moments"] += sum(st[k].numel() for k in ("exp_avg", "exp_avg_sq") if k in st)
         return out
 
     def state_bytes(self) -> int:

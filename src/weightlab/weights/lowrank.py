@@ -1,7 +1,7 @@
 """Low-rank approximation and sparse-mask selection over weight matrices (LIFT, ``lift``).
 
-Every selector returns the **sorted flat indices** ``(k,)`` (int64) of the chosen entries of a ``(m, n)`` matrix,
-so a mask costs O(k) memory; :func:`indices_to_mask` turns them into a dense boolean mask when one is needed.
+Every selector returns the **sorted flat indices** ``(k,)`` (int64) of the chosen entries of an ``(m, n)``
+matrix, so a mask costs O(k) memory; :func:`indices_to_mask` turns them into a dense boolean mask when one is needed.
 
     idx = principal_weight_mask(W, rank=64, k=lora_budget(W.shape, 128))   # LIFT's principal weights
     idx = magnitude_mask(W, k)                                              # baseline: top-|W|
@@ -10,8 +10,8 @@ so a mask costs O(k) memory; :func:`indices_to_mask` turns them into a dense boo
 
 The principal-weight mask follows Liu et al. (ICML 2025, arXiv 2506.00772): approximate ``W`` by its best
 rank-``r`` matrix ``W_r = U_r diag(S_r) V_rᵀ`` and keep the ``k`` entries of largest ``|W_r|``. The official
-code's released configs keep the *smallest* entries (``largest=False``); the paper — and the default here —
-keeps the largest.
+code's released configs keep the *smallest* entries (``largest=False``); the paper — and the default
+here — keeps the largest.
 """
 
 from __future__ import annotations
