@@ -59,9 +59,9 @@ class LiftExperimentConfig:
     lora_rank: int = 4
     filter_rank: int = 4
     refresh_every: int = 100
-    lr_full: tuple[float, ...] = (1e-3, 3e-3)
-    lr_sparse: tuple[float, ...] = (1e-2, 3e-2)
-    lr_lora: tuple[float, ...] = (3e-3, 1e-2)
+    lr_full: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lr_sparse: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
+    lr_lora: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     select_lr_every_seed: bool = False
     methods: tuple[str, ...] = METHODS
     minilm: bool = False
@@ -218,8 +218,8 @@ def mask_overlaps(config: LiftExperimentConfig, model: nn.Module) -> dict[str, f
                                 "lr_lora": (1e-2,), "refresh_every": 5,
                                 "target_fraction": 0.5},
                       "full": {"seeds": 5, "epochs": 40, "pretrain_epochs": 100,
-                               "lr_full": (3e-4, 1e-3, 3e-3),
-                               "lr_sparse": (3e-3, 1e-2, 3e-2), "lr_lora": (3e-3, 1e-2, 3e-2),
+                               "lr_full": (3e-4, 1e-3, 3e-3, 1e-2),
+                               "lr_sparse": (3e-3, 1e-2, 3e-2, 1e-1), "lr_lora": (3e-3, 1e-2, 3e-2, 1e-1),
                                "select_lr_every_seed": True, "minilm": True}})
 def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
     seeds = [config.seed + i for i in range(config.seeds)]
