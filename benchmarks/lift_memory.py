@@ -1,9 +1,11 @@
 """LIFT memory and mask-selection speed, in one process, against baselines run side by side.
 
-1. Memory on one model (a stack of ``--layers`` square ``nn.Linear`` of width ``--width``, float32): the bytes of
-   trainable parameters, the peak of live gradients and the optimizer state for full AdamW, LoRA (peft, rank
-   ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient peak is measured
-   with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense gradient. With CUDA the
+1. Memory on one model (a stack of ``--layers`` square ``nn.Linear`` of width ``--width``, float32): the
+   bytes of trainable parameters, the peak of live gradients and the optimizer state for full AdamW, LoRA
+   (peft, rank ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient
+   peak is measured with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense
+   gradient. ``lift sparse_grad`` never forms a dense weight gradient (a sampled matmul in the backward pass
+   writes the ``(k,)`` gradient; its temporary of ≤ max(k, 2²⁰) products is not counted). With CUDA the
    allocator's measured peak is printed too.
 2. Mask selection on a ``--size``² matrix with a power-law spectrum: exact SVD vs ``torch.svd_lowrank``
    (ratio = exact / randomized time), and the overlap of the two top-k masks.
@@ -27,7 +29,8 @@ from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weigh
 
 def stack(width: int, layers: int) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(*(nn.Sequential(nn.Linear(width, width, bias=False), nn.GELU()) for _ in range(layers)))
+    blocks = (nn.Sequential(nn.Linear(width, width, bias=False), nn.GELU()) for _ in range(layers))
+    return nn.Sequential(*blocks)
 
 
 def nbytes(tensors) -> int:  # noqa: ANN001
@@ -53,9 +56,9 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # registered before LIFT's hooks, so it sees each dense gradient before it is freed
         p.register_post_accumulate_grad_hook(lambda _p: track(extra))
-    if method == "lift":
+    if method.startswith("lift"):
         lift = prepare(model, LiftConfig(rank=args.rank, lora_rank=args.lora_rank, refresh_every=0,
-                                         track_delta=False))
+                                         track_delta=False, sparse_grad=method == "lift sparse_grad"))
         opt = lift.optimizer
         extra = lambda: list(opt._grads.values())  # noqa: E731 - gathered (k,) gradients
         n_trainable = lift.trainable_entries()
@@ -71,14 +74,15 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
         track(extra)
         opt.step()
     seconds = (time.perf_counter() - start) / args.steps
-    if method == "lift":
+    if method.startswith("lift"):
         state = opt.state_bytes()
     else:
         state = nbytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     param_bytes = n_trainable * 4
     row: dict[str, object] = {"method": method, "trainable entries": n_trainable,
-                              "trainable params (MiB)": param_bytes / 2**20 if method != "lift" else 0.0,
-                              "peak live grads (MiB)": live["peak"] / 2**20, "optimizer state (MiB)": state / 2**20,
+                              "trainable params (MiB)": 0.0 if "lift" in method else param_bytes / 2**20,
+                              "peak live grads (MiB)": live["peak"] / 2**20,
+                              "optimizer state (MiB)": state / 2**20,
                               "s/step": seconds}
     # LIFT edits the frozen weights in place, so it stores no extra trainable parameters
     row["total (MiB)"] = (row["trainable params (MiB)"] + row["peak live grads (MiB)"]  # type: ignore[operator]
@@ -98,7 +102,7 @@ def power_law_matrix(size: int, *, components: int = 512, alpha: float = 1.0, se
 
 
 def selection(args: argparse.Namespace) -> list[dict[str, object]]:
-    w = power_law_matrix(args.size)
+    w = power_law_matrix(args.size, alpha=args.alpha)
     k = int(0.05 * w.numel())
     rows = []
     start = time.perf_counter()
@@ -126,25 +130,36 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--alpha", type=float, default=1.0, help="singular values i^-alpha")
     parser.add_argument("--skip-selection", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    if not args.skip_memory:
+        memory(args, device)
+    if not args.skip_selection:
+        print(f"\n## Mask selection: {args.size}×{args.size}, spectrum i^-{args.alpha:g}, rank {args.rank}, "
+              "top 5%\n")
+        sel = selection(args)
+        print(markdown_table(sel))
+        print(f"randomized (q=2r, niter=4) speed-up over exact: {sel[1]['speed-up']:.1f}× (target ≥ 5×)")
+
+
+def memory(args: argparse.Namespace, device: torch.device) -> None:
     k = lora_budget((args.width, args.width), args.lora_rank)
     print(f"\n## Memory: {args.layers} × Linear({args.width}, {args.width}), lora_rank {args.lora_rank} "
           f"(k = {k} = {100 * k / args.width**2:.2f}% per matrix)\n")
-    rows = [measure(m, args, device) for m in ("full AdamW", "lora", "lift")]
+    rows = [measure(m, args, device) for m in ("full AdamW", "lora", "lift", "lift sparse_grad")]
     print(markdown_table(rows))
     by = {r["method"]: r for r in rows}
     lora_state = by["lora"]["total (MiB)"]
     print(f"LIFT optimizer state / LoRA trainable-parameter state (params + grads + moments): "
           f"{by['lift']['optimizer state (MiB)'] / lora_state:.3f}× (target ≤ 1.1×)")
-    print(f"LIFT total / full AdamW total: {by['lift']['total (MiB)'] / by['full AdamW']['total (MiB)']:.3f}×")
-    if not args.skip_selection:
-        print(f"\n## Mask selection: {args.size}×{args.size}, power-law spectrum, rank {args.rank}, top 5%\n")
-        sel = selection(args)
-        print(markdown_table(sel))
-        print(f"randomized (q=2r, niter=4) speed-up over exact: {sel[1]['speed-up']:.1f}× (target ≥ 5×)")
+    full_total = by["full AdamW"]["total (MiB)"]
+    print(f"LIFT total / full AdamW total: {by['lift']['total (MiB)'] / full_total:.3f}×")
+    for m in ("lift", "lift sparse_grad"):
+        print(f"{m} total / LoRA total: {by[m]['total (MiB)'] / lora_state:.3f}×")
 
 
 if __name__ == "__main__":

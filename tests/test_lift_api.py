@@ -125,3 +125,26 @@ def test_bad_input_is_named() -> None:
     prepare(model, LiftConfig(rank=2))
     with pytest.raises(WeightlabError, match="already prepared"):
         prepare(model, LiftConfig(rank=2))
+
+
+def test_sparse_grad_trains_exactly_like_the_dense_gradient_path_without_forming_it() -> None:
+    ds = data()
+    models = []
+    for sparse_grad in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        cfg = LiftConfig(rank=2, lora_rank=1, lr=1e-2, refresh_every=3, sparse_grad=sparse_grad)
+        lift = prepare(model, cfg)
+        for _ in range(7):
+            lift.optimizer.zero_grad()
+            nn.functional.cross_entropy(model(ds.x), ds.y).backward()
+            assert model.body[0].weight.grad is None
+            lift.optimizer.step()
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    plain = merge_and_unload(models[1])
+    nn.functional.cross_entropy(plain(ds.x), ds.y).backward()
+    assert plain.body[0].weight.grad is not None  # the patched forward is gone
+    with pytest.raises(WeightlabError, match="sparse_grad=True never forms the dense gradient"):
+        LiftConfig(sparse_grad=True, mask="gradient")

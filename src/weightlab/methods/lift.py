@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift_optim import Selector, SparseAdamW
+from weightlab.methods.lift_optim import Selector, SparseAdamW, masked_grad_linear
 from weightlab.weights.lowrank import (
     density_budget,
     gradient_mask,
@@ -62,6 +62,8 @@ class LiftConfig:
         track_delta: remember original values of touched entries so :func:`extract_delta` works.
         max_grad_norm: clip the global gradient norm inside the optimizer (dense gradients are freed early,
             so an outer ``clip_grad_norm_`` does not see them).
+        sparse_grad: compute only the masked entries of each target's weight gradient in the backward pass
+            (a sampled matmul), so no dense ``(m, n)`` gradient is ever formed; not with gradient masks.
         seed: seed of the random mask.
     """
 
@@ -82,6 +84,7 @@ class LiftConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     track_delta: bool = True
+    sparse_grad: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +96,8 @@ class LiftConfig:
             raise WeightlabError(f"lora_rank must be ≥ 1, got {self.lora_rank}")
         if self.density is not None and not 0 < self.density <= 1:
             raise WeightlabError(f"density must be in (0, 1], got {self.density}")
+        if self.sparse_grad and self.mask == "gradient":
+            raise WeightlabError("sparse_grad=True never forms the dense gradient that mask='gradient' ranks")
         if self.mask not in MASKS:
             raise WeightlabError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
         if self.refresh_every < 0:
@@ -234,6 +239,9 @@ def prepare(model: nn.Module, config: LiftConfig = LiftConfig()) -> Lift:
     for p in saved.values():
         p.requires_grad_(True)
     lift = Lift(model, config, targets, saved, requires_grad)
+    if config.sparse_grad:
+        for m in targets.values():
+            masked_grad_linear(m, lift.optimizer)
     model._weightlab_lift = lift  # type: ignore[attr-defined]
     return lift
 
@@ -277,6 +285,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weights (LIFT edits them in place), so this returns the same, now plain, module."""
     lift = _handle(model)
     lift.optimizer.remove_hooks()
+    for m in lift.targets.values():
+        if "forward" in m.__dict__:  # sparse_grad
+            del m.forward
     for n, p in model.named_parameters():
         p.requires_grad_(lift._requires_grad.get(n, True))
     del model._weightlab_lift

@@ -132,6 +132,30 @@ class SparseAdamW(torch.optim.Optimizer):
                 self._reselect(p, None)
 
     @torch.no_grad()
+    def accumulate_masked(self, p: nn.Parameter, x: Tensor, grad_out: Tensor, *,
+                          chunk_elements: int | None = None) -> None:
+        """Add the masked gradient of ``y = x Wᵀ`` to ``p``'s ``(k,)`` buffer without forming the dense one:
+        ``g[i] = Σ_t grad_out[t, row_i] · x[t, col_i]`` (a sampled matmul), in chunks of about
+        ``chunk_elements`` products (default ``max(k, 2²⁰)``: the temporary stays O(k); used by
+        :func:`masked_grad_linear`)."""
+        if p in self._pending:
+            raise WeightlabError("gradient masks need the dense gradient; use sparse_grad=False")
+        st = self.state[p]
+        idx = st["indices"].long()
+        n = p.shape[1]
+        x2, g2 = x.reshape(-1, n), grad_out.reshape(-1, p.shape[0])  # (T, n), (T, m)
+        rows, cols = idx // n, idx % n  # (k,)
+        out = torch.empty(idx.numel(), dtype=st["exp_avg"].dtype, device=p.device)  # (k,)
+        budget = chunk_elements or max(idx.numel(), 1 << 20)
+        step = max(1, budget // max(x2.shape[0], 1))
+        for s in range(0, idx.numel(), step):
+            out[s:s + step] = (g2[:, rows[s:s + step]] * x2[:, cols[s:s + step]]).sum(0)
+        if p in self._grads:
+            self._grads[p].add_(out)
+        else:
+            self._grads[p] = out
+
+    @torch.no_grad()
     def _gather(self, p: nn.Parameter) -> None:
         """Post-accumulate-grad hook: keep ``grad[indices]`` ``(k,)`` and free the dense gradient."""
         if p.grad is None:
@@ -254,3 +278,32 @@ class SparseAdamW(torch.optim.Optimizer):
     def masks(self) -> dict[nn.Parameter, Tensor]:
         """The current sorted flat indices of every sparse parameter."""
         return {p: self.state[p]["indices"] for p in self._selectors}
+
+
+class _MaskedGradLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient goes straight into the optimizer's ``(k,)`` buffer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, opt: SparseAdamW) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        ctx.opt, ctx.has_bias = opt, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        ctx.opt.accumulate_masked(weight, x, grad_out)
+        return grad_x, None, grad_b, None
+
+
+def masked_grad_linear(module: nn.Linear, opt: SparseAdamW) -> None:
+    """Make ``module`` compute only the masked entries of its weight gradient (no dense ``(m, n)`` buffer);
+    undo with ``del module.forward``."""
+    def forward(x: Tensor) -> Tensor:
+        return _MaskedGradLinear.apply(x, module.weight, module.bias, opt)
+
+    module.forward = forward  # type: ignore[method-assign]

@@ -1,7 +1,8 @@
 """Low-rank approximation and sparse-mask selection over weight matrices (LIFT, ``lift``).
 
 Every selector returns the **sorted flat indices** ``(k,)`` (int64) of the chosen entries of an ``(m, n)``
-matrix, so a mask costs O(k) memory; :func:`indices_to_mask` turns them into a dense boolean mask when one is needed.
+matrix, so a mask costs O(k) memory; :func:`indices_to_mask` turns them into a dense boolean mask when one
+is needed.
 
     idx = principal_weight_mask(W, rank=64, k=lora_budget(W.shape, 128))   # LIFT's principal weights
     idx = magnitude_mask(W, k)                                              # baseline: top-|W|
