@@ -136,13 +136,12 @@ def build_model(config: LiftExperimentConfig) -> TinyTransformer:
 
 def pretrained(config: LiftExperimentConfig, ctx: RunContext, seed: int) -> TinyTransformer:
     """The source-task model of ``seed`` (trained once, then loaded from the run directory)."""
-    model = build_model(config)
     key = f"pretrain/seed{seed}"
+    seed_everything(derive_seed(seed, "pretrain"))
+    model = build_model(config)
     if ctx.has_state(key):
         model.load_state_dict(ctx.load_state(key)[0])
         return model
-    seed_everything(derive_seed(seed, "pretrain"))
-    model = build_model(config)
     tc = TrainConfig(epochs=config.pretrain_epochs, batch_size=64, lr=3e-3, optimizer="adamw",
                      schedule="cosine", seed=derive_seed(seed, "pretrain", "loop"),
                      description="pretrain (source)")
