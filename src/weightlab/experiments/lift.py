@@ -224,11 +224,14 @@ def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
     seeds = [config.seed + i for i in range(config.seeds)]
     chosen: dict[str, dict[int, float]] = {m: {} for m in config.methods}
     results: dict[str, list[dict[str, float]]] = {m: [] for m in config.methods}
+    grid_rows: list[dict[str, object]] = []
     for method in config.methods:
         for i, seed in enumerate(seeds):
             if i == 0 or config.select_lr_every_seed:
                 grid = {lr: run_one(config, ctx, method, lr, seed) for lr in lr_grid(config, method)}
                 best = max(grid, key=lambda lr: grid[lr]["val"])
+                grid_rows += [{"method": method, "seed": seed, "lr": lr, "chosen": lr == best,
+                               **{f"{k} acc (%)": 100 * v for k, v in r.items()}} for lr, r in grid.items()]
             chosen[method][seed] = best
             results[method].append(run_one(config, ctx, method, best, seed))
 
@@ -252,7 +255,8 @@ def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
             "mask_overlap": overlap}
     tables = {"Fine-tuning on (a+b+c) mod p after pretraining on five 2-operand operations": rows,
               "Exact vs randomized SVD masks (pretrained matrices)":
-                  [{"matrix": n, "overlap": v} for n, v in overlap.items()]}
+                  [{"matrix": n, "overlap": v} for n, v in overlap.items()],
+              "Learning-rate grid (validation picks the lr; source accuracy shows the trade-off)": grid_rows}
     if config.minilm:
         from weightlab.experiments._lift_minilm import minilm_demo
 
