@@ -250,7 +250,9 @@ def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
              f"budget: k = (m + n)·{config.lora_rank} entries per target matrix ({', '.join(TARGETS)}); "
              f"filter rank {config.filter_rank}; refresh every {config.refresh_every} steps",
              "lr of each method chosen on validation triples " + ("per seed" if config.select_lr_every_seed
-                                                                  else f"with seed {seeds[0]}")]
+                                                                  else f"with seed {seeds[0]}"),
+             "a claim marked 'no' did not hold at this toy scale; the lr-grid table shows the target/source "
+             "trade-off of every method (see docs/lift.md)"]
     data = {"results": results, "lr": {m: {str(s): lr for s, lr in c.items()} for m, c in chosen.items()},
             "mask_overlap": overlap}
     tables = {"Fine-tuning on (a+b+c) mod p after pretraining on five 2-operand operations": rows,
