@@ -1,0 +1,166 @@
+"""LIFT memory and mask-selection speed, in one process, against baselines run side by side.
+
+1. Memory on one model (a stack of ``--layers`` square ``nn.Linear`` of width ``--width``, float32): the
+   bytes of trainable parameters, the peak of live gradients and the optimizer state for full AdamW, LoRA
+   (peft, rank ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient
+   peak is measured with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense
+   gradient. ``lift sparse_grad`` never forms a dense weight gradient (a sampled matmul in the backward pass
+   writes the ``(k,)`` gradient; its temporary of ≤ max(k, 2²⁰) products is not counted). With CUDA the
+   allocator's measured peak is printed too.
+2. Mask selection on a ``--size``² matrix with a power-law spectrum: exact SVD vs ``torch.svd_lowrank``
+   (ratio = exact / randomized time), and the overlap of the two top-k masks.
+
+    OMP_NUM_THREADS=2 python benchmarks/lift_memory.py            # 4096² SVD: ~20 s on 2 cores
+    python benchmarks/lift_memory.py --size 1024 --width 512      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from weightlab.methods.lift import LiftConfig, prepare
+from weightlab.report.tables import markdown_table
+from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
+
+
+def stack(width: int, layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    blocks = (nn.Sequential(nn.Linear(width, width, bias=False), nn.GELU()) for _ in range(layers))
+    return nn.Sequential(*blocks)
+
+
+def nbytes(tensors) -> int:  # noqa: ANN001
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    model = stack(args.width, args.layers).to(device)
+    x = torch.randn(args.batch, args.width, device=device)
+    live = {"peak": 0}
+
+    def track(extra) -> None:  # noqa: ANN001
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        live["peak"] = max(live["peak"], nbytes(grads) + nbytes(extra()))
+
+    extra = list
+    if method == "lora":
+        import peft
+
+        targets = [f"{i}.0" for i in range(args.layers)]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                           target_modules=targets, lora_dropout=0.0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # registered before LIFT's hooks, so it sees each dense gradient before it is freed
+        p.register_post_accumulate_grad_hook(lambda _p: track(extra))
+    if method.startswith("lift"):
+        lift = prepare(model, LiftConfig(rank=args.rank, lora_rank=args.lora_rank, refresh_every=0,
+                                         track_delta=False, sparse_grad=method == "lift sparse_grad"))
+        opt = lift.optimizer
+        extra = lambda: list(opt._grads.values())  # noqa: E731 - gathered (k,) gradients
+        n_trainable = lift.trainable_entries()
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        n_trainable = sum(p.numel() for p in trainable)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        track(extra)
+        opt.step()
+    seconds = (time.perf_counter() - start) / args.steps
+    if method.startswith("lift"):
+        state = opt.state_bytes()
+    else:
+        state = nbytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    param_bytes = n_trainable * 4
+    row: dict[str, object] = {"method": method, "trainable entries": n_trainable,
+                              "trainable params (MiB)": 0.0 if "lift" in method else param_bytes / 2**20,
+                              "peak live grads (MiB)": live["peak"] / 2**20,
+                              "optimizer state (MiB)": state / 2**20,
+                              "s/step": seconds}
+    # LIFT edits the frozen weights in place, so it stores no extra trainable parameters
+    row["total (MiB)"] = (row["trainable params (MiB)"] + row["peak live grads (MiB)"]  # type: ignore[operator]
+                          + row["optimizer state (MiB)"])
+    if device.type == "cuda":
+        row["CUDA peak (MiB)"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def power_law_matrix(size: int, *, components: int = 512, alpha: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """``U diag(i^-alpha) Vᵀ`` over ``components`` directions plus a small isotropic floor."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(size, components, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(size, components, generator=g))
+    s = torch.arange(1, components + 1, dtype=torch.float32) ** -alpha
+    return (u * s) @ v.T + 1e-4 * torch.randn(size, size, generator=g)
+
+
+def selection(args: argparse.Namespace) -> list[dict[str, object]]:
+    w = power_law_matrix(args.size, alpha=args.alpha)
+    k = int(0.05 * w.numel())
+    rows = []
+    start = time.perf_counter()
+    exact = principal_weight_mask(w, args.rank, k)
+    t_exact = time.perf_counter() - start
+    rows.append({"selection": "exact SVD", "seconds": t_exact, "speed-up": 1.0, "overlap with exact": 1.0})
+    for q_factor, niter in ((2, 4), (4, 8)):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        u, s, v = torch.svd_lowrank(w, q=min(q_factor * args.rank, args.size), niter=niter)
+        approx = (u[:, :args.rank] * s[:args.rank]) @ v[:, :args.rank].T
+        idx = torch.topk(approx.abs().flatten(), k).indices.sort().values
+        t = time.perf_counter() - start
+        rows.append({"selection": f"svd_lowrank q={q_factor}r niter={niter}", "seconds": t,
+                     "speed-up": t_exact / t, "overlap with exact": mask_overlap(idx, exact)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--alpha", type=float, default=1.0, help="singular values i^-alpha")
+    parser.add_argument("--skip-selection", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    if not args.skip_memory:
+        memory(args, device)
+    if not args.skip_selection:
+        print(f"\n## Mask selection: {args.size}×{args.size}, spectrum i^-{args.alpha:g}, rank {args.rank}, "
+              "top 5%\n")
+        sel = selection(args)
+        print(markdown_table(sel))
+        print(f"randomized (q=2r, niter=4) speed-up over exact: {sel[1]['speed-up']:.1f}× (target ≥ 5×)")
+
+
+def memory(args: argparse.Namespace, device: torch.device) -> None:
+    k = lora_budget((args.width, args.width), args.lora_rank)
+    print(f"\n## Memory: {args.layers} × Linear({args.width}, {args.width}), lora_rank {args.lora_rank} "
+          f"(k = {k} = {100 * k / args.width**2:.2f}% per matrix)\n")
+    rows = [measure(m, args, device) for m in ("full AdamW", "lora", "lift", "lift sparse_grad")]
+    print(markdown_table(rows))
+    by = {r["method"]: r for r in rows}
+    lora_state = by["lora"]["total (MiB)"]
+    print(f"LIFT optimizer state / LoRA trainable-parameter state (params + grads + moments): "
+          f"{by['lift']['optimizer state (MiB)'] / lora_state:.3f}× (target ≤ 1.1×)")
+    full_total = by["full AdamW"]["total (MiB)"]
+    print(f"LIFT total / full AdamW total: {by['lift']['total (MiB)'] / full_total:.3f}×")
+    for m in ("lift", "lift sparse_grad"):
+        print(f"{m} total / LoRA total: {by[m]['total (MiB)'] / lora_state:.3f}×")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Sparse AdamW for LIFT (``lift``): Adam moments only for the ``k`` masked entries of each matrix.
+
+Per sparse matrix the optimizer keeps ``indices`` ``(k,)`` (int32 while ``m·n < 2³¹``), ``exp_avg`` and
+``exp_avg_sq`` ``(k,)`` and a step counter — O(k) instead of AdamW's O(m·n). A post-accumulate-grad hook on
+each sparse weight gathers ``grad[indices]`` into a ``(k,)`` buffer as soon as autograd has written the dense
+gradient and then frees the dense gradient, so at most one layer's dense gradient is alive at a time.
+Gradient accumulation over several backward passes adds into the ``(k,)`` buffer.
+
+Every ``refresh_every`` optimizer steps the masks are selected again from the current weights; entries that
+stay in the mask keep their moments, new entries start from zero and the step counter (bias correction) goes
+on (as the official code does). Decoupled weight decay multiplies the masked entries by ``1 − lr·wd`` in
+place (the official code writes it to a boolean-indexed copy, where it has no effect).
+
+Parameters in groups with ``sparse=False`` (e.g. a new classifier head) get plain dense AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from weightlab.errors import WeightlabError
+from weightlab.weights.lowrank import carry_over
+
+Selector = Callable[[Tensor, Tensor | None], Tensor]
+"""``selector(weight, grad_or_None) -> sorted flat indices (k,)``; ``grad`` is given to gradient masks."""
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adam moments are kept in float32 for half-precision weights, else in the weight's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW over the masked entries of each sparse weight; plain AdamW over dense groups.
+
+    Args:
+        params: parameter groups; a group with ``"sparse": True`` needs ``"selectors"``: one
+            :data:`Selector` per parameter, in order. Groups default to ``sparse=False``.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (LIFT's defaults: 2e-4, (0.9, 0.95), 1e-6, 0).
+        refresh_every: re-select every sparse mask after this many steps (0: never).
+        needs_grad: the selectors rank gradients, so masks are (re)selected in the hook from the next dense
+            gradient rather than from the weights.
+        max_grad_norm: clip the global norm of the (gathered) gradients before the update.
+        on_refresh: called as ``on_refresh(p, old_indices, new_indices)`` on every mask selection.
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], *, lr: float = 2e-4,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-6, weight_decay: float = 0.0,
+                 refresh_every: int = 0, needs_grad: bool = False, max_grad_norm: float | None = None,
+                 on_refresh: Callable[[nn.Parameter, Tensor, Tensor], None] | None = None) -> None:
+        if not lr > 0:
+            raise WeightlabError(f"lr must be > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise WeightlabError(f"betas must be in [0, 1), got {betas}")
+        if refresh_every < 0:
+            raise WeightlabError(f"refresh_every must be ≥ 0 (0 = never), got {refresh_every}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "sparse": False}
+        super().__init__(list(params), defaults)
+        self.refresh_every = refresh_every
+        self.needs_grad = needs_grad
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+        # called as fn(p, old_indices, new_indices) on every selection, the first one included
+        self.on_refresh: list[Callable[[nn.Parameter, Tensor, Tensor], None]] = [on_refresh] if on_refresh \
+            else []
+        self._selectors: dict[nn.Parameter, Selector] = {}
+        self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
+        self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
+        self._hooks: list[Any] = []
+        for group in self.param_groups:
+            if not group["sparse"]:
+                continue
+            selectors = group.pop("selectors", None)
+            if selectors is None or len(selectors) != len(group["params"]):
+                raise WeightlabError("a sparse parameter group needs one selector per parameter")
+            for p, select in zip(group["params"], selectors, strict=True):
+                if p.dim() != 2:
+                    raise WeightlabError(f"sparse parameters must be 2-D matrices, got {tuple(p.shape)}")
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+                self._selectors[p] = select
+                self._init_state(p)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._gather))
+
+    # ------------------------------------------------------------------ masks
+    def _init_state(self, p: nn.Parameter) -> None:
+        st = self.state[p]
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        if self.needs_grad:
+            st["indices"] = torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device)
+            st["exp_avg"] = torch.zeros(0, dtype=moment_dtype(p.dtype), device=p.device)
+            st["exp_avg_sq"] = torch.zeros(0, dtype=moment_dtype(p.dtype), device=p.device)
+            self._pending.add(p)
+            return
+        idx = self._selectors[p](p.detach(), None).to(index_dtype(p.numel()))
+        self._notify(p, st.get("indices"), idx)
+        st["indices"] = idx
+        st["exp_avg"] = torch.zeros(idx.numel(), dtype=moment_dtype(p.dtype), device=p.device)
+        st["exp_avg_sq"] = torch.zeros(idx.numel(), dtype=moment_dtype(p.dtype), device=p.device)
+
+    def _notify(self, p: nn.Parameter, old: Tensor | None, new: Tensor) -> None:
+        for fn in self.on_refresh:
+            fn(p, torch.zeros(0, dtype=new.dtype) if old is None else old, new)
+
+    def _reselect(self, p: nn.Parameter, grad: Tensor | None) -> None:
+        st = self.state[p]
+        old = st["indices"]
+        new = self._selectors[p](p.detach(), grad).to(index_dtype(p.numel())).to(p.device)
+        self._notify(p, old, new)
+        st["exp_avg"] = carry_over(old, new, st["exp_avg"])
+        st["exp_avg_sq"] = carry_over(old, new, st["exp_avg_sq"])
+        st["indices"] = new
+
+    @torch.no_grad()
+    def refresh_masks(self) -> None:
+        """Select every sparse mask again and carry the moments of entries that stay (done every
+        ``refresh_every`` steps by :meth:`step`; gradient masks are re-selected from the next gradient)."""
+        for p in self._selectors:
+            if self.needs_grad:
+                self._pending.add(p)
+            else:
+                self._reselect(p, None)
+
+    @torch.no_grad()
+    def accumulate_masked(self, p: nn.Parameter, x: Tensor, grad_out: Tensor, *,
+                          chunk_elements: int | None = None) -> None:
+        """Add the masked gradient of ``y = x Wᵀ`` to ``p``'s ``(k,)`` buffer without forming the dense one:
+        ``g[i] = Σ_t grad_out[t, row_i] · x[t, col_i]`` (a sampled matmul), in chunks of about
+        ``chunk_elements`` products (default ``max(k, 2²⁰)``: the temporary stays O(k); used by
+        :func:`masked_grad_linear`)."""
+        if p in self._pending:
+            raise WeightlabError("gradient masks need the dense gradient; use sparse_grad=False")
+        st = self.state[p]
+        idx = st["indices"].long()
+        n = p.shape[1]
+        x2, g2 = x.reshape(-1, n), grad_out.reshape(-1, p.shape[0])  # (T, n), (T, m)
+        rows, cols = idx // n, idx % n  # (k,)
+        out = torch.empty(idx.numel(), dtype=st["exp_avg"].dtype, device=p.device)  # (k,)
+        budget = chunk_elements or max(idx.numel(), 1 << 20)
+        step = max(1, budget // max(x2.shape[0], 1))
+        for s in range(0, idx.numel(), step):
+            out[s:s + step] = (g2[:, rows[s:s + step]] * x2[:, cols[s:s + step]]).sum(0)
+        if p in self._grads:
+            self._grads[p].add_(out)
+        else:
+            self._grads[p] = out
+
+    @torch.no_grad()
+    def _gather(self, p: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: keep ``grad[indices]`` ``(k,)`` and free the dense gradient."""
+        if p.grad is None:
+            return
+        if p in self._pending:
+            self._reselect(p, p.grad)
+            self._pending.discard(p)
+        st = self.state[p]
+        if st["indices"].device != p.device:
+            for key in ("indices", "exp_avg", "exp_avg_sq"):
+                st[key] = st[key].to(p.device)
+        g = p.grad.reshape(-1).index_select(0, st["indices"]).to(st["exp_avg"].dtype)  # (k,)
+        if p in self._grads:
+            self._grads[p].add_(g)
+        else:
+            self._grads[p] = g
+        p.grad = None
+
+    # ------------------------------------------------------------------ optimizer protocol
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grads.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like :meth:`torch.optim.Optimizer.load_state_dict`, but integer ``indices`` and float32 moments are
+        not cast to a half-precision parameter's dtype (which would corrupt them; accelerate and the
+        transformers Trainer round-trip the state)."""
+        keys = ("indices", "exp_avg", "exp_avg_sq")
+        state = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, tensors in kept.items():
+            p = params[pid]
+            for key, value in tensors.items():
+                dtype = index_dtype(p.numel()) if key == "indices" else moment_dtype(p.dtype)
+                self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _clip_factor(self) -> float:
+        if self.max_grad_norm is None:
+            return 1.0
+        sq = sum(float(g.float().pow(2).sum()) for g in self._grads.values())
+        for group in self.param_groups:
+            if not group["sparse"]:
+                sq += sum(float(p.grad.float().pow(2).sum()) for p in group["params"] if p.grad is not None)
+        norm = math.sqrt(sq)
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._clip_factor()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if group["sparse"]:
+                    grad = self._grads.pop(p, None)
+                elif p.grad is not None:
+                    grad = p.grad.to(moment_dtype(p.dtype))
+                    self._dense_state(p)
+                else:
+                    grad = None
+                if grad is None:
+                    continue
+                if clip != 1.0:
+                    grad = grad * clip
+                st = self.state[p]
+                st["step"] += 1
+                t = float(st["step"])
+                exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                step_size = lr / (1 - beta1**t)
+                if group["sparse"]:
+                    flat = p.view(-1)
+                    idx = st["indices"]
+                    w = flat.index_select(0, idx).to(exp_avg.dtype)  # (k,)
+                    delta = exp_avg.div(denom).mul_(-step_size).sub_(w * (lr * wd))  # (k,)
+                    flat.index_add_(0, idx, delta.to(p.dtype))
+                else:
+                    p.mul_(1 - lr * wd)
+                    p.add_((exp_avg / denom * -step_size).to(p.dtype))
+        self.steps += 1
+        if self.refresh_every and self.steps % self.refresh_every == 0:
+            self.refresh_masks()
+        return loss
+
+    def _dense_state(self, p: nn.Parameter) -> None:
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype(p.dtype))
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype(p.dtype))
+
+    # ------------------------------------------------------------------ accounting
+    def state_numel(self) -> dict[str, int]:
+        """Counts of stored numbers: ``indices`` and ``moments`` (both Adam moments, sparse and dense)."""
+        out = {"indices": 0, "moments": 0}
+        for st in self.state.values():
+            if "indices" in st:
+                out["indices"] += st["indices"].numel()
+            out["moments"] += sum(st[k].numel() for k in ("exp_avg", "exp_avg_sq") if k in st)
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (indices, moments, step counters) plus the gathered gradient buffers."""
+        total = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                    if isinstance(t, Tensor))
+        return total + sum(g.numel() * g.element_size() for g in self._grads.values())
+
+    def masks(self) -> dict[nn.Parameter, Tensor]:
+        """The current sorted flat indices of every sparse parameter."""
+        return {p: self.state[p]["indices"] for p in self._selectors}
+
+
+class _MaskedGradLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient goes straight into the optimizer's ``(k,)`` buffer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, opt: SparseAdamW) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        ctx.opt, ctx.has_bias = opt, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        ctx.opt.accumulate_masked(weight, x, grad_out)
+        return grad_x, None, grad_b, None
+
+
+def masked_grad_linear(module: nn.Linear, opt: SparseAdamW) -> None:
+    """Make ``module`` compute only the masked entries of its weight gradient (no dense ``(m, n)`` buffer);
+    undo with ``del module.forward``."""
+    def forward(x: Tensor) -> Tensor:
+        return _MaskedGradLinear.apply(x, module.weight, module.bias, opt)
+
+    module.forward = forward  # type: ignore[method-assign]
