@@ -136,7 +136,8 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int = 10,
-        step_size: float | None = None, norm: Norm = "linf", random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        step_size: float | None = None, norm: Norm = "linf", random_start: bool = True,
+        generator: torch.Generator | None = None) -> Tensor:
     """Functional form of :class:`PGD`."""
     attack = PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start)
     return attack(model, x, y, generator=generator)
