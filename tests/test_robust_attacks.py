@@ -41,13 +41,19 @@ def test_eps_zero_returns_the_input(trained_cnn, norm: str) -> None:
 
 
 @settings(max_examples=12, deadline=None)
-@given(eps=st.floats(0.0, 0.6), steps=st.integers(1, 3), norm=st.sampled_from(["linf", "l2"]),
-       start=st.booleans(), seed=st.integers(0, 100))
+@given(
+    eps=st.floats(0.0, 0.6),
+    steps=st.integers(1, 3),
+    norm=st.sampled_from(["linf", "l2"]),
+    start=st.booleans(),
+    seed=st.integers(0, 100),
+)
 def test_adversarial_examples_stay_in_ball_and_range(trained_cnn, eps, steps, norm, start, seed) -> None:
     model, x, y = trained_cnn
     x, y = x[:16], y[:16]
     adv = PGD(eps=eps, steps=steps, step_size=0.5, norm=norm, random_start=start)(
-        model, x, y, generator=torch.Generator().manual_seed(seed))
+        model, x, y, generator=torch.Generator().manual_seed(seed)
+    )
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     d = (adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)

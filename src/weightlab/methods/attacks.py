@@ -36,8 +36,10 @@ def check_images(x: Tensor, *, name: str = "x") -> None:
     """Raise :class:`WeightlabError` unless every value of ``x`` lies in [0, 1]."""
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0 or math.isnan(lo) or math.isnan(hi):
-        raise WeightlabError(f"{name} must hold images in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                             "(attack the un-normalised images; put the normalisation inside the model)")
+        raise WeightlabError(
+            f"{name} must hold images in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+            "(attack the un-normalised images; put the normalisation inside the model)"
+        )
 
 
 @contextmanager
@@ -97,8 +99,15 @@ class PGD:
     def alpha(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 check: bool = True) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        check: bool = True,
+    ) -> Tensor:
         """Adversarial examples ``(B, C, H, W)`` for images ``x`` in [0, 1] with labels ``y`` ``(B,)``."""
         if check:
             check_images(x)
@@ -135,27 +144,40 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:
     return PGD(eps=eps, steps=1, step_size=eps if eps > 0 else None, random_start=False)(model, x, y)
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int = 10,
-        step_size: float | None = None, norm: Norm = "linf", random_start: bool = True,
-        generator: torch.Generator | None = None) -> Tensor:
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    norm: Norm = "linf",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Functional form of :class:`PGD`."""
     attack = PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start)
     return attack(model, x, y, generator=generator)
 
 
-def adversarial_dataset(model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256,
-                        seed: int = 0) -> ArrayDataset:
+def adversarial_dataset(
+    model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256, seed: int = 0
+) -> ArrayDataset:
     """``data`` with every image replaced by its adversarial example against ``model`` (a fixed set)."""
     check_images(data.x, name="data.x")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    parts = [attack(model, b.x.to(device), b.y.to(device), generator=generator, check=False).cpu()
-             for b in data.batches(batch_size)]
+    parts = [
+        attack(model, b.x.to(device), b.y.to(device), generator=generator, check=False).cpu()
+        for b in data.batches(batch_size)
+    ]
     return ArrayDataset(torch.cat(parts), data.y, data.t)
 
 
-def adversarial_predict(model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256,
-                        seed: int = 0) -> tuple[Tensor, Tensor]:
+def adversarial_predict(
+    model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Logits ``(N, classes)`` of ``model`` on the adversarial examples of ``data``, and targets ``(N,)``."""
     adv = adversarial_dataset(model, data, attack, batch_size=batch_size, seed=seed)
     device = next(model.parameters()).device
@@ -175,7 +197,11 @@ def tail_metrics(per_class: Tensor, *, tail_fraction: float = 0.3) -> dict[str, 
     if acc.numel() == 0:
         return {"mean": float("nan"), "worst": float("nan"), "tail": float("nan")}
     k = max(1, math.ceil(tail_fraction * acc.numel()))
-    return {"mean": acc.mean().item(), "worst": acc.min().item(), "tail": acc.sort().values[:k].mean().item()}
+    return {
+        "mean": acc.mean().item(),
+        "worst": acc.min().item(),
+        "tail": acc.sort().values[:k].mean().item(),
+    }
 
 
 class AdversarialTraining(Callback):
