@@ -29,7 +29,7 @@ from weightlab.methods.attacks import PGD, AdversarialTraining
 
 
 def dro_weights(losses: Tensor, r: float) -> Tensor:
-    """Closed-form KL-DRO weights ``softmax(ℓ / r)`` ``(B,)`` of per-sample losses ``(B,)``; uniform at r = ∞."""
+    """KL-DRO weights in closed form: ``softmax(ℓ / r)`` ``(B,)`` of per-sample losses ``(B,)``."""
     if not r > 0:
         raise WeightlabError(f"DRO temperature r must be > 0, got {r}")
     losses = losses.detach().float()
