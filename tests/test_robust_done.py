@@ -81,11 +81,16 @@ def test_shuffle_control_permutes_the_weights() -> None:
     losses = torch.tensor([0.1, 0.5, 2.0, 3.0])
     shuffled = DONE(DONEConfig(r=0.5, shuffle=True), PGD()).sample_weights(State(), None, losses)
     plain = dro_weights(losses, 0.5)
-    assert torch.allclose(shuffled.sort().values, plain.sort().values) and not torch.allclose(shuffled, plain)
+    assert torch.allclose(shuffled.sort().values, plain.sort().values) and not torch.allclose(
+        shuffled, plain
+    )
 
 
 def test_unknown_method_exits_2(tmp_path) -> None:
-    assert main(["run", "done", "--profile", "smoke", "--out", str(tmp_path / "d"), "--set", "methods=ATT"]) == 2
+    assert (
+        main(["run", "done", "--profile", "smoke", "--out", str(tmp_path / "d"), "--set", "methods=ATT"])
+        == 2
+    )
 
 
 def test_done_raises_tail_robust_accuracy_on_imbalanced_digits() -> None:
