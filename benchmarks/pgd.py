@@ -4,7 +4,7 @@ Same model, same batch, same ε / step / steps, in one process; prints median wa
 weightlab / baseline (target ≤ 1.0). Without a random start the three produce the same adversarial examples
 (the loss is summed here and averaged there, which leaves the gradient's sign unchanged); that is checked too.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/pgd.py [--batch 256] [--size 32] [--width 32] [--repeats 7]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/pgd.py [--batch 256] [--size 32] [--repeats 7]
 
 torchattacks is optional: install it into a separate environment (``pip install torchattacks --no-deps``).
 """
@@ -24,8 +24,9 @@ from weightlab.methods.attacks import PGD
 from weightlab.models import SmallCNN
 
 
-def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int,
-              random_start: bool) -> Tensor:
+def plain_pgd(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int, random_start: bool
+) -> Tensor:
     """The textbook loop (Madry et al.), written as users write it: the baseline."""
     model.eval()
     adv = x.clone().detach()
@@ -67,8 +68,12 @@ def main() -> None:
     eps, alpha = 8 / 255, 2 / 255
 
     candidates: dict[str, Callable[[bool], Tensor]] = {
-        "weightlab": lambda rs: PGD(eps=eps, steps=args.steps, step_size=alpha, random_start=rs)(model, x, y),
-        "plain loop": lambda rs: plain_pgd(model, x, y, eps=eps, alpha=alpha, steps=args.steps, random_start=rs),
+        "weightlab": lambda rs: PGD(eps=eps, steps=args.steps, step_size=alpha, random_start=rs)(
+            model, x, y
+        ),
+        "plain loop": lambda rs: plain_pgd(
+            model, x, y, eps=eps, alpha=alpha, steps=args.steps, random_start=rs
+        ),
     }
     try:
         import torchattacks
@@ -85,8 +90,10 @@ def main() -> None:
         diff = (fn(False) - reference).abs().max().item()
         print(f"{name:>22}: max |Δ adv| vs weightlab without random start = {diff:.2e}")
     times = {name: median_time(lambda fn=fn: fn(True), args.repeats) for name, fn in candidates.items()}
-    print(f"PGD-{args.steps}, batch {args.batch}×1×{args.size}×{args.size}, SmallCNN(width={args.width}), "
-          f"device {device}, median of {args.repeats}")
+    print(
+        f"PGD-{args.steps}, batch {args.batch}×1×{args.size}×{args.size}, SmallCNN(width={args.width}), "
+        f"device {device}, median of {args.repeats}"
+    )
     for name, t in times.items():
         ratio = times["weightlab"] / t
         print(f"{name:>22}: {t * 1000:8.1f} ms   weightlab / {name} = {ratio:.2f}")
