@@ -135,7 +135,7 @@ def test_adversarial_training_raises_robust_accuracy(digits8) -> None:
     for name, cbs in (("std", []), ("at", [AdversarialTraining(PGD(eps=0.1, steps=3))])):
         torch.manual_seed(0)
         model = SmallCNN(10, width=8)
-        train(model, tr, TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=0), callbacks=cbs)
+        train(model, tr, TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=0), callbacks=cbs)
         logits, y = adversarial_predict(model, te, attack)
         results[name] = per_class_accuracy(logits, y, 10).nanmean().item()
     assert results["at"] > results["std"] + 0.1

@@ -12,7 +12,9 @@ from weightlab.data.arrays import ArrayDataset, stratified_split
 from weightlab.data.digits import digits
 from weightlab.errors import WeightlabError
 from weightlab.methods.attacks import PGD, adversarial_predict, tail_metrics
+from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import accuracy, per_class_accuracy
+from weightlab.train.loop import TrainConfig, train
 from weightlab.utils import derive_seed
 
 
@@ -40,6 +42,28 @@ def corrupted_sets(
         gen = torch.Generator().manual_seed(derive_seed(seed, "corrupt", name, severity))
         out[name] = ArrayDataset(corrupt(data.x, name, severity, generator=gen), data.y, data.t)
     return out
+
+
+def train_adversarially(
+    model: nn.Module,
+    data: ArrayDataset,
+    callback: Callback,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
+    """SGD with a cosine schedule on ``data`` with an adversarial-training ``callback`` (AT, DONE, ...)."""
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        schedule="cosine",
+        seed=seed,
+        description=type(callback).__name__,
+    )
+    train(model, data, config, callbacks=[callback])
 
 
 def mean_accuracy(model: nn.Module, sets: dict[str, ArrayDataset]) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weightlab.experiments._robust import digit_splits, imbalanced, robust_summary
+from weightlab.experiments._robust import digit_splits, imbalanced, robust_summary, train_adversarially
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.attacks import PGD, AdversarialTraining
 from weightlab.methods.done import DONE, DONEConfig
@@ -23,7 +23,6 @@ from weightlab.models import SmallCNN
 from weightlab.report import plots
 from weightlab.report.tables import pm
 from weightlab.runs import RunContext
-from weightlab.train import TrainConfig, train
 from weightlab.train.callbacks import Callback
 from weightlab.utils import derive_seed, seed_everything
 
@@ -68,18 +67,14 @@ def run_one(config: DoneConfig, dataset: str, method: str, seed: int) -> dict[st
     seed_everything(derive_seed(seed, "done", "init"))  # the same initial weights for every method
     model = SmallCNN(10, width=config.width)
     attack = PGD(eps=config.eps, steps=config.at_steps, step_size=config.eps / 2)
-    train(
+    train_adversarially(
         model,
         train_set,
-        TrainConfig(
-            epochs=config.at_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            schedule="cosine",
-            seed=derive_seed(seed, "done", dataset),
-            description=f"{method} {dataset}",
-        ),
-        callbacks=[callback(config, method, attack)],
+        callback(config, method, attack),
+        epochs=config.at_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=derive_seed(seed, "done", dataset),
     )
     eval_attack = PGD(eps=config.eps, steps=config.eval_steps, step_size=config.eps / 4)
     return robust_summary(model, test_set, eval_attack, seed=seed)

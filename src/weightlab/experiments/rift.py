@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from weightlab.experiments._robust import corrupted_sets, digit_splits, mean_accuracy, robust_summary
+from weightlab.experiments._robust import (
+    corrupted_sets,
+    digit_splits,
+    mean_accuracy,
+    robust_summary,
+    train_adversarially,
+)
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.attacks import PGD, AdversarialTraining, adversarial_dataset
 from weightlab.methods.rift import (
@@ -31,7 +37,7 @@ from weightlab.models import SmallCNN
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import RunContext
-from weightlab.train import TrainConfig, train
+from weightlab.train import TrainConfig
 from weightlab.utils import derive_seed, seed_everything
 
 METHODS = ("AT", "FT all (α=1)", "FT all + interpolation", "RiFT")
@@ -67,18 +73,14 @@ def run_seed(config: RiftConfig, seed: int) -> dict:
     model = SmallCNN(10, width=config.width)
     train_attack = PGD(eps=config.eps, steps=config.at_steps, step_size=config.eps / 2)
     eval_attack = PGD(eps=config.eps, steps=config.eval_steps, step_size=config.eps / 4)
-    train(
+    train_adversarially(
         model,
         train_set,
-        TrainConfig(
-            epochs=config.at_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            schedule="cosine",
-            seed=derive_seed(seed, "at"),
-            description="AT",
-        ),
-        callbacks=[AdversarialTraining(train_attack)],
+        AdversarialTraining(train_attack),
+        epochs=config.at_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=derive_seed(seed, "at"),
     )
     ft_config = TrainConfig(
         epochs=config.ft_epochs,
