@@ -11,7 +11,9 @@ from torch import nn
 from weightlab.cli import main
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
+from weightlab.methods.attacks import PGD
 from weightlab.methods.rift import (
+    RiFT,
     RiFTConfig,
     check_module,
     finetune,
@@ -95,6 +97,9 @@ def test_config_errors() -> None:
         RiFTConfig(alphas=(0.5, 1.5))
     with pytest.raises(WeightlabError, match="radius must be > 0, got 0"):
         RiFTConfig(radius=0)
+    data = ArrayDataset(torch.rand(4, 1, 8, 8), torch.zeros(4))
+    with pytest.raises(WeightlabError, match=r"module 'layer2.1.conv2' is not .* valid: body.0"):
+        RiFT(RiFTConfig(candidates=("body.0", "layer2.1.conv2"))).fit(SmallCNN(10, width=4), data, data, PGD())
 
 
 def test_experiment_bad_set_value_exits_2(tmp_path) -> None:

@@ -11,6 +11,8 @@ fine-tuning all layers loses robustness.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,7 @@ from weightlab.methods.rift import (
     finetune,
     interpolation_search,
     robust_evaluator,
+    weight_modules,
 )
 from weightlab.models import SmallCNN
 from weightlab.report import plots
@@ -40,7 +43,7 @@ from weightlab.runs import RunContext
 from weightlab.train import TrainConfig
 from weightlab.utils import derive_seed, seed_everything
 
-METHODS = ("AT", "FT all (α=1)", "FT all + interpolation", "RiFT")
+METHODS = ("AT", "FT all (α=1)", "FT all + interpolation", "RiFT", "RiFT (convs only)")
 
 
 @dataclass(frozen=True)
@@ -93,18 +96,24 @@ def run_seed(config: RiftConfig, seed: int) -> dict:
         description="FT",
     )
     adv_val = adversarial_dataset(model, val_set, eval_attack, seed=seed)
-    rift = RiFT(
-        RiFTConfig(
-            radius=config.radius,
-            mrc_epochs=config.mrc_epochs,
-            finetune=ft_config,
-            tolerance=config.tolerance,
-            alphas=config.alphas,
-        )
-    ).fit(model, train_set, val_set, eval_attack, adversarial_data=adv_val, seed=seed)
+    rift_config = RiFTConfig(
+        radius=config.radius,
+        mrc_epochs=config.mrc_epochs,
+        finetune=ft_config,
+        tolerance=config.tolerance,
+        alphas=config.alphas,
+    )
+    rift = RiFT(rift_config).fit(
+        model, train_set, val_set, eval_attack, adversarial_data=adv_val, seed=seed
+    )
+    # the authors advise middle layers: the same search with the classifier left out of the candidates
+    convs = tuple(m for m in weight_modules(model) if isinstance(model.get_submodule(m), torch.nn.Conv2d))
+    rift_conv = RiFT(dataclasses.replace(rift_config, candidates=convs)).fit(
+        model, train_set, val_set, eval_attack, adversarial_data=adv_val, seed=seed
+    )
     ft_all = finetune(model, train_set, None, ft_config)
     ft_all_state = {k: v.clone() for k, v in ft_all.state_dict().items()}
-    ft_interp = finetune(model, train_set, None, ft_config)
+    ft_interp = copy.deepcopy(ft_all)
     alpha_all, search_all = interpolation_search(
         ft_interp,
         model.state_dict(),
@@ -124,7 +133,10 @@ def run_seed(config: RiftConfig, seed: int) -> dict:
             "FT all (α=1)": metrics(ft_all),
             "FT all + interpolation": metrics(ft_interp),
             "RiFT": metrics(rift.model_),
+            "RiFT (convs only)": metrics(rift_conv.model_),
         },
+        "module_conv": rift_conv.module_,
+        "alpha_conv": rift_conv.alpha_,
         "mrc": rift.mrc_,
         "module": rift.module_,
         "alpha": rift.alpha_,
@@ -215,8 +227,8 @@ def run(config: RiftConfig, ctx: RunContext) -> Results:
         ),
     ]
     notes = [
-        f"seed {s}: least critical module {r['module']!r}, α* = {r['alpha']:.1f} "
-        f"(FT all: α* = {r['alpha_ft_all']:.1f})"
+        f"seed {s}: least critical module {r['module']!r}, α* = {r['alpha']:.1f}; least critical conv "
+        f"{r['module_conv']!r}, α* = {r['alpha_conv']:.1f}; FT all: α* = {r['alpha_ft_all']:.1f}"
         for s, r in zip(seeds, per_seed, strict=True)
     ]
     notes.append(

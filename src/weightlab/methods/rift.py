@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError, closest
-from weightlab.methods.attacks import PGD, adversarial_predict, check_images, eval_mode
+from weightlab.methods.attacks import PGD, adversarial_dataset, adversarial_predict, check_images, eval_mode
 from weightlab.train.evaluate import accuracy
 from weightlab.train.loop import TrainConfig, train
 
@@ -154,6 +154,8 @@ class RiFTConfig:
         alphas: the interpolation grid (0, 0.1, ..., 1).
         tolerance: robust accuracy may drop at most this much (fraction; the paper keeps it within 0.1 pt).
         module: fine-tune this module instead of the one with the lowest MRC (None: the lowest).
+        candidates: choose the least critical module among these only (None: every conv/linear module);
+            the authors advise middle layers, e.g. leaving out the classifier.
     """
 
     radius: float = 0.1
@@ -167,6 +169,7 @@ class RiFTConfig:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     tolerance: float = 0.001
     module: str | None = None
+    candidates: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.radius > 0:
@@ -237,16 +240,15 @@ class RiFT:
         """Measure MRC on ``adversarial_data`` (default: ``attack`` on ``val_data``), fine-tune the least
         critical module on clean ``train_data``, and pick α on ``val_data``."""
         cfg = self.config
-        if cfg.module is not None:
-            check_module(model, cfg.module)
+        for name in ([cfg.module] if cfg.module else []) + list(cfg.candidates or ()):
+            check_module(model, name)
         if adversarial_data is None:
-            from weightlab.methods.attacks import adversarial_dataset
-
             adversarial_data = adversarial_dataset(model, val_data, attack, seed=seed)
         self.mrc_ = module_robust_criticality(
             model, adversarial_data, radius=cfg.radius, epochs=cfg.mrc_epochs, lr=cfg.mrc_lr
         )
-        self.module_ = cfg.module or min(self.mrc_, key=self.mrc_.__getitem__)
+        pool = cfg.candidates or tuple(self.mrc_)
+        self.module_ = cfg.module or min(pool, key=self.mrc_.__getitem__)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         tuned = finetune(model, train_data, self.module_, cfg.finetune)
         self.model_ = tuned
