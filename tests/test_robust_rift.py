@@ -99,7 +99,8 @@ def test_config_errors() -> None:
         RiFTConfig(radius=0)
     data = ArrayDataset(torch.rand(4, 1, 8, 8), torch.zeros(4))
     with pytest.raises(WeightlabError, match=r"module 'layer2.1.conv2' is not .* valid: body.0"):
-        RiFT(RiFTConfig(candidates=("body.0", "layer2.1.conv2"))).fit(SmallCNN(10, width=4), data, data, PGD())
+        rift = RiFT(RiFTConfig(candidates=("body.0", "layer2.1.conv2")))
+        rift.fit(SmallCNN(10, width=4), data, data, PGD())
 
 
 def test_experiment_bad_set_value_exits_2(tmp_path) -> None:
