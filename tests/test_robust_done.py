@@ -86,11 +86,12 @@ def test_shuffle_control_permutes_the_weights() -> None:
     )
 
 
-def test_unknown_method_exits_2(tmp_path) -> None:
-    assert (
-        main(["run", "done", "--profile", "smoke", "--out", str(tmp_path / "d"), "--set", "methods=ATT"])
-        == 2
-    )
+def test_bad_cli_input_exits_2(tmp_path, capsys) -> None:
+    args = ["run", "done", "--profile", "smoke", "--set"]
+    assert main([*args, "methods=ATT", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown method or dataset 'ATT'" in capsys.readouterr().err
+    assert main([*args, "eps=-0.1", "--out", str(tmp_path / "e")]) == 2
+    assert "eps must be a finite number ≥ 0, got -0.1" in capsys.readouterr().err
 
 
 def test_done_raises_tail_robust_accuracy_on_imbalanced_digits() -> None:
