@@ -30,6 +30,7 @@ from weightlab.methods.rws import (
     unpatch,
 )
 from weightlab.models import SmallCNN
+from weightlab.report import plots
 from weightlab.report.tables import pm
 from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy, train
@@ -300,6 +301,19 @@ def run(config: RwsConfig, ctx: RunContext) -> Results:
         "'patched clean-test' is the patched model's accuracy on the clean test split "
         f"(clean model: {pm([r['clean test accuracy'] for r in per_seed])} %).",
     ]
+    series = {
+        c: [float(np.mean(vals(n, c))) for n in names]
+        for c in ("clean", "robust", "patched", "further", "further patched")
+    }
+    ctx.savefig(
+        plots.curves(
+            series,
+            title="accuracy on each corruption (x: " + ", ".join(names) + ")",
+            xlabel="corruption",
+            ylabel="accuracy",
+        ),
+        "patching",
+    )
     return Results(
         tables={
             "Accuracy on each corruption (test split)": rows,
