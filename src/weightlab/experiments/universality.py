@@ -1,8 +1,9 @@
 """Experiment ``universality``: regret of the Bayesian mixture is governed by the weight of the hypothesis.
 
 Part 1 (exact, finite classes). Sign networks with ``hidden`` ∈ ``hidden_sizes`` units on ``d`` inputs and
-weights in {-1, 0, 1} (:class:`SignNetClass`, 81 → 6,561 → 531,441 members for d = 3), uniform prior, and
-the *same* teacher inside every class (one active unit; a "complex" teacher has two). For each class we
+weights in {-1, 0, 1} (:class:`SignNetClass`: 81^hidden members for d = 3, up to 81^4 ≈ 4.3e7), uniform prior,
+and the *same* teacher inside every class (one active unit; a "complex" teacher has two). The mixture is
+exact: members with identical likelihoods are summed in groups (``function_classes``). For each class we
 measure the exact mixture's online regret against the teacher over ``n`` steps (mean over ``sequences``
 sequences), the exact weight ``W(A_ε)`` by enumeration and its Monte Carlo estimate from prior draws, and the
 bound ``min_ε nε + log 1/W(A_ε)``.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
@@ -46,7 +48,7 @@ THETA_STAR = (1.5, -1.0, 2.5)  # continuous teacher (w1, w2, v)
 class UniversalityConfig:
     seed: int = 0
     seeds: int = 3
-    hidden_sizes: tuple[int, ...] = (1, 2, 3)
+    hidden_sizes: tuple[int, ...] = (1, 2, 3, 4)
     beta: float = 2.0
     n: int = 256
     sequences: int = 8
@@ -65,8 +67,8 @@ class UniversalityConfig:
     samples_per_chain: int = 1
 
     def __post_init__(self) -> None:
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1 or max(self.hidden_sizes) > 3:
-            raise WeightlabError(f"hidden_sizes must lie in 1..3 (3 has 531,441 members), got {self.hidden_sizes}")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1 or max(self.hidden_sizes) > 5:
+            raise WeightlabError(f"hidden_sizes must lie in 1..5 (5 has 81^5 ≈ 3.5e9 members), got {self.hidden_sizes}")
         if not self.chains or min(self.chains) < 1:
             raise WeightlabError(f"chains must be positive counts, got {self.chains}")
         for name in ("seeds", "n", "sequences", "kl_inputs", "mc_samples", "n_train", "n_test", "grid",
@@ -96,6 +98,7 @@ def finite_class_run(config: UniversalityConfig, seed: int) -> dict:
         ref_class = SignNetClass(d, len(units), beta=config.beta)
         z_star = ref_class.logits(units, x)  # (S·n,)
         y = torch.bernoulli(torch.sigmoid(z_star), generator=gen).long()  # (S·n,)
+        sign = 2.0 * y.double() - 1.0  # log p(y|z) = logsigmoid(±z)
         ref = bernoulli_log_probs(z_star).gather(-1, y[:, None]).squeeze(-1).view(S, n)
         log_p_true = bernoulli_log_probs(ref_class.logits(units, x_kl))  # (M, 2)
         for hidden in config.hidden_sizes:
@@ -103,15 +106,17 @@ def finite_class_run(config: UniversalityConfig, seed: int) -> dict:
                 continue
             cls = SignNetClass(d, hidden, beta=config.beta)
             mixtures = [StreamingMixture() for _ in range(S)]
-            for chunk in cls.logit_chunks(x):  # (R, S·n)
-                lik = bernoulli_log_probs(chunk).gather(-1, y.expand(chunk.shape[0], -1)[..., None]).squeeze(-1)
-                zeros = torch.zeros(chunk.shape[0], dtype=torch.float64)
+            log_prior = torch.cat([lp for _, lp in cls.grouped_logit_chunks(x_kl[:1])])  # (G,) group masses
+            for chunk, lp in cls.grouped_logit_chunks(x):  # (c, S·n), (c,)
+                lik = F.logsigmoid(sign * chunk)  # (c, S·n): log p_h(y_t|x_t)
                 for s, mix in enumerate(mixtures):
-                    mix.add(lik[:, s * n:(s + 1) * n].T, zeros)
+                    mix.add(lik[:, s * n:(s + 1) * n].T, lp)
             regret = torch.stack([torch.cumsum(ref[s], 0) - m.log_marginal for s, m in enumerate(mixtures)])
-            div = torch.cat([expected_divergence(log_p_true, bernoulli_log_probs(c)) for c in cls.logit_chunks(x_kl)])
-            idx = torch.randint(cls.size, (config.mc_samples,), generator=_gen(seed, "mc", teacher, hidden))
-            inv_w = -log_weight(div, EPS)
+            div = torch.cat([expected_divergence(log_p_true, bernoulli_log_probs(c))
+                             for c, _ in cls.grouped_logit_chunks(x_kl)])
+            idx = torch.multinomial(log_prior.exp(), config.mc_samples, replacement=True,
+                                    generator=_gen(seed, "mc", teacher, hidden))  # draws from the prior
+            inv_w = -log_weight(div, EPS, log_prior=log_prior)
             inv_w_mc = -log_weight(div[idx], EPS)
             steps = torch.arange(1, n + 1)
             bound, _ = resolvability_bound(steps, EPS, inv_w)
@@ -243,7 +248,7 @@ def _stack(values: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
             profiles={"smoke": {"seeds": 1, "hidden_sizes": (1, 2), "n": 48, "sequences": 2, "kl_inputs": 200,
                                 "mc_samples": 2000, "n_train": 32, "n_test": 100, "grid": 21, "chains": (1, 4, 16),
                                 "sgld_steps": 200},
-                      "full": {"seeds": 5, "n": 1024, "sequences": 32, "kl_inputs": 4000, "mc_samples": 200000,
+                      "full": {"seeds": 5, "hidden_sizes": (1, 2, 3, 4, 5), "n": 1024, "sequences": 32, "kl_inputs": 4000, "mc_samples": 200000,
                                "grid": 81, "chains": (1, 2, 4, 8, 16, 32, 64, 128, 256), "sgld_steps": 5000,
                                "samples_per_chain": 4}})
 def run(config: UniversalityConfig, ctx: RunContext) -> Results:

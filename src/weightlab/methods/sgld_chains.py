@@ -76,7 +76,7 @@ class StackedMLP(nn.Module):
             raise WeightlabError(f"chain index {k} is outside 0..{self.chains - 1}")
         layers: list[nn.Module] = []
         for i, w in enumerate(self.weights):
-            lin = nn.Linear(w.shape[1], w.shape[2], bias=self.biases is not None)
+            lin = nn.Linear(w.shape[1], w.shape[2], bias=self.biases is not None, dtype=w.dtype)
             with torch.no_grad():
                 lin.weight.copy_(w[k].T)
                 if self.biases is not None:

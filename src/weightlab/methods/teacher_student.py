@@ -93,6 +93,42 @@ class SignNetClass:
         idx = [self.unit_index(v, w) for v, w in units]
         return self.beta * out[idx].sum(0)
 
+    def function_classes(self) -> tuple[Tensor, Tensor]:
+        """The class grouped into members that compute the same function for an obvious reason, with their
+        exact prior mass under the uniform prior over all ``U^hidden`` members.
+
+        A unit ``(v, w)`` computes the zero function when ``v = 0`` or ``w = 0`` (``3^d + 2`` configurations),
+        and ``(v, w)`` equals ``(-v, -w)``; so there are ``3^d`` distinct unit functions (representatives
+        ``(0, 0)`` and ``(1, w)``, w ≠ 0). A network is a multiset of ``hidden`` unit functions; its mass is
+        ``hidden! / Π c_i! · Π mult_i / U^hidden``. Grouping identical likelihoods leaves the mixture exact.
+
+        Returns:
+            ``(G, hidden)`` indices into :meth:`unit_functions` rows, and ``(G,)`` log prior masses (sum 1).
+        """
+        _, log_mult = self.unit_functions()
+        m = log_mult.numel()
+        combos = torch.tensor(list(itertools.combinations_with_replacement(range(m), self.hidden)))  # (G, k)
+        counts = torch.stack([(combos == i).sum(1) for i in range(m)], dim=1).double()  # (G, m)
+        log_perm = math.lgamma(self.hidden + 1) - torch.lgamma(counts + 1).sum(1)
+        return combos, log_perm + log_mult[combos].sum(1) - self.log_size
+
+    def unit_functions(self) -> tuple[Tensor, Tensor]:
+        """Representatives ``(3^d, d+1)`` of the distinct unit functions and their log multiplicities."""
+        w = self.units[self.units[:, 0] == 1.0, 1:]  # (3^d, d): every w once
+        w = torch.cat([torch.zeros(1, self.d, dtype=w.dtype), w[(w != 0).any(1)]])  # zero function first
+        reps = torch.cat([torch.tensor([[0.0]] + [[1.0]] * (w.shape[0] - 1), dtype=w.dtype), w], dim=1)
+        log_mult = torch.full((reps.shape[0],), math.log(2.0), dtype=torch.float64)
+        log_mult[0] = math.log(3**self.d + 2)
+        return reps, log_mult
+
+    def grouped_logit_chunks(self, x: Tensor, *, chunk: int = 8192) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(logits (c, M), log prior (c,))`` over :meth:`function_classes`, ``chunk`` groups at a time."""
+        reps, _ = self.unit_functions()
+        out = reps[:, :1] * torch.sign(reps[:, 1:] @ x.to(torch.float64).T)  # (m, M)
+        combos, log_prior = self.function_classes()
+        for i in range(0, combos.shape[0], chunk):
+            yield self.beta * out[combos[i:i + chunk]].sum(1), log_prior[i:i + chunk]
+
     def logit_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Every hypothesis' logits ``β f(x)``, in index order, as chunks ``(U^(hidden-1), M)``."""
         out = self.unit_outputs(x)  # (U, M)
