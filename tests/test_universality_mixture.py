@@ -10,8 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.mixture import (BayesMixture, StreamingMixture, cumulative_log_marginal,
-                                       normalize_log_weights, regret, uniform_log_prior)
+from weightlab.methods.mixture import (
+    BayesMixture,
+    StreamingMixture,
+    cumulative_log_marginal,
+    normalize_log_weights,
+    regret,
+    uniform_log_prior,
+)
 
 
 def bernoulli_lik(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,16 @@ def test_log_space_survives_long_sequences() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(h=st.integers(1, 12), n=st.integers(1, 40), truth=st.integers(0, 11), seed=st.integers(0, 2**31 - 1),
-       peaked=st.booleans())
-def test_regret_never_exceeds_log_inverse_prior_of_truth(h: int, n: int, truth: int, seed: int,
-                                                         peaked: bool) -> None:
+@given(
+    h=st.integers(1, 12),
+    n=st.integers(1, 40),
+    truth=st.integers(0, 11),
+    seed=st.integers(0, 2**31 - 1),
+    peaked=st.booleans(),
+)
+def test_regret_never_exceeds_log_inverse_prior_of_truth(
+    h: int, n: int, truth: int, seed: int, peaked: bool
+) -> None:
     truth = truth % h
     g = torch.Generator().manual_seed(seed)
     p = torch.rand(h, generator=g, dtype=torch.float64).clamp(0.01, 0.99)  # Bernoulli hypotheses

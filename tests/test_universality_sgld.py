@@ -1,4 +1,4 @@
-"""SGLD: step-size formulas, the update by hand, the Gaussian posterior, batched chains = sequential chains."""
+"""SGLD: step-size formulas, the update by hand, a Gaussian posterior, batched = sequential chains."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.methods.sgld import (SGLD, CollectSamples, SGLDConfig, cyclical_step_size, polynomial_step_size)
+from weightlab.methods.sgld import SGLD, CollectSamples, SGLDConfig, cyclical_step_size, polynomial_step_size
 from weightlab.methods.sgld_chains import StackedMLP, chain_log_probs, chain_nll, ensemble_log_proba
 from weightlab.train import TrainConfig, train
 
@@ -28,13 +28,16 @@ def test_cyclical_step_size_formula() -> None:
     assert cyclical_step_size(25, a=0.2, total_steps=100, cycles=4) == pytest.approx(0.2)
     assert cyclical_step_size(12.5, a=0.2, total_steps=100, cycles=4) == pytest.approx(0.1)  # type: ignore[arg-type]
     assert cyclical_step_size(24, a=0.2, total_steps=100, cycles=4) == pytest.approx(
-        0.1 * (math.cos(math.pi * 24 / 25) + 1))
+        0.1 * (math.cos(math.pi * 24 / 25) + 1)
+    )
 
 
 def test_optimizer_schedule_and_sampling_stage() -> None:
     p = nn.Parameter(torch.zeros(1))
-    opt = SGLD([p], SGLDConfig(num_data=1, lr=0.4, schedule="cyclical", total_steps=8, cycles=2,
-                               explore_fraction=0.5))
+    opt = SGLD(
+        [p],
+        SGLDConfig(num_data=1, lr=0.4, schedule="cyclical", total_steps=8, cycles=2, explore_fraction=0.5),
+    )
     assert [opt.step_size(t) for t in (0, 2, 4)] == pytest.approx([0.4, 0.2, 0.4])
     assert [opt.is_sampling(t) for t in range(8)] == [False, False, True, True] * 2
     opt2 = SGLD([p], SGLDConfig(num_data=1, lr=0.4, b=2.0, gamma=1.0))
@@ -53,8 +56,9 @@ def test_one_step_by_hand_plain_and_preconditioned() -> None:
 
     q = nn.Parameter(torch.tensor([1.0, -2.0]))
     q.grad = torch.tensor([0.5, 0.25])
-    opt = SGLD([q], SGLDConfig(num_data=4, prior_std=None, lr=0.1, gamma=0.0, precondition=True, alpha=0.9,
-                               eps=1e-3))
+    opt = SGLD(
+        [q], SGLDConfig(num_data=4, prior_std=None, lr=0.1, gamma=0.0, precondition=True, alpha=0.9, eps=1e-3)
+    )
     opt.step(noise=[xi])
     v = 0.1 * torch.tensor([0.25, 0.0625])
     g = 1 / (1e-3 + v.sqrt())
@@ -76,8 +80,11 @@ def test_samples_a_gaussian_posterior() -> None:
     torch.manual_seed(0)
     m, n = 1.0, 20
     theta = nn.Parameter(torch.zeros(4000, dtype=torch.float64))
-    opt = SGLD([theta], SGLDConfig(num_data=n, prior_std=1.0, lr=0.01, gamma=0.0),
-               generator=torch.Generator().manual_seed(0))
+    opt = SGLD(
+        [theta],
+        SGLDConfig(num_data=n, prior_std=1.0, lr=0.01, gamma=0.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     for _ in range(400):
         theta.grad = theta.detach() - m
         opt.step()
@@ -94,7 +101,9 @@ def test_batched_chains_equal_sequential_chains_given_the_same_noise() -> None:
     singles = [chains.chain(i).double() for i in range(k)]
     x, y = torch.randn(steps, 8, 5, dtype=torch.float64), torch.randint(3, (steps, 8))
     config = SGLDConfig(num_data=100, prior_std=1.0, lr=1e-3, precondition=True)
-    noise = [[torch.randn(steps, *p.shape, dtype=torch.float64) for p in chains.parameters()]]  # per stacked param: (T, K, ...)
+    noise = [
+        [torch.randn(steps, *p.shape, dtype=torch.float64) for p in chains.parameters()]
+    ]  # per stacked param: (T, K, ...)
     opt = SGLD(chains.parameters(), config)
     seq_opts = [SGLD(s.parameters(), config) for s in singles]
     order = [0, 2, 1, 3]  # nn.Sequential order: w0, b0, w1, b1; stacked order: w0, w1, b0, b1
@@ -124,11 +133,18 @@ def test_stacked_mlp_roundtrips_and_uses_the_one_loop() -> None:
     copy.set_flat_parameters(flat)
     assert torch.equal(copy.flat_parameters(), flat)
     data = ArrayDataset(torch.randn(40, 4), (torch.randn(40) > 0).long())
-    opt = SGLD(chains.parameters(), SGLDConfig(num_data=40, lr=1e-3, schedule="cyclical", total_steps=20,
-                                                cycles=2))
+    opt = SGLD(
+        chains.parameters(), SGLDConfig(num_data=40, lr=1e-3, schedule="cyclical", total_steps=20, cycles=2)
+    )
     collect = CollectSamples(every=1, burn_in=0)
-    train(chains, data, TrainConfig(max_steps=20, batch_size=10, device="cpu"), optimizer=opt,
-          loss_fn=chain_nll, callbacks=[collect])
+    train(
+        chains,
+        data,
+        TrainConfig(max_steps=20, batch_size=10, device="cpu"),
+        optimizer=opt,
+        loss_fn=chain_nll,
+        callbacks=[collect],
+    )
     assert opt.steps == 20 and len(collect.samples) == 10  # sampling stage only: half of each cycle
     log_q = ensemble_log_proba(chain_log_probs(chains(data.x)))
     assert log_q.shape == (40, 2) and torch.allclose(log_q.exp().sum(-1), torch.ones(40))

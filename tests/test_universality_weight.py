@@ -1,4 +1,4 @@
-"""Weight of the hypothesis: divergences, enumerated / Monte Carlo / Laplace weights, the resolvability bound."""
+"""Weight of the hypothesis: divergences, enumerated / MC / Laplace weights, the resolvability bound."""
 
 from __future__ import annotations
 
@@ -6,31 +6,44 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.hypothesis_weight import (expected_divergence, fisher_information, laplace_log_inv_weight,
-                                                 log_weight, resolvability_bound, unit_ball_log_volume)
-from weightlab.methods.mixture import regret
+from weightlab.methods.hypothesis_weight import (
+    expected_divergence,
+    fisher_information,
+    laplace_log_inv_weight,
+    log_weight,
+    resolvability_bound,
+    unit_ball_log_volume,
+)
+from weightlab.methods.mixture import cumulative_log_marginal, regret
 from weightlab.methods.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
 
 
 def test_expected_divergence_known_answer() -> None:
     # Bernoulli(1/2) vs Bernoulli(1/4): KL = ½ log(½/¼) + ½ log(½/¾) = ½ log(4/3)
     true = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64))
-    hyp = torch.log(torch.tensor([[[0.75, 0.25], [0.75, 0.25]], [[0.5, 0.5], [0.5, 0.5]]], dtype=torch.float64))
-    assert torch.allclose(expected_divergence(true, hyp), torch.tensor([0.5 * math.log(4 / 3), 0.0],
-                                                                       dtype=torch.float64))
+    hyp = torch.log(
+        torch.tensor([[[0.75, 0.25], [0.75, 0.25]], [[0.5, 0.5], [0.5, 0.5]]], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        expected_divergence(true, hyp), torch.tensor([0.5 * math.log(4 / 3), 0.0], dtype=torch.float64)
+    )
 
 
 def test_log_weight_enumerated_and_monte_carlo() -> None:
     div = torch.tensor([0.0, 0.1, 0.5, 2.0], dtype=torch.float64)
     prior = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
     eps = torch.tensor([0.0, 0.2, 1.0, 5.0], dtype=torch.float64)
-    assert torch.allclose(log_weight(div, eps, log_prior=prior).exp(),
-                          torch.tensor([0.1, 0.3, 0.6, 1.0], dtype=torch.float64))
-    assert torch.allclose(log_weight(div, eps).exp(), torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    assert torch.allclose(
+        log_weight(div, eps, log_prior=prior).exp(), torch.tensor([0.1, 0.3, 0.6, 1.0], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        log_weight(div, eps).exp(), torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    )
     assert log_weight(div, torch.tensor([-1.0])).item() == -math.inf
 
 
@@ -62,8 +75,9 @@ def test_laplace_agrees_with_monte_carlo_for_a_gaussian_location_family() -> Non
     draws = torch.randn(400_000, 2, generator=g, dtype=torch.float64) * 2.0
     eps = torch.tensor([0.02, 0.05], dtype=torch.float64)
     mc = -log_weight((draws**2).sum(1) / 2, eps)
-    laplace, _ = laplace_log_inv_weight(torch.eye(2, dtype=torch.float64), eps,
-                                        log_prior_density=-math.log(2 * math.pi * 4))
+    laplace, _ = laplace_log_inv_weight(
+        torch.eye(2, dtype=torch.float64), eps, log_prior_density=-math.log(2 * math.pi * 4)
+    )
     assert torch.allclose(mc, laplace, atol=0.06)
 
 
@@ -86,7 +100,9 @@ def test_resolvability_bound_known_answer() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), hidden=st.integers(1, 2))
-def test_sign_class_regret_never_exceeds_log_inverse_weight_of_the_teacher_function(seed: int, hidden: int) -> None:
+def test_sign_class_regret_never_exceeds_log_inverse_weight_of_the_teacher_function(
+    seed: int, hidden: int
+) -> None:
     # every member computing the teacher's function has its likelihood on every sequence: R_n ≤ log 1/W(A_0)
     cls = SignNetClass(2, hidden, beta=1.5)
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +126,9 @@ def test_sign_class_indexing_and_tanh_model() -> None:
     h = cls.hypothesis_index(units)
     chunks = torch.cat(list(cls.logit_chunks(x)))
     assert torch.equal(chunks[h], cls.logits(units, x))
-    assert torch.equal(cls.logits(units, x), 2.0 * (torch.sign(x[:, 0] - x[:, 1]) - torch.sign(x[:, 1] + x[:, 2])))
+    assert torch.equal(
+        cls.logits(units, x), 2.0 * (torch.sign(x[:, 0] - x[:, 1]) - torch.sign(x[:, 1] + x[:, 2]))
+    )
     theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     lp = tanh_unit_log_probs(theta, x[:, :2])
     assert torch.allclose(lp[:, 1].exp(), torch.sigmoid(2.0 * torch.tanh(x[:, :2] @ theta[:2])))
@@ -129,3 +147,27 @@ def test_errors_name_the_bad_value() -> None:
         SignNetClass(2, 1).unit_index(2.0, [0.0, 1.0])
     with pytest.raises(WeightlabError, match="do not fit"):
         SignNetClass(2, 1).hypothesis_index([(1.0, (1.0, 0.0)), (1.0, (0.0, 1.0))])
+
+
+def test_grouped_enumeration_gives_the_same_mixture_and_weight_as_the_raw_class() -> None:
+    cls = SignNetClass(2, 2, beta=1.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(2, (30,), generator=g)
+    sign = 2.0 * y.double() - 1.0
+    raw = torch.cat(list(cls.logit_chunks(x)))  # (81, n)
+    grouped = list(cls.grouped_logit_chunks(x, chunk=7))
+    logits, log_prior = torch.cat([c for c, _ in grouped]), torch.cat([lp for _, lp in grouped])
+    assert logits.shape[0] == 45 and torch.logsumexp(log_prior, 0).item() == pytest.approx(0.0, abs=1e-12)
+    raw_q = cumulative_log_marginal(
+        F.logsigmoid(sign * raw).T, torch.zeros(raw.shape[0], dtype=torch.float64)
+    )
+    grouped_q = cumulative_log_marginal(F.logsigmoid(sign * logits).T, log_prior)
+    assert torch.allclose(raw_q, grouped_q, atol=1e-12)
+    teacher = bernoulli_log_probs(cls.logits([(1.0, (1.0, -1.0))], x))
+    eps = torch.tensor([0.0, 0.05, 0.5], dtype=torch.float64)
+    w_raw = log_weight(expected_divergence(teacher, bernoulli_log_probs(raw)), eps)
+    w_grouped = log_weight(
+        expected_divergence(teacher, bernoulli_log_probs(logits)), eps, log_prior=log_prior
+    )
+    assert torch.allclose(w_raw, w_grouped, atol=1e-12)

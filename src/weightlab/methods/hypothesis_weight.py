@@ -37,8 +37,9 @@ def expected_divergence(log_p_true: Tensor, log_p: Tensor) -> Tensor:
         ``(H,)`` mean KL in nats (≥ 0).
     """
     if log_p.ndim != 3 or log_p.shape[1:] != log_p_true.shape:
-        raise WeightlabError(f"log_p needs shape (H, {', '.join(map(str, log_p_true.shape))}), "
-                             f"got {tuple(log_p.shape)}")
+        raise WeightlabError(
+            f"log_p needs shape (H, {', '.join(map(str, log_p_true.shape))}), got {tuple(log_p.shape)}"
+        )
     p = log_p_true.exp()
     kl = (p * (log_p_true - log_p)).sum(-1)  # (H, M)
     return kl.mean(-1).clamp_min(0.0)
@@ -54,14 +55,18 @@ def log_weight(divergences: Tensor, eps: Tensor, *, log_prior: Tensor | None = N
             hypotheses are i.i.d. draws from the prior (Monte Carlo: each carries weight 1/S).
 
     Returns:
-        ``(E,)``; ``-inf`` where no hypothesis lies within ε (the Monte Carlo estimate has no resolution there).
+        ``(E,)``; ``-inf`` where no hypothesis lies within ε (Monte Carlo has no resolution there).
     """
     if divergences.ndim != 1 or divergences.numel() == 0:
-        raise WeightlabError(f"divergences must be a non-empty 1-D tensor, got shape {tuple(divergences.shape)}")
+        raise WeightlabError(
+            f"divergences must be a non-empty 1-D tensor, got shape {tuple(divergences.shape)}"
+        )
     if log_prior is None:
         log_prior = torch.full_like(divergences, -math.log(divergences.numel()), dtype=torch.float64)
     elif log_prior.shape != divergences.shape:
-        raise WeightlabError(f"log_prior needs shape {tuple(divergences.shape)}, got {tuple(log_prior.shape)}")
+        raise WeightlabError(
+            f"log_prior needs shape {tuple(divergences.shape)}, got {tuple(log_prior.shape)}"
+        )
     else:
         log_prior = log_prior.to(torch.float64) - torch.logsumexp(log_prior.to(torch.float64), 0)
     inside = divergences[None, :] <= eps.to(divergences.dtype)[:, None]  # (E, S)
@@ -75,8 +80,9 @@ def unit_ball_log_volume(d: int) -> float:
     return d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1)
 
 
-def laplace_log_inv_weight(fisher: Tensor, eps: Tensor, *, log_prior_density: float,
-                           flat_tol: float = 1e-6) -> tuple[Tensor, int]:
+def laplace_log_inv_weight(
+    fisher: Tensor, eps: Tensor, *, log_prior_density: float, flat_tol: float = 1e-6
+) -> tuple[Tensor, int]:
     """The Laplace (flat-minimum) estimate of ``log 1/W(A_ε)``.
 
     Args:
@@ -127,8 +133,10 @@ def resolvability_bound(n: Tensor, eps: Tensor, log_inv_weight: Tensor) -> tuple
         ``(N,)`` bounds and ``(N,)`` argmin radii.
     """
     if eps.shape != log_inv_weight.shape:
-        raise WeightlabError(f"eps and log_inv_weight need the same shape, got {tuple(eps.shape)} "
-                             f"and {tuple(log_inv_weight.shape)}")
+        raise WeightlabError(
+            f"eps and log_inv_weight need the same shape, got {tuple(eps.shape)} "
+            f"and {tuple(log_inv_weight.shape)}"
+        )
     if not torch.isfinite(log_inv_weight).any():
         raise WeightlabError("no radius has positive weight: every log 1/W(A_ε) is infinite")
     total = n.to(torch.float64)[:, None] * eps.to(torch.float64)[None, :] + log_inv_weight.to(torch.float64)

@@ -31,10 +31,14 @@ from weightlab.errors import WeightlabError
 def normalize_log_weights(log_weights: Tensor) -> Tensor:
     """``log_weights - logsumexp(log_weights)``: log weights that sum to one. ``(H,) -> (H,)``."""
     if log_weights.ndim != 1 or log_weights.numel() == 0:
-        raise WeightlabError(f"log weights must be a non-empty 1-D tensor, got shape {tuple(log_weights.shape)}")
+        raise WeightlabError(
+            f"log weights must be a non-empty 1-D tensor, got shape {tuple(log_weights.shape)}"
+        )
     total = torch.logsumexp(log_weights, dim=0)
     if not torch.isfinite(total):
-        raise WeightlabError(f"log weights must contain a finite value with total mass > 0, got logsumexp {total}")
+        raise WeightlabError(
+            f"log weights must contain a finite value with total mass > 0, got logsumexp {total}"
+        )
     return log_weights - total
 
 
@@ -75,19 +79,25 @@ def regret(log_lik: Tensor, log_prior: Tensor, *, reference: int | Tensor) -> Te
     """
     if isinstance(reference, int):
         if not 0 <= reference < log_lik.shape[1]:
-            raise WeightlabError(f"reference index {reference} is outside the class of size {log_lik.shape[1]}")
+            raise WeightlabError(
+                f"reference index {reference} is outside the class of size {log_lik.shape[1]}"
+            )
         ref = log_lik[:, reference]
     else:
         ref = reference
         if ref.shape != log_lik.shape[:1]:
-            raise WeightlabError(f"reference log-likelihoods need shape ({log_lik.shape[0]},), got {tuple(ref.shape)}")
+            raise WeightlabError(
+                f"reference log-likelihoods need shape ({log_lik.shape[0]},), got {tuple(ref.shape)}"
+            )
     return torch.cumsum(ref.to(torch.float64), dim=0) - cumulative_log_marginal(log_lik, log_prior)
 
 
 def _check_lik(log_lik: Tensor, log_prior: Tensor) -> None:
     if log_lik.ndim != 2 or log_lik.shape[1] != log_prior.shape[0]:
-        raise WeightlabError(f"log-likelihoods need shape (n, H) with H = {log_prior.shape[0]} hypotheses, "
-                             f"got {tuple(log_lik.shape)}")
+        raise WeightlabError(
+            f"log-likelihoods need shape (n, H) with H = {log_prior.shape[0]} hypotheses, "
+            f"got {tuple(log_lik.shape)}"
+        )
 
 
 class BayesMixture:
@@ -103,10 +113,12 @@ class BayesMixture:
         self.steps = 0
 
     def predict_log_proba(self, log_probs: Tensor) -> Tensor:
-        """Posterior predictive ``log q(·|x_t)`` from every hypothesis' ``log p_h(·|x_t)``. ``(H, C) -> (C,)``."""
+        """Posterior predictive ``log q(·|x_t)`` from each ``log p_h(·|x_t)``. ``(H, C) -> (C,)``."""
         if log_probs.ndim != 2 or log_probs.shape[0] != self.log_posterior.shape[0]:
-            raise WeightlabError(f"log_probs need shape (H, C) with H = {self.log_posterior.shape[0]}, "
-                                 f"got {tuple(log_probs.shape)}")
+            raise WeightlabError(
+                f"log_probs need shape (H, C) with H = {self.log_posterior.shape[0]}, "
+                f"got {tuple(log_probs.shape)}"
+            )
         return torch.logsumexp(self.log_posterior[:, None] + log_probs.to(torch.float64), dim=0)
 
     def update(self, log_probs: Tensor, y: int) -> float:
@@ -140,7 +152,9 @@ class StreamingMixture:
             self._joint, self._mass = joint, mass
         else:
             if joint.shape != self._joint.shape:
-                raise WeightlabError(f"chunk covers {joint.shape[0]} steps, earlier chunks {self._joint.shape[0]}")
+                raise WeightlabError(
+                    f"chunk covers {joint.shape[0]} steps, earlier chunks {self._joint.shape[0]}"
+                )
             self._joint, self._mass = torch.logaddexp(self._joint, joint), torch.logaddexp(self._mass, mass)
 
     @property

@@ -105,7 +105,9 @@ class SGLDConfig:
             if self.total_steps is None or self.total_steps < 1:
                 raise WeightlabError(f"the cyclical schedule needs total_steps ≥ 1, got {self.total_steps}")
             if not 1 <= self.cycles <= self.total_steps:
-                raise WeightlabError(f"cycles must lie in 1..total_steps={self.total_steps}, got {self.cycles}")
+                raise WeightlabError(
+                    f"cycles must lie in 1..total_steps={self.total_steps}, got {self.cycles}"
+                )
             if not 0 <= self.explore_fraction < 1:
                 raise WeightlabError(f"explore_fraction must lie in [0, 1), got {self.explore_fraction}")
 
@@ -119,8 +121,13 @@ class SGLD(torch.optim.Optimizer):
         generator: source of the Gaussian noise (default: torch's global generator).
     """
 
-    def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict], config: SGLDConfig, *,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        config: SGLDConfig,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(params, {"lr": config.lr})
         self.config = config
         self.generator = generator

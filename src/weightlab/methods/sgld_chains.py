@@ -39,8 +39,15 @@ class StackedMLP(nn.Module):
         generator: seeds the ``nn.Linear``-style uniform initialisation ``U(±1/sqrt(fan_in))``.
     """
 
-    def __init__(self, chains: int, sizes: Sequence[int], *, activation: Literal["tanh", "relu"] = "tanh",
-                 bias: bool = True, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        chains: int,
+        sizes: Sequence[int],
+        *,
+        activation: Literal["tanh", "relu"] = "tanh",
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if chains < 1:
             raise WeightlabError(f"chains must be ≥ 1, got {chains}")
@@ -110,11 +117,13 @@ class StackedMLP(nn.Module):
         params = list(self.weights) + (list(self.biases) if self.biases is not None else [])
         total = sum(p[0].numel() for p in params)
         if flat.shape != (self.chains, total):
-            raise WeightlabError(f"flat parameters need shape ({self.chains}, {total}), got {tuple(flat.shape)}")
+            raise WeightlabError(
+                f"flat parameters need shape ({self.chains}, {total}), got {tuple(flat.shape)}"
+            )
         start = 0
         for p in params:
             n = p[0].numel()
-            p.copy_(flat[:, start:start + n].reshape(p.shape))
+            p.copy_(flat[:, start : start + n].reshape(p.shape))
             start += n
 
 
@@ -140,5 +149,7 @@ def chain_nll(logits: Tensor, targets: Tensor) -> Tensor:
 def ensemble_log_proba(log_probs: Tensor) -> Tensor:
     """The equal-weight mixture of S members' predictions in log space. ``(S, B, C) -> (B, C)``."""
     if log_probs.ndim != 3 or log_probs.shape[0] == 0:
-        raise WeightlabError(f"expected member log-probabilities of shape (S, B, C), got {tuple(log_probs.shape)}")
+        raise WeightlabError(
+            f"expected member log-probabilities of shape (S, B, C), got {tuple(log_probs.shape)}"
+        )
     return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])

@@ -2,7 +2,7 @@
 
 :class:`SignNetClass` is a finite class that can be enumerated exactly: networks with ``hidden`` units,
 
-    p(y = 1 | x) = sigmoid(β f(x)),      f(x) = Σ_j v_j sign(w_j · x),      w_j ∈ {-1, 0, 1}^d,  v_j ∈ {-1, 0, 1},
+    p(y = 1 | x) = sigmoid(β f(x)),    f(x) = Σ_j v_j sign(w_j · x),    w_j ∈ {-1, 0, 1}^d,  v_j ∈ {-1, 0, 1},
 
 so it has ``3^((d+1)·hidden)`` members. A teacher with one active unit lies in every class with
 ``hidden ≥ 1``; in a larger class many members compute the same function (inactive units, sign flips,
@@ -72,7 +72,9 @@ class SignNetClass:
     def hypothesis_index(self, units: Sequence[tuple[float, Sequence[float]]]) -> int:
         """The index of the network with the given active units; the remaining units are ``v = 0, w = 0``."""
         if len(units) > self.hidden:
-            raise WeightlabError(f"{len(units)} active units do not fit a class with {self.hidden} hidden units")
+            raise WeightlabError(
+                f"{len(units)} active units do not fit a class with {self.hidden} hidden units"
+            )
         zero = self.unit_index(0.0, [0.0] * self.d)
         digits = [self.unit_index(v, w) for v, w in units] + [zero] * (self.hidden - len(units))
         index = 0
@@ -127,7 +129,7 @@ class SignNetClass:
         out = reps[:, :1] * torch.sign(reps[:, 1:] @ x.to(torch.float64).T)  # (m, M)
         combos, log_prior = self.function_classes()
         for i in range(0, combos.shape[0], chunk):
-            yield self.beta * out[combos[i:i + chunk]].sum(1), log_prior[i:i + chunk]
+            yield self.beta * out[combos[i : i + chunk]].sum(1), log_prior[i : i + chunk]
 
     def logit_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Every hypothesis' logits ``β f(x)``, in index order, as chunks ``(U^(hidden-1), M)``."""
