@@ -1,6 +1,6 @@
 """K SGLD chains as one batched computation vs K sequential chains, in one process.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/sgld_chains.py [--chains 16] [--steps 200] [--repeats 3]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/sgld_chains.py [--chains 16] [--steps 200]
 
 Both sides run the same SGLD update (weightlab.methods.sgld.SGLD) on a 20-64-64-2 tanh MLP with batch 64:
 the baseline keeps K ``nn.Sequential`` chains with one optimizer each and loops over them every step; the
