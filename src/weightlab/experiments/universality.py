@@ -283,9 +283,10 @@ def run(config: UniversalityConfig, ctx: RunContext) -> Results:
     for teacher in TEACHERS:
         series, band = {}, {}
         for k in (k for k in keys if k.startswith(teacher + "/")):
+            hidden = k.split("/")[1]
             mean, std = _stack([f[k]["regret_mean"] for f in finite])
-            series[f"regret, hidden={k.split('/')[1]}"], band[f"regret, hidden={k.split('/')[1]}"] = mean, std
-            series[f"bound, hidden={k.split('/')[1]}"] = _stack([f[k]["bound"] for f in finite])[0]
+            series[f"regret, hidden={hidden}"], band[f"regret, hidden={hidden}"] = mean, std
+            series[f"bound (MC weight), hidden={hidden}"] = _stack([f[k]["bound_mc"] for f in finite])[0]
         ctx.savefig(plots.curves(series, x=xs, band=band, title=f"{teacher} teacher: regret vs n",
                                  xlabel="n", ylabel="nats"), f"regret_{teacher}")
 

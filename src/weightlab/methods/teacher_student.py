@@ -123,13 +123,17 @@ class SignNetClass:
         log_mult[0] = math.log(3**self.d + 2)
         return reps, log_mult
 
-    def grouped_logit_chunks(self, x: Tensor, *, chunk: int = 8192) -> Iterator[tuple[Tensor, Tensor]]:
+    def grouped_logit_chunks(self, x: Tensor, *, chunk: int = 2048) -> Iterator[tuple[Tensor, Tensor]]:
         """``(logits (c, M), log prior (c,))`` over :meth:`function_classes`, ``chunk`` groups at a time."""
         reps, _ = self.unit_functions()
         out = reps[:, :1] * torch.sign(reps[:, 1:] @ x.to(torch.float64).T)  # (m, M)
         combos, log_prior = self.function_classes()
         for i in range(0, combos.shape[0], chunk):
-            yield self.beta * out[combos[i : i + chunk]].sum(1), log_prior[i : i + chunk]
+            idx = combos[i : i + chunk]  # (c, hidden)
+            logits = out[idx[:, 0]].clone()  # (c, M); summed unit by unit to keep memory at (c, M)
+            for j in range(1, self.hidden):
+                logits += out[idx[:, j]]
+            yield self.beta * logits, log_prior[i : i + chunk]
 
     def logit_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Every hypothesis' logits ``β f(x)``, in index order, as chunks ``(U^(hidden-1), M)``."""
