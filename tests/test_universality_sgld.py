@@ -66,6 +66,19 @@ def test_one_step_by_hand_plain_and_preconditioned() -> None:
     assert torch.allclose(q.detach(), expected)
 
 
+def test_state_dict_keeps_the_step_count_and_preconditioner() -> None:
+    p = nn.Parameter(torch.ones(3))
+    config = SGLDConfig(num_data=5, lr=0.1, b=1.0, gamma=1.0, precondition=True)
+    opt = SGLD([p], config)
+    for _ in range(3):
+        p.grad = torch.tensor([0.1, 0.2, 0.3])
+        opt.step(noise=[torch.zeros(3)])
+    again = SGLD([p], config)
+    again.load_state_dict(opt.state_dict())
+    assert again.steps == 3 and again.step_size() == pytest.approx(0.1 / 4)
+    assert torch.equal(again.state[p]["square_avg"], opt.state[p]["square_avg"])
+
+
 def test_temperature_zero_is_gradient_descent_on_the_potential() -> None:
     p = nn.Parameter(torch.tensor([3.0]))
     opt = SGLD([p], SGLDConfig(num_data=10, prior_std=1.0, lr=0.01, gamma=0.0, temperature=0.0))

@@ -21,7 +21,9 @@ prior) turn it into ``∇U`` inside the step. So SGLD is used with the ordinary 
     samples = CollectSamples(every=10, burn_in=200)
     train(model, data, TrainConfig(max_steps=1000), optimizer=opt, callbacks=[samples])
 
-Several chains run as one batched computation with :class:`weightlab.methods.sgld_chains.StackedMLP`.
+The step size comes from :class:`SGLDConfig` alone: ``TrainConfig.lr`` and ``TrainConfig.schedule`` do not
+apply to it. Several chains run as one batched computation with
+:class:`weightlab.methods.sgld_chains.StackedMLP`.
 """
 
 from __future__ import annotations
