@@ -74,9 +74,11 @@ class TallMasksExpConfig:
     hidden: int = 256
     pretrain_images: int = 4000
     pretrain_epochs: int = 4
-    probe_epochs: int = 3
+    pretrain_classes: int = 10
+    probe_steps: int = 100
     finetune_epochs: int = 5
     lr: float = 0.05
+    finetune_lr: float = 0.05
     batch_size: int = 64
     density: float = 0.2
     k: int = 2
@@ -121,6 +123,7 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
     plain = digits("train", size=16)
     source = plain if config.pretrain_images <= len(plain) else digits(
         "train", size=16, augment_to=config.pretrain_images, seed=seed)
+    source = source.subset(torch.nonzero(source.y < config.pretrain_classes).flatten())
     pre = MLP(256, 10, hidden=(config.hidden, config.hidden))
     train(pre, source, TrainConfig(epochs=config.pretrain_epochs, lr=config.lr, batch_size=config.batch_size,
                                    seed=derive_seed(seed, "pretrain"), description="pretrain"))
@@ -130,11 +133,11 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
         model = MLP(256, task.classes, hidden=(config.hidden, config.hidden))
         model.body.load_state_dict(theta0)
         model.body.requires_grad_(False)  # linear probe: the task's "zero-shot" head
-        train(model, task.train, TrainConfig(epochs=config.probe_epochs, lr=config.lr, batch_size=config.batch_size,
+        train(model, task.train, TrainConfig(max_steps=config.probe_steps, lr=config.lr, batch_size=config.batch_size,
                                              seed=derive_seed(seed, "probe", i), description=f"probe {task.name}"))
         model.body.requires_grad_(True)
         model.head.requires_grad_(False)  # frozen head while the backbone is fine-tuned
-        train(model, task.train, TrainConfig(epochs=config.finetune_epochs, lr=config.lr,
+        train(model, task.train, TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr,
                                              batch_size=config.batch_size, seed=derive_seed(seed, "ft", i),
                                              description=f"fine-tune {task.name}"))
         finetuned.append(backbone(model))
@@ -206,7 +209,7 @@ def storage(method: str, params: int, T: int) -> float:
 @experiment("tall-masks", paper="tall-masks", config=TallMasksExpConfig,
             summary="TALL masks + TA recover ≥99% of fine-tuned accuracy; Consensus TA beats task arithmetic",
             profiles={"smoke": {"seeds": 1, "n_tasks": 4, "hidden": 64, "pretrain_images": 0,
-                                "pretrain_epochs": 1, "probe_epochs": 1, "finetune_epochs": 2},
+                                "pretrain_epochs": 1, "probe_steps": 20, "finetune_epochs": 2},
                       "full": {"seeds": 5, "n_tasks": 14, "pretrain_images": 10000, "pretrain_epochs": 8,
                                "finetune_epochs": 8, "minilm": True}})
 def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
