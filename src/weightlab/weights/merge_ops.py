@@ -40,11 +40,12 @@ def keep_rank(numel: int, density: float) -> int:
 
 def trim_thresholds(stack: Tensor, density: float) -> Tensor:
     """Per-row trim thresholds ``(T,)`` of ``stack`` ``(T, ...)``: the ``keep_rank``-th smallest ``|τ|``."""
-    flat = stack.reshape(stack.shape[0], -1).abs()  # (T, d)
+    flat = stack.reshape(stack.shape[0], -1)  # (T, d)
     rank = keep_rank(flat.shape[1], density)
     if rank <= 0:
         return torch.zeros(stack.shape[0], dtype=flat.dtype)
-    return flat.kthvalue(rank, dim=1).values
+    # one row at a time: kthvalue copies its input, so this keeps the temporary at one task's size
+    return torch.stack([row.abs().kthvalue(rank).values for row in flat])
 
 
 def trim(stack: Tensor, thresholds: Tensor) -> Tensor:
