@@ -40,12 +40,23 @@ from weightlab.weights.stream_io import SafetensorsReader, SafetensorsWriter  # 
 
 def llama_shape(params: float) -> dict[str, int]:
     """A Llama config with about ``params`` parameters (untied embeddings)."""
-    families = [(5e7, (768, 2048, 32000)), (2e7, (512, 1376, 16000)), (5e6, (256, 688, 8000)), (0, (64, 172, 1000))]
+    families = [
+        (5e7, (768, 2048, 32000)),
+        (2e7, (512, 1376, 16000)),
+        (5e6, (256, 688, 8000)),
+        (0, (64, 172, 1000)),
+    ]
     h, inter, vocab = next(shape for low, shape in families if params >= low)
     per_layer = 4 * h * h + 3 * h * inter + 2 * h
     layers = max(1, round((params - 2 * vocab * h - h) / per_layer))
-    return {"hidden_size": h, "intermediate_size": inter, "vocab_size": vocab, "num_hidden_layers": layers,
-            "num_attention_heads": max(1, h // 64), "num_key_value_heads": max(1, h // 64)}
+    return {
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, h // 64),
+        "num_key_value_heads": max(1, h // 64),
+    }
 
 
 def layout(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -69,15 +80,23 @@ def generate(work: Path, params: float, tasks: int) -> tuple[Path, list[Path], i
     """A base and ``tasks`` fine-tuned HF folders (fp32, one model.safetensors each, random weights)."""
     cfg = llama_shape(params)
     shapes = layout(cfg)
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-                 "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **cfg}
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": "float32",
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        **cfg,
+    }
     paths = []
     for m in range(tasks + 1):
         folder = work / ("base" if m == 0 else f"ft{m}")
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(hf_config))
-        writer = SafetensorsWriter(folder / "model.safetensors", {k: (torch.float32, s) for k, s in shapes.items()},
-                                   {"format": "pt"})
+        writer = SafetensorsWriter(
+            folder / "model.safetensors", {k: (torch.float32, s) for k, s in shapes.items()}, {"format": "pt"}
+        )
         for i, (key, shape) in enumerate(shapes.items()):
             base = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02
             if m:
@@ -102,22 +121,28 @@ def inmemory_merge(base: Path, fts: list[Path], out: Path, density: float = 0.2,
     start = 0
     for k in keys:  # per-tensor scope: thresholds and majority sign per segment of the flat vector
         seg = slice(start, start + base_sd[k].numel())
-        merged[seg] = merge_ops.ties_tensor(taus[:, seg], thresholds=merge_ops.trim_thresholds(taus[:, seg], density))
+        merged[seg] = merge_ops.ties_tensor(
+            taus[:, seg], thresholds=merge_ops.trim_thresholds(taus[:, seg], density)
+        )
         start = seg.stop
     result = merge_ops.apply_delta(flat_base, merged, alpha)
     out_sd, start = {}, 0
     for k in keys:
         n = base_sd[k].numel()
-        out_sd[k] = result[start:start + n].reshape(base_sd[k].shape).clone()
+        out_sd[k] = result[start : start + n].reshape(base_sd[k].shape).clone()
         start += n
     out.mkdir()
     save_file(out_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def mergekit_config(base: Path, fts: list[Path], density: float) -> str:
-    models = "".join(f"  - model: {p}\n    parameters:\n      density: {density}\n      weight: 1.0\n" for p in fts)
-    return (f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
-            "parameters:\n  normalize: true\n  int8_mask: false\ndtype: float32\n")
+    models = "".join(
+        f"  - model: {p}\n    parameters:\n      density: {density}\n      weight: 1.0\n" for p in fts
+    )
+    return (
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
+        "parameters:\n  normalize: true\n  int8_mask: false\ndtype: float32\n"
+    )
 
 
 def measure(cmd: list[str], env: dict[str, str]) -> dict:
@@ -165,31 +190,68 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/weightlab-merge-stream-bench"))
     ap.add_argument("--mergekit", default="", help="path to mergekit-yaml (skipped when empty or missing)")
-    ap.add_argument("--skip", default="", help="comma-separated contenders to skip (weightlab, inmemory, mergekit)")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated contenders to skip (weightlab, inmemory, mergekit)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
     if args.work.exists():
         shutil.rmtree(args.work)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     skip = set(filter(None, args.skip.split(",")))
     try:
         t0 = time.perf_counter()
         base, fts, n = generate(args.work / "models", args.params, args.tasks)
         size = (base / "model.safetensors").stat().st_size / 1e6
-        print(f"generated 1 + {args.tasks} checkpoints of {n / 1e6:.1f}M parameters ({size:.0f} MB each) in "
-              f"{time.perf_counter() - t0:.0f} s; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+        print(
+            f"generated 1 + {args.tasks} checkpoints of {n / 1e6:.1f}M parameters ({size:.0f} MB each) in "
+            f"{time.perf_counter() - t0:.0f} s; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+        )
         cmds = {
-            "weightlab": [sys.executable, "-m", "weightlab.cli", "merge", str(base), *map(str, fts), "--method",
-                          "ties", "--density", str(args.density), "--scope", "tensor", "--alpha", "1.0",
-                          "--quiet", "--out", str(args.work / "out-weightlab")],
-            "inmemory": [sys.executable, __file__, "--inmemory", str(base), str(args.work / "out-inmemory"),
-                         *map(str, fts)],
+            "weightlab": [
+                sys.executable,
+                "-m",
+                "weightlab.cli",
+                "merge",
+                str(base),
+                *map(str, fts),
+                "--method",
+                "ties",
+                "--density",
+                str(args.density),
+                "--scope",
+                "tensor",
+                "--alpha",
+                "1.0",
+                "--quiet",
+                "--out",
+                str(args.work / "out-weightlab"),
+            ],
+            "inmemory": [
+                sys.executable,
+                __file__,
+                "--inmemory",
+                str(base),
+                str(args.work / "out-inmemory"),
+                *map(str, fts),
+            ],
         }
         if args.mergekit and Path(args.mergekit).exists():
             cfg = args.work / "mergekit.yml"
             cfg.write_text(mergekit_config(base, fts, args.density))
-            cmds["mergekit"] = [args.mergekit, str(cfg), str(args.work / "out-mergekit"), "--no-copy-tokenizer",
-                                "--quiet", "-j", env["OMP_NUM_THREADS"]]
+            cmds["mergekit"] = [
+                args.mergekit,
+                str(cfg),
+                str(args.work / "out-mergekit"),
+                "--no-copy-tokenizer",
+                "--quiet",
+                "-j",
+                env["OMP_NUM_THREADS"],
+            ]
         else:
             print("mergekit: not measured (no mergekit-yaml given or found)")
         results = {}
@@ -199,13 +261,18 @@ def main() -> None:
             results[name] = measure(cmd, env)
             r = results[name]
             status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-600:]}"
-            print(f"{name:10s} wall {r.get('wall_s', float('nan')):7.1f} s   peak RSS "
-                  f"{r.get('peak_gib', float('nan')):6.2f} GiB   {status}", flush=True)
+            print(
+                f"{name:10s} wall {r.get('wall_s', float('nan')):7.1f} s   peak RSS "
+                f"{r.get('peak_gib', float('nan')):6.2f} GiB   {status}",
+                flush=True,
+            )
         ref = results.get("weightlab")
         for name, r in results.items():
             if name != "weightlab" and ref and r["rc"] == 0 and ref["rc"] == 0:
-                print(f"weightlab / {name}: wall {ref['wall_s'] / r['wall_s']:.2f}x, "
-                      f"peak memory {ref['peak_gib'] / r['peak_gib']:.2f}x")
+                print(
+                    f"weightlab / {name}: wall {ref['wall_s'] / r['wall_s']:.2f}x, "
+                    f"peak memory {ref['peak_gib'] / r['peak_gib']:.2f}x"
+                )
         for name in ("inmemory", "mergekit"):
             if results.get(name, {}).get("rc") == 0 and ref and ref["rc"] == 0:
                 same, worst = compare(args.work / "out-weightlab", args.work / f"out-{name}")

@@ -1,4 +1,4 @@
-"""The streaming merge / compress / extract commands on tiny safetensors checkpoints (paper key ``tall-masks``)."""
+"""The streaming merge / compress / extract commands on tiny safetensors checkpoints (``tall-masks``)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,35 @@ from weightlab.errors import WeightlabError
 from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
 from weightlab.weights.stream_io import SafetensorsReader
 
-SHAPES = {"embed.weight": ((6, 5), torch.float32), "layer.0.weight": ((4, 6), torch.float16),
-          "layer.0.bias": ((4,), torch.bfloat16), "norm.weight": ((6,), torch.float32),
-          "position_ids": ((5,), torch.int64)}
-SHARDS = {"model-00001-of-00002.safetensors": ["embed.weight", "position_ids"],
-          "model-00002-of-00002.safetensors": ["layer.0.weight", "layer.0.bias", "norm.weight"]}
+SHAPES = {
+    "embed.weight": ((6, 5), torch.float32),
+    "layer.0.weight": ((4, 6), torch.float16),
+    "layer.0.bias": ((4,), torch.bfloat16),
+    "norm.weight": ((6,), torch.float32),
+    "position_ids": ((5,), torch.int64),
+}
+SHARDS = {
+    "model-00001-of-00002.safetensors": ["embed.weight", "position_ids"],
+    "model-00002-of-00002.safetensors": ["layer.0.weight", "layer.0.bias", "norm.weight"],
+}
 
 
 def make_states(n_tasks: int = 3, seed: int = 0) -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    base = {k: (torch.arange(s[0]) if d == torch.int64 else torch.randn(*s, generator=gen).to(d))
-            for k, (s, d) in SHAPES.items()}
+    base = {
+        k: (torch.arange(s[0]) if d == torch.int64 else torch.randn(*s, generator=gen).to(d))
+        for k, (s, d) in SHAPES.items()
+    }
     fts = []
     for _ in range(n_tasks):
-        fts.append({k: v if not v.is_floating_point() else
-                    (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in base.items()})
+        fts.append(
+            {
+                k: v
+                if not v.is_floating_point()
+                else (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                for k, v in base.items()
+            }
+        )
     return base, fts
 
 
@@ -69,10 +83,14 @@ def expected_merge(base: dict, fts: list[dict], config: MergeConfig) -> dict:
     elif config.method == "ties":
         vector = merging.ties_merge(taus, density=config.density, reduce="mean", scope=config.scope)
     else:
-        tau = (merging.task_arithmetic(taus) if config.method == "consensus-ta"
-               else merging.ties_merge(taus, density=config.density, reduce="sum", scope=config.scope))
-        vector = merging.masked(tau, merging.consensus_mask(merging.tall_masks(taus, tau, list(config.lambdas)),
-                                                            config.k))
+        tau = (
+            merging.task_arithmetic(taus)
+            if config.method == "consensus-ta"
+            else merging.ties_merge(taus, density=config.density, reduce="sum", scope=config.scope)
+        )
+        vector = merging.masked(
+            tau, merging.consensus_mask(merging.tall_masks(taus, tau, list(config.lambdas)), config.k)
+        )
     return merging.apply(base, vector, config.alpha)
 
 
@@ -83,14 +101,39 @@ def assert_same(got: dict, expected: dict) -> None:
         assert torch.equal(got[k], v), k
 
 
-@pytest.mark.parametrize(("method", "scope"), [("task-arithmetic", "global"), ("ties", "global"),
-                                               ("ties", "tensor"), ("consensus-ta", "global"),
-                                               ("consensus-ties", "global")])
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [
+        ("task-arithmetic", "global"),
+        ("ties", "global"),
+        ("ties", "tensor"),
+        ("consensus-ta", "global"),
+        ("consensus-ties", "global"),
+    ],
+)
 def test_cli_merge_equals_in_memory_functions(ckpts, tmp_path: Path, method: str, scope: str) -> None:  # noqa: ANN001
     base_path, ft_paths, base, fts = ckpts
     out = tmp_path / "merged.safetensors"
-    args = ["merge", str(base_path), *map(str, ft_paths), "--method", method, "--alpha", "0.7", "--k", "2",
-            "--density", "0.3", "--scope", scope, "--lam", "0.3,0.4,0.5", "--out", str(out), "--quiet"]
+    args = [
+        "merge",
+        str(base_path),
+        *map(str, ft_paths),
+        "--method",
+        method,
+        "--alpha",
+        "0.7",
+        "--k",
+        "2",
+        "--density",
+        "0.3",
+        "--scope",
+        scope,
+        "--lam",
+        "0.3,0.4,0.5",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     config = MergeConfig(method=method, alpha=0.7, k=2, density=0.3, scope=scope, lambdas=(0.3, 0.4, 0.5))
     assert_same(load_file(str(out)), expected_merge(base, fts, config))
@@ -104,7 +147,9 @@ def test_merge_of_sharded_hf_folder_keeps_layout(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     merge_checkpoints(base_dir, ft_dirs, out, MergeConfig(method="ties", alpha=0.5))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
-    assert (out / "model.safetensors.index.json").read_text() == (base_dir / "model.safetensors.index.json").read_text()
+    assert (out / "model.safetensors.index.json").read_text() == (
+        base_dir / "model.safetensors.index.json"
+    ).read_text()
     assert_same(load_folder(out), expected_merge(base, fts, MergeConfig(method="ties", alpha=0.5)))
 
 
@@ -115,10 +160,27 @@ def test_compress_extract_round_trip_file_and_folder(tmp_path: Path) -> None:
         root.mkdir()
         suffix = ".safetensors" if layout == "file" else ""
         base_path = writer(base, root / f"base{suffix}")
-        ft_paths = [writer(ft, root / f"{name}{suffix}") for name, ft in zip(["a", "b", "c"], fts, strict=True)]
+        ft_paths = [
+            writer(ft, root / f"{name}{suffix}") for name, ft in zip(["a", "b", "c"], fts, strict=True)
+        ]
         store = root / "store"
-        assert main(["compress", str(base_path), *map(str, ft_paths), "--out", str(store), "--lam", "0.3",
-                     "--merge", "ties", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    str(base_path),
+                    *map(str, ft_paths),
+                    "--out",
+                    str(store),
+                    "--lam",
+                    "0.3",
+                    "--merge",
+                    "ties",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         manifest = merging.read_manifest(store)
         assert manifest["tasks"] == ["a", "b", "c"] and manifest["version"] == 1
         taus = merging.task_vectors(base, fts)
@@ -159,14 +221,23 @@ def leftovers(folder: Path, before: set[str]) -> set[str]:
     return {p.name for p in folder.iterdir()} - before
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    (lambda s: s.pop("norm.weight"), "does not match the base in 1 tensor(s) (first: 'norm.weight' missing"),
-    (lambda s: s.update({"norm.weight": torch.zeros(7)}), "'norm.weight' is float32 [7], base has float32 [6]"),
-    (lambda s: s.update({"embed.weight": torch.zeros(6, 5, dtype=torch.float16)}), "is float16 [6, 5]"),
-    (lambda s: s.update({"extra": torch.zeros(1), "more": torch.zeros(1)}), "in 2 tensor(s)"),
-    (lambda s: s["embed.weight"].__setitem__((0, 0), float("nan")), "NaN/Inf value(s) in 'embed.weight'"),
-    (lambda s: s["norm.weight"].__setitem__(1, float("inf")), "NaN/Inf"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            lambda s: s.pop("norm.weight"),
+            "does not match the base in 1 tensor(s) (first: 'norm.weight' missing",
+        ),
+        (
+            lambda s: s.update({"norm.weight": torch.zeros(7)}),
+            "'norm.weight' is float32 [7], base has float32 [6]",
+        ),
+        (lambda s: s.update({"embed.weight": torch.zeros(6, 5, dtype=torch.float16)}), "is float16 [6, 5]"),
+        (lambda s: s.update({"extra": torch.zeros(1), "more": torch.zeros(1)}), "in 2 tensor(s)"),
+        (lambda s: s["embed.weight"].__setitem__((0, 0), float("nan")), "NaN/Inf value(s) in 'embed.weight'"),
+        (lambda s: s["norm.weight"].__setitem__(1, float("inf")), "NaN/Inf"),
+    ],
+)
 def test_bad_checkpoints_exit_2_without_output(ckpts, tmp_path: Path, capsys, change, match: str) -> None:  # noqa: ANN001
     base_path, ft_paths, _, fts = ckpts
     bad = dict(fts[1])
@@ -176,8 +247,11 @@ def test_bad_checkpoints_exit_2_without_output(ckpts, tmp_path: Path, capsys, ch
     before = {p.name for p in tmp_path.iterdir()}
     for cmd in (["merge", "--method", "ties", "--alpha", "0.5"], ["compress"]):
         out = tmp_path / ("out.safetensors" if cmd[0] == "merge" else "store")
-        run_failing([cmd[0], str(base_path), *map(str, ft_paths), *cmd[1:], "--out", str(out), "--quiet"], capsys,
-                    match)
+        run_failing(
+            [cmd[0], str(base_path), *map(str, ft_paths), *cmd[1:], "--out", str(out), "--quiet"],
+            capsys,
+            match,
+        )
         assert leftovers(tmp_path, before) == set()
 
 
@@ -185,55 +259,100 @@ def test_pickle_checkpoint_is_refused(ckpts, tmp_path: Path, capsys) -> None:  #
     base_path, ft_paths, _, _ = ckpts
     pickle = tmp_path / "model.bin"
     torch.save({"w": torch.zeros(1)}, pickle)
-    err = run_failing(["merge", str(base_path), str(ft_paths[0]), str(pickle), "--alpha", "0.5", "--out",
-                       str(tmp_path / "o.safetensors")], capsys, "pickle checkpoint")
+    err = run_failing(
+        [
+            "merge",
+            str(base_path),
+            str(ft_paths[0]),
+            str(pickle),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ],
+        capsys,
+        "pickle checkpoint",
+    )
     assert "Convert it with" in err
     folder = tmp_path / "hf"
     folder.mkdir()
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
-    run_failing(["merge", str(base_path), str(ft_paths[0]), str(folder), "--out", str(tmp_path / "o2")], capsys,
-                "pickle checkpoint")
+    run_failing(
+        ["merge", str(base_path), str(ft_paths[0]), str(folder), "--out", str(tmp_path / "o2")],
+        capsys,
+        "pickle checkpoint",
+    )
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    (["--alpha", "0"], "alpha must be in (0, 1], got 0.0"),
-    (["--alpha", "1.5"], "alpha must be in (0, 1], got 1.5"),
-    (["--density", "0"], "density must be in (0, 1], got 0.0"),
-    (["--density", "2"], "density must be in (0, 1], got 2.0"),
-    (["--k", "-1"], "k must be an integer ≥ 0, got -1"),
-    (["--method", "consensus-ta", "--k", "4"], "k = 4 exceeds the 3 tasks"),
-    (["--method", "dare"], "method must be one of"),
-    (["--scope", "layer"], "scope must be one of"),
-    (["--lam", "0.1,x"], "--lam expects numbers"),
-    (["--method", "consensus-ta", "--lam", "0.1,0.2"], "one lambda or one per task (3), got 2"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--alpha", "0"], "alpha must be in (0, 1], got 0.0"),
+        (["--alpha", "1.5"], "alpha must be in (0, 1], got 1.5"),
+        (["--density", "0"], "density must be in (0, 1], got 0.0"),
+        (["--density", "2"], "density must be in (0, 1], got 2.0"),
+        (["--k", "-1"], "k must be an integer ≥ 0, got -1"),
+        (["--method", "consensus-ta", "--k", "4"], "k = 4 exceeds the 3 tasks"),
+        (["--method", "dare"], "method must be one of"),
+        (["--scope", "layer"], "scope must be one of"),
+        (["--lam", "0.1,x"], "--lam expects numbers"),
+        (["--method", "consensus-ta", "--lam", "0.1,0.2"], "one lambda or one per task (3), got 2"),
+    ],
+)
 def test_bad_options_exit_2(ckpts, tmp_path: Path, capsys, options: list[str], match: str) -> None:  # noqa: ANN001
     base_path, ft_paths, _, _ = ckpts
     before = {p.name for p in tmp_path.iterdir()}
-    run_failing(["merge", str(base_path), *map(str, ft_paths), *options, "--out", str(tmp_path / "o.safetensors")],
-                capsys, match)
+    run_failing(
+        ["merge", str(base_path), *map(str, ft_paths), *options, "--out", str(tmp_path / "o.safetensors")],
+        capsys,
+        match,
+    )
     assert leftovers(tmp_path, before) == set()
 
 
 def test_too_few_models_existing_output_and_bad_store(ckpts, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     base_path, ft_paths, _, _ = ckpts
-    run_failing(["merge", str(base_path), str(ft_paths[0]), "--out", str(tmp_path / "o.safetensors")], capsys,
-                "at least two fine-tuned checkpoints, got 2 path(s)")
+    run_failing(
+        ["merge", str(base_path), str(ft_paths[0]), "--out", str(tmp_path / "o.safetensors")],
+        capsys,
+        "at least two fine-tuned checkpoints, got 2 path(s)",
+    )
     with pytest.raises(WeightlabError, match="at least 2 fine-tuned checkpoints"):
         merge_checkpoints(base_path, ft_paths[:1], tmp_path / "o.safetensors")
     existing = tmp_path / "exists.safetensors"
     existing.write_text("keep me")
-    run_failing(["merge", str(base_path), *map(str, ft_paths), "--out", str(existing)], capsys, "already exists")
+    run_failing(
+        ["merge", str(base_path), *map(str, ft_paths), "--out", str(existing)], capsys, "already exists"
+    )
     assert existing.read_text() == "keep me"
-    run_failing(["merge", str(base_path), str(tmp_path / "nope.safetensors"), *map(str, ft_paths),
-                 "--out", str(tmp_path / "o.safetensors")], capsys, "does not exist")
-    run_failing(["extract", str(tmp_path), "--task", "a", "--out", str(tmp_path / "x")], capsys,
-                "is not a weightlab compression store")
+    run_failing(
+        [
+            "merge",
+            str(base_path),
+            str(tmp_path / "nope.safetensors"),
+            *map(str, ft_paths),
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ],
+        capsys,
+        "does not exist",
+    )
+    run_failing(
+        ["extract", str(tmp_path), "--task", "a", "--out", str(tmp_path / "x")],
+        capsys,
+        "is not a weightlab compression store",
+    )
     store = tmp_path / "store"
     merging.compress(base_path, ft_paths, store)
-    run_failing(["extract", str(store), "--task", "nope", "--out", str(tmp_path / "x")], capsys,
-                "task 'nope' is not in the store; it holds task0, task1, task2")
+    run_failing(
+        ["extract", str(store), "--task", "nope", "--out", str(tmp_path / "x")],
+        capsys,
+        "task 'nope' is not in the store; it holds task0, task1, task2",
+    )
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x05\x00")
-    run_failing(["merge", str(base_path), str(corrupt), *map(str, ft_paths), "--out", str(tmp_path / "o")], capsys,
-                "not a readable safetensors file")
+    run_failing(
+        ["merge", str(base_path), str(corrupt), *map(str, ft_paths), "--out", str(tmp_path / "o")],
+        capsys,
+        "not a readable safetensors file",
+    )

@@ -106,35 +106,47 @@ def test_select_lambdas_and_alpha_known_answer() -> None:
     tau = merging.task_arithmetic(taus)  # [1, 1.5]
     # task 0 keeps entry 1 only while 0.5 > λ·1; its score prefers dropping it -> λ = 0.5 (first best)
     # task 1's score does not depend on λ -> the first value of the grid
-    lams, masks, _ = merging.select_lambdas(base, tau, taus, lambda t, s: -s["w"][1].item() if t == 0 else 1.0)
+    lams, masks, _ = merging.select_lambdas(
+        base, tau, taus, lambda t, s: -s["w"][1].item() if t == 0 else 1.0
+    )
     assert lams == [0.5, 0.2]
     assert masks[0]["w"].tolist() == [True, False]
-    alpha, score = merging.select_alpha(base, {"w": T_([1.0, 0.0])}, lambda s: [1 - abs(s["w"][0].item() - 0.3)],
-                                        [1.0])
+    alpha, score = merging.select_alpha(
+        base, {"w": T_([1.0, 0.0])}, lambda s: [1 - abs(s["w"][0].item() - 0.3)], [1.0]
+    )
     assert alpha == 0.3 and score == pytest.approx(1.0)
 
 
 def test_tall_masks_class_extracts_masked_models() -> None:
     base = {"w": torch.zeros(6)}
-    fts = [{"w": T_([1.0, 0, 0, 0, 0, 0.1])}, {"w": T_([0, 1.0, 0, 0, 0, 0.1])}, {"w": T_([0, 0, 1.0, 0, 0, 0.1])}]
-    tall = merging.TallMasks(merging.TallMasksConfig(k=2)).fit(base, fts, lambda t, s: -float(s["w"].abs().sum()))
+    fts = [
+        {"w": T_([1.0, 0, 0, 0, 0, 0.1])},
+        {"w": T_([0, 1.0, 0, 0, 0, 0.1])},
+        {"w": T_([0, 0, 1.0, 0, 0, 0.1])},
+    ]
+    tall = merging.TallMasks(merging.TallMasksConfig(k=2)).fit(
+        base, fts, lambda t, s: -float(s["w"].abs().sum())
+    )
     torch.testing.assert_close(tall.extract(0)["w"], T_([1.0, 0, 0, 0, 0, 0]))
     # the shared entry 5 (0.1 in every task) is not active anywhere: its own change is below λ·0.2
     torch.testing.assert_close(tall.consensus_vector(k=1)["w"], T_([1.0, 1.0, 1.0, 0, 0, 0]))
 
 
-@pytest.mark.parametrize(("call", "match"), [
-    (lambda: merging.ties_merge(_two_tasks(), density=0.0), "density must be in"),
-    (lambda: merging.ties_merge(_two_tasks(), reduce="median"), "reduce must be one of"),
-    (lambda: merging.ties_merge(_two_tasks(), scope="layer"), "scope must be one of"),
-    (lambda: merging.consensus_mask([{"w": T_([True])}], k=-1), "k must be an integer"),
-    (lambda: merging.tall_masks(_two_tasks(), _two_tasks()[0], [0.5]), "one lambda per task"),
-    (lambda: merging.tall_masks(_two_tasks(), _two_tasks()[0], -1.0), "lambda must be"),
-    (lambda: merging.task_vectors({"w": T_([1.0])}, [{"w": T_([float("nan")])}]), "NaN/Inf"),
-    (lambda: merging.task_vectors({"w": T_([1.0])}, [{"v": T_([1.0])}]), "does not match the base in 2"),
-    (lambda: merging.apply({"w": T_([1.0])}, {"w": T_([1.0])}, float("inf")), "alpha must be"),
-    (lambda: merging.TallMasksConfig(merge="dare"), "merge must be one of"),
-])
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: merging.ties_merge(_two_tasks(), density=0.0), "density must be in"),
+        (lambda: merging.ties_merge(_two_tasks(), reduce="median"), "reduce must be one of"),
+        (lambda: merging.ties_merge(_two_tasks(), scope="layer"), "scope must be one of"),
+        (lambda: merging.consensus_mask([{"w": T_([True])}], k=-1), "k must be an integer"),
+        (lambda: merging.tall_masks(_two_tasks(), _two_tasks()[0], [0.5]), "one lambda per task"),
+        (lambda: merging.tall_masks(_two_tasks(), _two_tasks()[0], -1.0), "lambda must be"),
+        (lambda: merging.task_vectors({"w": T_([1.0])}, [{"w": T_([float("nan")])}]), "NaN/Inf"),
+        (lambda: merging.task_vectors({"w": T_([1.0])}, [{"v": T_([1.0])}]), "does not match the base in 2"),
+        (lambda: merging.apply({"w": T_([1.0])}, {"w": T_([1.0])}, float("inf")), "alpha must be"),
+        (lambda: merging.TallMasksConfig(merge="dare"), "merge must be one of"),
+    ],
+)
 def test_bad_arguments(call, match: str) -> None:  # noqa: ANN001
     with pytest.raises(WeightlabError, match=match):
         call()
@@ -155,7 +167,9 @@ def vectors(draw, n_tasks: int | None = None):  # noqa: ANN001, ANN201
 
 
 @settings(max_examples=25, deadline=None)
-@given(vectors(), st.floats(0.05, 1.0), st.sampled_from(["mean", "sum"]), st.sampled_from(["global", "tensor"]))
+@given(
+    vectors(), st.floats(0.05, 1.0), st.sampled_from(["mean", "sum"]), st.sampled_from(["global", "tensor"])
+)
 def test_functions_leave_inputs_unchanged(taus, density: float, reduce: str, scope: str) -> None:  # noqa: ANN001
     base = {k: torch.randn(v.shape) for k, v in taus[0].items()}
     before = copy.deepcopy((base, taus))
@@ -200,7 +214,7 @@ def test_pack_bits_round_trip_and_numpy_order(n: int, seed: int) -> None:
 @given(st.integers(1, 400), st.floats(0.01, 1.0), st.integers(0, 2**16))
 def test_radix_select_equals_kthvalue(n: int, density: float, seed: int) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).abs()
-    x[: n // 3] = x[n // 4: n // 4 + n // 3].clone()  # ties
+    x[: n // 3] = x[n // 4 : n // 4 + n // 3].clone()  # ties
     rank = merge_ops.keep_rank(n, density)
     if rank <= 0:
         return
@@ -211,8 +225,12 @@ def test_radix_select_equals_kthvalue(n: int, density: float, seed: int) -> None
 
 
 @settings(max_examples=25, deadline=None)
-@given(vectors(), st.floats(0.05, 1.0), st.integers(0, 4), st.sampled_from(["ties", "consensus-ta",
-                                                                            "consensus-ties"]))
+@given(
+    vectors(),
+    st.floats(0.05, 1.0),
+    st.integers(0, 4),
+    st.sampled_from(["ties", "consensus-ta", "consensus-ties"]),
+)
 def test_streamed_combine_equals_state_dict_functions(taus, density: float, k: int, method: str) -> None:  # noqa: ANN001
     """One tensor at a time (chunked) gives exactly what the state-dict functions give with scope='tensor'."""
     import weightlab.methods.merging.streaming as streaming
@@ -221,15 +239,20 @@ def test_streamed_combine_equals_state_dict_functions(taus, density: float, k: i
     mp = pytest.MonkeyPatch()
     mp.setattr(streaming, "CHUNK", 5)
     try:
-        got = {key: combine(torch.stack([t[key].reshape(-1) for t in taus]), config, lambdas=[0.4] * len(taus))
-               for key in taus[0]}
+        got = {
+            key: combine(torch.stack([t[key].reshape(-1) for t in taus]), config, lambdas=[0.4] * len(taus))
+            for key in taus[0]
+        }
     finally:
         mp.undo()
     if method == "ties":
         expected = merging.ties_merge(taus, density=density, reduce="mean", scope="tensor")
     else:
-        tau = (merging.task_arithmetic(taus) if method == "consensus-ta"
-               else merging.ties_merge(taus, density=density, reduce="sum", scope="tensor"))
+        tau = (
+            merging.task_arithmetic(taus)
+            if method == "consensus-ta"
+            else merging.ties_merge(taus, density=density, reduce="sum", scope="tensor")
+        )
         expected = merging.masked(tau, merging.consensus_mask(merging.tall_masks(taus, tau, 0.4), k))
     for key in taus[0]:
         assert torch.equal(got[key], expected[key].reshape(-1))

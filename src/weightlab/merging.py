@@ -15,13 +15,38 @@ from weightlab.methods.merging.consensus import agreement_histogram, consensus_m
 from weightlab.methods.merging.selection import normalized_average, select_alpha, select_lambdas
 from weightlab.methods.merging.store import compress, extract, read_manifest, storage_bits
 from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
-from weightlab.methods.merging.tall_masks import ALPHA_GRID, LAMBDA_GRID, TallMasks, TallMasksConfig, tall_masks
+from weightlab.methods.merging.tall_masks import (
+    ALPHA_GRID,
+    LAMBDA_GRID,
+    TallMasks,
+    TallMasksConfig,
+    tall_masks,
+)
 from weightlab.methods.merging.task_arithmetic import apply, task_arithmetic, task_vectors
 from weightlab.methods.merging.ties import magnitude_masks, ties_merge
 
 __all__ = [
-    "ALPHA_GRID", "LAMBDA_GRID", "MergeConfig", "TallMasks", "TallMasksConfig", "agreement_histogram", "apply",
-    "compress", "consensus_mask", "extract", "magnitude_masks", "mask_agreement", "masked", "merge_checkpoints",
-    "normalized_average", "read_manifest", "select_alpha", "select_lambdas", "storage_bits", "tall_masks",
-    "task_arithmetic", "task_vectors", "ties_merge",
+    "ALPHA_GRID",
+    "LAMBDA_GRID",
+    "MergeConfig",
+    "TallMasks",
+    "TallMasksConfig",
+    "agreement_histogram",
+    "apply",
+    "compress",
+    "consensus_mask",
+    "extract",
+    "magnitude_masks",
+    "mask_agreement",
+    "masked",
+    "merge_checkpoints",
+    "normalized_average",
+    "read_manifest",
+    "select_alpha",
+    "select_lambdas",
+    "storage_bits",
+    "tall_masks",
+    "task_arithmetic",
+    "task_vectors",
+    "ties_merge",
 ]

@@ -39,7 +39,9 @@ def _pixels(fn: Callable[[Tensor, int], Tensor]) -> Callable[[Tensor, Tensor, in
 
 
 def _perm(x: Tensor, seed: int) -> Tensor:
-    return permute_pixels(x, torch.randperm(x.shape[-1] * x.shape[-2], generator=torch.Generator().manual_seed(seed)))
+    return permute_pixels(
+        x, torch.randperm(x.shape[-1] * x.shape[-2], generator=torch.Generator().manual_seed(seed))
+    )
 
 
 def _noise(x: Tensor, seed: int) -> Tensor:
@@ -71,17 +73,18 @@ class TallMasksExpConfig:
     seed: int = 0
     seeds: int = 3
     n_tasks: int = 8
-    hidden: int = 256
+    hidden: int = 512
     pretrain_images: int = 4000
     pretrain_epochs: int = 4
-    pretrain_classes: int = 10
-    probe_steps: int = 100
-    finetune_epochs: int = 5
+    pretrain_classes: int = 5
+    probe_steps: int = 30
+    finetune_epochs: int = 3
     lr: float = 0.05
     finetune_lr: float = 0.05
     batch_size: int = 64
     density: float = 0.2
     k: int = 2
+    k_ablation: tuple[int, ...] = (1, 3)
     magnitude_density: float = 0.1
     minilm: bool = False
 
@@ -121,25 +124,54 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
     seed_everything(derive_seed(seed, "pretrain"))
     tasks = make_tasks(config.n_tasks, seed)
     plain = digits("train", size=16)
-    source = plain if config.pretrain_images <= len(plain) else digits(
-        "train", size=16, augment_to=config.pretrain_images, seed=seed)
+    source = (
+        plain
+        if config.pretrain_images <= len(plain)
+        else digits("train", size=16, augment_to=config.pretrain_images, seed=seed)
+    )
     source = source.subset(torch.nonzero(source.y < config.pretrain_classes).flatten())
     pre = MLP(256, 10, hidden=(config.hidden, config.hidden))
-    train(pre, source, TrainConfig(epochs=config.pretrain_epochs, lr=config.lr, batch_size=config.batch_size,
-                                   seed=derive_seed(seed, "pretrain"), description="pretrain"))
+    train(
+        pre,
+        source,
+        TrainConfig(
+            epochs=config.pretrain_epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            seed=derive_seed(seed, "pretrain"),
+            description="pretrain",
+        ),
+    )
     theta0 = backbone(pre)
     models, finetuned = [], []
     for i, task in enumerate(tasks):
         model = MLP(256, task.classes, hidden=(config.hidden, config.hidden))
         model.body.load_state_dict(theta0)
         model.body.requires_grad_(False)  # linear probe: the task's "zero-shot" head
-        train(model, task.train, TrainConfig(max_steps=config.probe_steps, lr=config.lr, batch_size=config.batch_size,
-                                             seed=derive_seed(seed, "probe", i), description=f"probe {task.name}"))
+        train(
+            model,
+            task.train,
+            TrainConfig(
+                max_steps=config.probe_steps,
+                lr=config.lr,
+                batch_size=config.batch_size,
+                seed=derive_seed(seed, "probe", i),
+                description=f"probe {task.name}",
+            ),
+        )
         model.body.requires_grad_(True)
         model.head.requires_grad_(False)  # frozen head while the backbone is fine-tuned
-        train(model, task.train, TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                             batch_size=config.batch_size, seed=derive_seed(seed, "ft", i),
-                                             description=f"fine-tune {task.name}"))
+        train(
+            model,
+            task.train,
+            TrainConfig(
+                epochs=config.finetune_epochs,
+                lr=config.finetune_lr,
+                batch_size=config.batch_size,
+                seed=derive_seed(seed, "ft", i),
+                description=f"fine-tune {task.name}",
+            ),
+        )
         finetuned.append(backbone(model))
         models.append(model)
 
@@ -153,9 +185,13 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
     return evaluate_methods(config, theta0, finetuned, score, all_scores) | {"tasks": [t.name for t in tasks]}
 
 
-def evaluate_methods(config: TallMasksExpConfig, theta0: State, finetuned: list[State],
-                     score: Callable[[int, State, str], float],
-                     all_scores: Callable[[State, str], list[float]]) -> dict:
+def evaluate_methods(
+    config: TallMasksExpConfig,
+    theta0: State,
+    finetuned: list[State],
+    score: Callable[[int, State, str], float],
+    all_scores: Callable[[State, str], list[float]],
+) -> dict:
     """Every method's test accuracies, with α / λ chosen on validation data (the reference protocol)."""
     T = len(finetuned)
     taus = merging.task_vectors(theta0, finetuned)
@@ -178,23 +214,46 @@ def evaluate_methods(config: TallMasksExpConfig, theta0: State, finetuned: list[
         lams, masks[label], _ = merging.select_lambdas(theta0, tau_mtl, taus, lambda t, s: score(t, s, "val"))
         chosen[f"lambdas {label}"] = lams
         tuned(f"Consensus {label}", merging.masked(tau_mtl, merging.consensus_mask(masks[label], config.k)))
+    for k in config.k_ablation:  # Consensus TA with other k (data only; k = 2 is in the main table)
+        tuned(f"Consensus TA (k={k})", merging.masked(tau_ta, merging.consensus_mask(masks["TA"], k)))
     mag = merging.magnitude_masks(taus, density=config.magnitude_density)
-    acc["magnitude masking"] = [score(t, merging.apply(theta0, tau_ta, 1.0, mag[t]), "test") for t in range(T)]
+    acc["magnitude masking"] = [
+        score(t, merging.apply(theta0, tau_ta, 1.0, mag[t]), "test") for t in range(T)
+    ]
     for label, tau_mtl in (("TA", tau_ta), ("TIES", tau_ties_sum)):
-        acc[f"TALL mask + {label}"] = [score(t, merging.apply(theta0, tau_mtl, 1.0, masks[label][t]), "test")
-                                       for t in range(T)]
+        acc[f"TALL mask + {label}"] = [
+            score(t, merging.apply(theta0, tau_mtl, 1.0, masks[label][t]), "test") for t in range(T)
+        ]
     acc["fine-tuned"] = [score(t, finetuned[t], "test") for t in range(T)]
     params = sum(v.numel() for v in theta0.values())
     hist = merging.agreement_histogram(merging.mask_agreement(masks["TA"]), T)
     return {"acc": acc, "chosen": chosen, "params": params, "agreement": hist}
 
 
-METHODS = ("zero-shot", "weight averaging", "task arithmetic", "TIES", "Consensus TA", "Consensus TIES",
-           "magnitude masking", "TALL mask + TA", "TALL mask + TIES", "fine-tuned")
-PAPER_B32_8 = {"zero-shot": "48.4", "weight averaging": "66.5 (72.3)", "task arithmetic": "70.8 (76.5)",
-               "TIES": "75.1 (81.0)", "Consensus TA": "75.0 (80.8)", "Consensus TIES": "74.8 (80.6)",
-               "magnitude masking": "86.8 (93.3)", "TALL mask + TA": "92.6 (99.7)",
-               "TALL mask + TIES": "93.0 (100.3)", "fine-tuned": "92.8"}
+METHODS = (
+    "zero-shot",
+    "weight averaging",
+    "task arithmetic",
+    "TIES",
+    "Consensus TA",
+    "Consensus TIES",
+    "magnitude masking",
+    "TALL mask + TA",
+    "TALL mask + TIES",
+    "fine-tuned",
+)
+PAPER_B32_8 = {
+    "zero-shot": "48.4",
+    "weight averaging": "66.5 (72.3)",
+    "task arithmetic": "70.8 (76.5)",
+    "TIES": "75.1 (81.0)",
+    "Consensus TA": "75.0 (80.8)",
+    "Consensus TIES": "74.8 (80.6)",
+    "magnitude masking": "86.8 (93.3)",
+    "TALL mask + TA": "92.6 (99.7)",
+    "TALL mask + TIES": "93.0 (100.3)",
+    "fine-tuned": "92.8",
+}
 
 
 def storage(method: str, params: int, T: int) -> float:
@@ -206,12 +265,32 @@ def storage(method: str, params: int, T: int) -> float:
     return 32.0 * params
 
 
-@experiment("tall-masks", paper="tall-masks", config=TallMasksExpConfig,
-            summary="TALL masks + TA recover ≥99% of fine-tuned accuracy; Consensus TA beats task arithmetic",
-            profiles={"smoke": {"seeds": 1, "n_tasks": 4, "hidden": 64, "pretrain_images": 0,
-                                "pretrain_epochs": 1, "probe_steps": 20, "finetune_epochs": 2},
-                      "full": {"seeds": 5, "n_tasks": 14, "pretrain_images": 10000, "pretrain_epochs": 8,
-                               "finetune_epochs": 8, "minilm": True}})
+@experiment(
+    "tall-masks",
+    paper="tall-masks",
+    config=TallMasksExpConfig,
+    summary="TALL masks + TA recover ≥99% of fine-tuned accuracy; Consensus TA beats task arithmetic",
+    profiles={
+        "smoke": {
+            "seeds": 1,
+            "n_tasks": 4,
+            "hidden": 64,
+            "pretrain_images": 0,
+            "pretrain_epochs": 1,
+            "probe_steps": 20,
+            "finetune_epochs": 2,
+            "k_ablation": (),
+        },
+        "full": {
+            "seeds": 5,
+            "n_tasks": 14,
+            "pretrain_images": 10000,
+            "pretrain_epochs": 8,
+            "finetune_epochs": 8,
+            "minilm": True,
+        },
+    },
+)
 def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
     seeds = [config.seed + k for k in range(config.seeds)]
     runs = [ctx.cached(f"seed{s}", lambda s=s: run_seed(config, s)) for s in seeds]
@@ -219,30 +298,67 @@ def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
     rows, means = [], {}
     for method in METHODS:
         absolute = [float(np.mean(r["acc"][method])) for r in runs]
-        normalized = [float(np.mean(np.asarray(r["acc"][method]) / np.asarray(r["acc"]["fine-tuned"]))) for r in runs]
+        normalized = [
+            float(np.mean(np.asarray(r["acc"][method]) / np.asarray(r["acc"]["fine-tuned"]))) for r in runs
+        ]
         means[method] = (mean_std(absolute)[0], mean_std(normalized)[0])
-        rows.append({"method": method, "accuracy (%)": pm(absolute), "normalized (%)": pm(normalized),
-                     "storage (Mb)": storage(method, params, T) / 1e6, "paper B/32, 8 tasks": PAPER_B32_8[method]})
-    per_task = [{"method": m, **{name: pm([r["acc"][m][t] for r in runs])
-                                 for t, name in enumerate(runs[0]["tasks"])}} for m in METHODS]
+        rows.append(
+            {
+                "method": method,
+                "accuracy (%)": pm(absolute),
+                "normalized (%)": pm(normalized),
+                "storage (Mb)": storage(method, params, T) / 1e6,
+                "paper B/32, 8 tasks": PAPER_B32_8[method],
+            }
+        )
+    ks = [
+        ("task arithmetic", 0),
+        *[(f"Consensus TA (k={k})", k) for k in config.k_ablation],
+        ("Consensus TA", 2),
+    ]
+    k_rows = sorted(
+        (
+            {"k": k, "Consensus TA accuracy (%)": pm([float(np.mean(r["acc"][m])) for r in runs])}
+            for m, k in ks
+        ),
+        key=lambda row: row["k"],
+    )
+    per_task = [
+        {"method": m, **{name: pm([r["acc"][m][t] for r in runs]) for t, name in enumerate(runs[0]["tasks"])}}
+        for m in METHODS
+    ]
     tall_norm = means["TALL mask + TA"][1]
     cons, ta = means["Consensus TA"][0], means["task arithmetic"][0]
     claims = [
-        Claim("TALL mask + TA retains ≥ 99% of the fine-tuned accuracy (normalized)",
-              {"normalized accuracy": tall_norm}, tall_norm >= 0.99, paper="99.7% (ViT-B/32, 8 tasks)"),
-        Claim("Consensus TA beats task arithmetic", {"Consensus TA": cons, "task arithmetic": ta}, cons > ta,
-              paper="75.0 vs 70.8 (ViT-B/32, 8 tasks)"),
+        Claim(
+            "TALL mask + TA retains ≥ 99% of the fine-tuned accuracy (normalized)",
+            {"normalized accuracy": tall_norm},
+            tall_norm >= 0.99,
+            paper="99.7% (ViT-B/32, 8 tasks)",
+        ),
+        Claim(
+            "Consensus TA beats task arithmetic",
+            {"Consensus TA": cons, "task arithmetic": ta},
+            cons > ta,
+            paper="75.0 vs 70.8 (ViT-B/32, 8 tasks)",
+        ),
     ]
     hist = np.sum([r["agreement"] for r in runs], axis=0) / len(runs)
     ctx.savefig(_histogram(hist), "mask_agreement")
     bits = merging.storage_bits(base_bits=32 * params, merged_params=params, n_tasks=T)
-    notes = [f"{T} tasks, backbone of {params} parameters; storage {bits['finetuned_bits'] / 1e6:.1f} Mb for the "
-             f"fine-tuned models vs {bits['tall_bits'] / 1e6:.1f} Mb for base + τ_MTL + masks "
-             f"({bits['ratio']:.2f}x; the paper: 57 Gb → 8.2 Gb at 20 tasks).",
-             f"Mask agreement (weights active in 0, 1, …, {T} tasks, TA masks, mean over seeds): "
-             f"{[int(h) for h in hist]}; 0 = catastrophic, 1 = selfish."]
+    notes = [
+        f"{T} tasks, backbone of {params} parameters; storage {bits['finetuned_bits'] / 1e6:.1f} Mb for the "
+        f"fine-tuned models vs {bits['tall_bits'] / 1e6:.1f} Mb for base + τ_MTL + masks "
+        f"({bits['ratio']:.2f}x; the paper: 57 Gb → 8.2 Gb at 20 tasks).",
+        f"Mask agreement (weights active in 0, 1, …, {T} tasks, TA masks, mean over seeds): "
+        f"{[int(h) for h in hist]}; 0 = catastrophic, 1 = selfish.",
+    ]
     data = {"runs": runs, "seeds": seeds, "storage_bits": bits}
-    tables = {f"Merging {T} digit tasks (mean ± std over {len(seeds)} seeds)": rows, "Per task (accuracy %)": per_task}
+    tables = {
+        f"Merging {T} digit tasks (mean ± std over {len(seeds)} seeds)": rows,
+        "Per task (accuracy %)": per_task,
+        "Consensus TA: k ablation (k = 0 is task arithmetic)": k_rows,
+    }
     if config.minilm:
         from weightlab.experiments._tall_masks_minilm import minilm_check
 
@@ -257,6 +373,10 @@ def _histogram(hist: np.ndarray):  # noqa: ANN202
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.bar(range(len(hist)), hist, color=["tab:red", "tab:orange"] + ["tab:blue"] * (len(hist) - 2))
-    ax.set(title="TALL-mask agreement: in how many tasks a weight is active", xlabel="number of tasks",
-           ylabel="weights", xticks=range(len(hist)))
+    ax.set(
+        title="TALL-mask agreement: in how many tasks a weight is active",
+        xlabel="number of tasks",
+        ylabel="weights",
+        xticks=range(len(hist)),
+    )
     return fig

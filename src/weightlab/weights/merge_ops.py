@@ -90,9 +90,10 @@ def disjoint_merge(trimmed: Tensor, sign: Tensor, reduce: str = "mean") -> Tenso
     return total / (selected != 0).sum(dim=0).clamp(min=1).to(total.dtype)
 
 
-def ties_tensor(stack: Tensor, *, thresholds: Tensor, majority: Tensor | float | None = None,
-                reduce: str = "mean") -> Tensor:
-    """TIES on one key: trim with ``thresholds`` ``(T,)``, elect the sign, disjoint mean/sum. ``(T, ...) -> (...)``."""
+def ties_tensor(
+    stack: Tensor, *, thresholds: Tensor, majority: Tensor | float | None = None, reduce: str = "mean"
+) -> Tensor:
+    """TIES on one key ``(T, ...) -> (...)``: trim with ``thresholds`` ``(T,)``, elect, disjoint mean/sum."""
     trimmed = trim(stack, thresholds)
     return disjoint_merge(trimmed, elect_sign(trimmed, majority), reduce)
 
@@ -122,7 +123,7 @@ def apply_delta(base: Tensor, vector: Tensor, alpha: float = 1.0, mask: Tensor |
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor as ``ceil(numel / 8)`` uint8 bytes, most significant bit first (``np.packbits`` order)."""
+    """A bool tensor as ``ceil(numel / 8)`` uint8 bytes, most significant bit first (``np.packbits``)."""
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:

@@ -26,9 +26,18 @@ from torch import Tensor
 from weightlab.errors import FormatError, WeightlabError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
@@ -103,8 +112,12 @@ class SafetensorsReader:
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, in the order of ``layout`` (a dict of dtype and shape)."""
 
-    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         self._expect: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
@@ -112,7 +125,11 @@ class SafetensorsWriter:
             size = torch.empty((), dtype=dtype).element_size()
             for s in shape:
                 size *= s
-            header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[key] = {
+                "dtype": NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
             self._expect.append((key, dtype, tuple(shape)))
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -124,8 +141,9 @@ class SafetensorsWriter:
     def write(self, key: str, tensor: Tensor) -> None:
         name, dtype, shape = self._expect[self._next]
         if key != name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise WeightlabError(f"writer expected {name!r} {dtype} {shape}, got {key!r} {tensor.dtype} "
-                                 f"{tuple(tensor.shape)}")
+            raise WeightlabError(
+                f"writer expected {name!r} {dtype} {shape}, got {key!r} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         self._next += 1
 

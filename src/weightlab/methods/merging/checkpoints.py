@@ -36,8 +36,10 @@ class Checkpoint:
             check_not_pickle(self.path)
             files = [self.path.name]
         else:
-            raise WeightlabError(f"checkpoint {str(self.path)!r} does not exist (expected a .safetensors file "
-                                 "or a Hugging Face model folder)")
+            raise WeightlabError(
+                f"checkpoint {str(self.path)!r} does not exist (expected a .safetensors file "
+                "or a Hugging Face model folder)"
+            )
         root = self.path if self.is_folder else self.path.parent
         self.readers = {name: SafetensorsReader(root / name) for name in files}
         self.key_file: dict[str, str] = {}
@@ -49,8 +51,10 @@ class Checkpoint:
         if self.index is not None:
             listed = set(self.index["weight_map"])
             if listed != set(self.key_file):
-                raise FormatError(f"{str(self.path / INDEX)!r} lists {len(listed)} tensors but the shards hold "
-                                  f"{len(self.key_file)}")
+                raise FormatError(
+                    f"{str(self.path / INDEX)!r} lists {len(listed)} tensors but the shards hold "
+                    f"{len(self.key_file)}"
+                )
 
     def _folder_files(self) -> list[str]:
         if (self.path / INDEX).is_file():
@@ -65,8 +69,10 @@ class Checkpoint:
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             check_not_pickle(self.path / pickles[0])
-        raise WeightlabError(f"folder {str(self.path)!r} holds neither {SINGLE} nor {INDEX} "
-                             "(expected a Hugging Face model folder with safetensors weights)")
+        raise WeightlabError(
+            f"folder {str(self.path)!r} holds neither {SINGLE} nor {INDEX} "
+            "(expected a Hugging Face model folder with safetensors weights)"
+        )
 
     @property
     def name(self) -> str:
@@ -92,11 +98,14 @@ class Checkpoint:
             r.close()
 
 
-def open_all(base: str | Path, finetuned: list[str | Path], *, minimum: int = 2) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open and check the base and fine-tuned checkpoints (same keys, shapes and dtypes; at least ``minimum``)."""
+def open_all(
+    base: str | Path, finetuned: list[str | Path], *, minimum: int = 2
+) -> tuple[Checkpoint, list[Checkpoint]]:
+    """Open the base and fine-tuned checkpoints and check them (same keys, shapes, dtypes; ≥ ``minimum``)."""
     if len(finetuned) < minimum:
-        raise WeightlabError(f"expected at least {minimum} fine-tuned checkpoints besides the base, "
-                             f"got {len(finetuned)}")
+        raise WeightlabError(
+            f"expected at least {minimum} fine-tuned checkpoints besides the base, got {len(finetuned)}"
+        )
     base_ckpt = Checkpoint(base)
     fts = [Checkpoint(p) for p in finetuned]
     layout = base_ckpt.layout
@@ -125,13 +134,19 @@ def write_like(base: Checkpoint, out: Path, produce: Callable[[str], Tensor], *,
         return
     with atomic_dir(out) as tmp:
         for item in sorted(base.path.iterdir()):
-            if item.is_file() and item.suffix != ".safetensors" and item.suffix.lower() not in PICKLE_SUFFIXES:
+            if (
+                item.is_file()
+                and item.suffix != ".safetensors"
+                and item.suffix.lower() not in PICKLE_SUFFIXES
+            ):
                 shutil.copy2(item, tmp / item.name)
         for name in base.readers:
             _write_shard(base, name, tmp / name, produce, description)
 
 
-def _write_shard(base: Checkpoint, name: str, path: Path, produce: Callable[[str], Tensor], description: str) -> None:
+def _write_shard(
+    base: Checkpoint, name: str, path: Path, produce: Callable[[str], Tensor], description: str
+) -> None:
     reader = base.readers[name]
     layout = {k: (DTYPES[i.dtype], i.shape) for k, i in reader.tensors.items()}
     writer = SafetensorsWriter(path, layout, reader.metadata)

@@ -1,4 +1,4 @@
-"""Command-line tools for real checkpoints: ``weightlab merge``, ``weightlab compress``, ``weightlab extract``.
+"""Command-line tools for real checkpoints: ``weightlab merge``, ``compress`` and ``extract``.
 
 Registered into the main ``weightlab`` app by :func:`register` (listed in ``weightlab.cli.COMMAND_MODULES``).
 """
@@ -13,12 +13,20 @@ import typer
 
 from weightlab.errors import WeightlabError
 
-Checkpoints = Annotated[list[Path], typer.Argument(help="BASE then the fine-tuned checkpoints (.safetensors "
-                                                        "files or Hugging Face model folders)")]
+Checkpoints = Annotated[
+    list[Path],
+    typer.Argument(
+        help="BASE then the fine-tuned checkpoints (.safetensors files or Hugging Face model folders)"
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", help="output path (must not exist)")]
-Lam = Annotated[str, typer.Option("--lam", help="TALL-mask lambda: one value or one per task, comma-separated")]
+Lam = Annotated[
+    str, typer.Option("--lam", help="TALL-mask lambda: one value or one per task, comma-separated")
+]
 Density = Annotated[float, typer.Option(help="TIES trim density in (0, 1]")]
-Scope = Annotated[str, typer.Option(help="TIES trimming over the whole model (global) or per tensor (tensor)")]
+Scope = Annotated[
+    str, typer.Option(help="TIES trimming over the whole model (global) or per tensor (tensor)")
+]
 Quiet = Annotated[bool, typer.Option(help="no progress bars")]
 
 
@@ -34,14 +42,18 @@ def parse_floats(text: str, name: str) -> tuple[float, ...]:
 
 def _split(checkpoints: list[Path]) -> tuple[Path, list[Path]]:
     if len(checkpoints) < 3:
-        raise WeightlabError(f"expected BASE and at least two fine-tuned checkpoints, got {len(checkpoints)} path(s)")
+        raise WeightlabError(
+            f"expected BASE and at least two fine-tuned checkpoints, got {len(checkpoints)} path(s)"
+        )
     return checkpoints[0], checkpoints[1:]
 
 
 def merge_cmd(
     checkpoints: Checkpoints,
     out: Out,
-    method: Annotated[str, typer.Option(help="task-arithmetic | ties | consensus-ta | consensus-ties")] = "ties",
+    method: Annotated[
+        str, typer.Option(help="task-arithmetic | ties | consensus-ta | consensus-ties")
+    ] = "ties",
     alpha: Annotated[float, typer.Option(help="scaling of the merged task vector, in (0, 1]")] = 1.0,
     k: Annotated[int, typer.Option(help="consensus: keep weights used by at least k tasks")] = 2,
     density: Density = 0.2,
@@ -49,12 +61,13 @@ def merge_cmd(
     lam: Lam = "0.4",
     quiet: Quiet = False,
 ) -> None:
-    """Merge fine-tuned checkpoints into one, streaming tensor by tensor (keeps the base's layout and dtypes)."""
+    """Merge fine-tuned checkpoints into one, tensor by tensor (keeps the base's layout and dtypes)."""
     from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
     from weightlab.report.progress import display
 
-    config = MergeConfig(method=method, alpha=alpha, k=k, density=density, scope=scope,
-                         lambdas=parse_floats(lam, "--lam"))
+    config = MergeConfig(
+        method=method, alpha=alpha, k=k, density=density, scope=scope, lambdas=parse_floats(lam, "--lam")
+    )
     base, fts = _split(checkpoints)
     with display(enabled=not quiet):
         path = merge_checkpoints(base, fts, out, config)
@@ -78,11 +91,21 @@ def compress_cmd(
     base, fts = _split(checkpoints)
     task_list = [n.strip() for n in names.split(",")] if names else None
     with display(enabled=not quiet):
-        manifest = compress(base, fts, out, merge=merge, lambdas=parse_floats(lam, "--lam"), density=density,
-                            scope=scope, names=task_list)
+        manifest = compress(
+            base,
+            fts,
+            out,
+            merge=merge,
+            lambdas=parse_floats(lam, "--lam"),
+            density=density,
+            scope=scope,
+            names=task_list,
+        )
     bits = manifest["storage_bits"]
-    typer.echo(f"store {out}: tasks {', '.join(manifest['tasks'])}; {bits['tall_bits'] / 1e9:.3f} Gb instead of "
-               f"{bits['finetuned_bits'] / 1e9:.3f} Gb for the fine-tuned models ({bits['ratio']:.2f}x smaller)")
+    typer.echo(
+        f"store {out}: tasks {', '.join(manifest['tasks'])}; {bits['tall_bits'] / 1e9:.3f} Gb instead of "
+        f"{bits['finetuned_bits'] / 1e9:.3f} Gb for the fine-tuned models ({bits['ratio']:.2f}x smaller)"
+    )
 
 
 def extract_cmd(
@@ -97,7 +120,8 @@ def extract_cmd(
 
     with display(enabled=not quiet):
         path = extract(store, task, out)
-    lam = dict(zip(read_manifest(store)["tasks"], read_manifest(store)["lambdas"]))[task]
+    manifest = read_manifest(store)
+    lam = manifest["lambdas"][manifest["tasks"].index(task)]
     typer.echo(f"extracted task {task!r} (lambda={json.dumps(lam)}) into {path}")
 
 

@@ -35,7 +35,7 @@ def consensus_mask(masks: Sequence[Mapping[str, Tensor]], k: int = 2) -> StateDi
 
 
 def agreement_histogram(counts: Mapping[str, Tensor], n_tasks: int) -> list[int]:
-    """How many weights are active in exactly ``0, 1, …, n_tasks`` tasks (index 0: catastrophic, 1: selfish)."""
+    """How many weights are active in exactly ``0, 1, …, n_tasks`` tasks (0: catastrophic, 1: selfish)."""
     if n_tasks < 1:
         raise WeightlabError(f"n_tasks must be ≥ 1, got {n_tasks}")
     hist = torch.zeros(n_tasks + 1, dtype=torch.long)

@@ -17,9 +17,14 @@ from weightlab.methods.merging.tall_masks import ALPHA_GRID, LAMBDA_GRID, tall_m
 from weightlab.methods.merging.task_arithmetic import StateDict, apply
 
 
-def select_lambdas(base: Mapping[str, Tensor], tau_mtl: Mapping[str, Tensor],
-                   vectors: Sequence[Mapping[str, Tensor]], evaluate: Callable[[int, StateDict], float], *,
-                   grid: Sequence[float] = LAMBDA_GRID) -> tuple[list[float], list[StateDict], list[float]]:
+def select_lambdas(
+    base: Mapping[str, Tensor],
+    tau_mtl: Mapping[str, Tensor],
+    vectors: Sequence[Mapping[str, Tensor]],
+    evaluate: Callable[[int, StateDict], float],
+    *,
+    grid: Sequence[float] = LAMBDA_GRID,
+) -> tuple[list[float], list[StateDict], list[float]]:
     """Per task: the best λ, its mask and its validation score.
 
     Args:
@@ -46,12 +51,17 @@ def normalized_average(scores: Sequence[float], finetuned: Sequence[float]) -> f
     """Mean over tasks of ``score_t / finetuned_t``."""
     if len(scores) != len(finetuned) or not scores:
         raise WeightlabError(f"expected one fine-tuned score per task ({len(scores)}), got {len(finetuned)}")
-    return sum(s / f for s, f in zip(scores, finetuned)) / len(scores)
+    return sum(s / f for s, f in zip(scores, finetuned, strict=True)) / len(scores)
 
 
-def select_alpha(base: Mapping[str, Tensor], vector: Mapping[str, Tensor],
-                 evaluate: Callable[[StateDict], Sequence[float]], finetuned: Sequence[float], *,
-                 grid: Sequence[float] = ALPHA_GRID) -> tuple[float, float]:
+def select_alpha(
+    base: Mapping[str, Tensor],
+    vector: Mapping[str, Tensor],
+    evaluate: Callable[[StateDict], Sequence[float]],
+    finetuned: Sequence[float],
+    *,
+    grid: Sequence[float] = ALPHA_GRID,
+) -> tuple[float, float]:
     """The α of ``grid`` with the highest average normalized validation accuracy, and that accuracy.
 
     Args:

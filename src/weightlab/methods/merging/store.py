@@ -1,9 +1,10 @@
-"""The TALL-mask compression store: keep θ_0, τ_MTL and one 1-bit mask per task instead of T fine-tuned models.
+"""The TALL-mask compression store: θ_0, τ_MTL and one 1-bit mask per task instead of T fine-tuned models.
 
 Format ``weightlab-tall-store``, version 1 — a folder::
 
     STORE/
-      store.json               {"format": "weightlab-tall-store", "version": 1, "tasks": [...], "lambdas": [...],
+      store.json               {"format": "weightlab-tall-store", "version": 1, "tasks": [...],
+                                "lambdas": [...],
                                 "merge": "ta" | "ties", "density": ..., "scope": ..., "base": "base/<name>",
                                 "storage_bits": {...}}
       base/<name>              the base checkpoint, copied as it was (a .safetensors file or an HF folder)
@@ -28,7 +29,13 @@ from torch import Tensor
 
 from weightlab.errors import FormatError, WeightlabError
 from weightlab.methods.merging.checkpoints import Checkpoint, check_output, open_all, write_like
-from weightlab.methods.merging.streaming import MergeConfig, combine, global_majority, global_thresholds, read_vectors
+from weightlab.methods.merging.streaming import (
+    MergeConfig,
+    combine,
+    global_majority,
+    global_thresholds,
+    read_vectors,
+)
 from weightlab.report.progress import track
 from weightlab.weights import merge_ops
 from weightlab.weights.stream_io import SafetensorsReader, SafetensorsWriter, atomic_dir
@@ -38,13 +45,19 @@ VERSION = 1
 MANIFEST = "store.json"
 
 
-def storage_bits(*, base_bits: int, merged_params: int, n_tasks: int, vector_bits: int = 32) -> dict[str, float]:
+def storage_bits(
+    *, base_bits: int, merged_params: int, n_tasks: int, vector_bits: int = 32
+) -> dict[str, float]:
     """Storage as the paper counts it: ``|θ_0|`` + ``|τ_MTL|·32`` + ``T`` masks of 1 bit per merged weight,
     against keeping ``T`` fine-tuned models (``T·|θ_0|``)."""
     tall = base_bits + merged_params * vector_bits + n_tasks * merged_params
     finetuned = n_tasks * base_bits
-    return {"tall_bits": float(tall), "finetuned_bits": float(finetuned), "single_model_bits": float(base_bits),
-            "ratio": finetuned / tall if tall else math.nan}
+    return {
+        "tall_bits": float(tall),
+        "finetuned_bits": float(finetuned),
+        "single_model_bits": float(base_bits),
+        "ratio": finetuned / tall if tall else math.nan,
+    }
 
 
 def task_names(fts: Sequence[Checkpoint], names: Sequence[str] | None) -> list[str]:
@@ -53,19 +66,33 @@ def task_names(fts: Sequence[Checkpoint], names: Sequence[str] | None) -> list[s
         raise WeightlabError(f"expected one name per fine-tuned checkpoint ({len(fts)}), got {len(chosen)}")
     bad = [n for n in chosen if not n or "/" in n or n.startswith(".")]
     if bad or len(set(chosen)) != len(chosen):
-        raise WeightlabError(f"task names must be distinct plain file names, got {chosen} (pass --names a,b,...)")
+        raise WeightlabError(
+            f"task names must be distinct plain file names, got {chosen} (pass --names a,b,...)"
+        )
     return chosen
 
 
-def compress(base: str | Path, finetuned: Sequence[str | Path], out: str | Path, *, merge: str = "ta",
-             lambdas: Sequence[float] = (0.4,), density: float = 0.2, scope: str = "global",
-             names: Sequence[str] | None = None) -> dict:
+def compress(
+    base: str | Path,
+    finetuned: Sequence[str | Path],
+    out: str | Path,
+    *,
+    merge: str = "ta",
+    lambdas: Sequence[float] = (0.4,),
+    density: float = 0.2,
+    scope: str = "global",
+    names: Sequence[str] | None = None,
+) -> dict:
     """Write a compression store of ``finetuned`` (see the module docstring); returns its manifest."""
     if merge not in ("ta", "ties"):
         raise WeightlabError(f"merge must be 'ta' or 'ties', got {merge!r}")
     out = check_output(out)
-    config = MergeConfig(method="ties" if merge == "ties" else "task-arithmetic", density=density, scope=scope,
-                         lambdas=tuple(lambdas))
+    config = MergeConfig(
+        method="ties" if merge == "ties" else "task-arithmetic",
+        density=density,
+        scope=scope,
+        lambdas=tuple(lambdas),
+    )
     base_ckpt, fts = open_all(base, list(finetuned))
     tasks = task_names(fts, names)
     lams = config.lambdas_for(len(fts))
@@ -82,7 +109,9 @@ def compress(base: str | Path, finetuned: Sequence[str | Path], out: str | Path,
             copy(base_ckpt.path, tmp / base_rel)
             (tmp / "masks").mkdir()
             shapes = {k: base_ckpt.layout[k][1] for k in keys}
-            tau_writer = SafetensorsWriter(tmp / "tau_mtl.safetensors", {k: (torch.float32, s) for k, s in shapes.items()})
+            tau_writer = SafetensorsWriter(
+                tmp / "tau_mtl.safetensors", {k: (torch.float32, s) for k, s in shapes.items()}
+            )
             mask_layout = {k: (torch.uint8, (math.ceil(base_ckpt.numel(k) / 8),)) for k in keys}
             writers = [SafetensorsWriter(tmp / "masks" / f"{t}.safetensors", mask_layout) for t in tasks]
             try:
@@ -99,11 +128,24 @@ def compress(base: str | Path, finetuned: Sequence[str | Path], out: str | Path,
                 raise
             for w in [tau_writer, *writers]:
                 w.close()
-            base_bits = sum(base_ckpt.numel(k) * dtype.itemsize * 8 for k, (dtype, _) in base_ckpt.layout.items())
-            manifest = {"format": FORMAT, "version": VERSION, "tasks": tasks, "lambdas": lams, "merge": merge,
-                        "density": density, "scope": scope, "base": base_rel,
-                        "storage_bits": storage_bits(base_bits=base_bits, n_tasks=len(tasks),
-                                                     merged_params=sum(base_ckpt.numel(k) for k in keys))}
+            base_bits = sum(
+                base_ckpt.numel(k) * dtype.itemsize * 8 for k, (dtype, _) in base_ckpt.layout.items()
+            )
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "tasks": tasks,
+                "lambdas": lams,
+                "merge": merge,
+                "density": density,
+                "scope": scope,
+                "base": base_rel,
+                "storage_bits": storage_bits(
+                    base_bits=base_bits,
+                    n_tasks=len(tasks),
+                    merged_params=sum(base_ckpt.numel(k) for k in keys),
+                ),
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     finally:
         base_ckpt.close()
@@ -122,8 +164,10 @@ def read_manifest(store: str | Path) -> dict:
     except ValueError as exc:
         raise FormatError(f"{str(path)!r} is not valid JSON ({exc})") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise FormatError(f"{str(path)!r} has format {manifest.get('format')!r} version {manifest.get('version')!r};"
-                          f" expected {FORMAT!r} version {VERSION}")
+        raise FormatError(
+            f"{str(path)!r} has format {manifest.get('format')!r} version {manifest.get('version')!r};"
+            f" expected {FORMAT!r} version {VERSION}"
+        )
     return manifest
 
 

@@ -118,8 +118,10 @@ def global_thresholds(base: Checkpoint, fts: Sequence[Checkpoint], keys: list[st
         for t in range(n_tasks):
             for c in _chunks(buf.shape[1]):
                 lo[t] += merge_ops.radix_histogram(buf[t, c].abs(), prefix=located[t][0])
-    values = [merge_ops.value_from_bits(located[t][0], merge_ops.locate_rank(lo[t], located[t][1])[0])
-              for t in range(n_tasks)]
+    values = [
+        merge_ops.value_from_bits(located[t][0], merge_ops.locate_rank(lo[t], located[t][1])[0])
+        for t in range(n_tasks)
+    ]
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -130,7 +132,9 @@ def _raw_sign_sum(buf: Tensor, thresholds: Tensor) -> Tensor:
     return total
 
 
-def global_majority(base: Checkpoint, fts: Sequence[Checkpoint], keys: list[str], thresholds: Tensor) -> Tensor:
+def global_majority(
+    base: Checkpoint, fts: Sequence[Checkpoint], keys: list[str], thresholds: Tensor
+) -> Tensor:
     """``sign(Σ γ)`` over the whole model (one reading pass)."""
     total = torch.zeros((), dtype=torch.float32)
     for key in track(keys, "majority-sign pass"):
@@ -138,8 +142,15 @@ def global_majority(base: Checkpoint, fts: Sequence[Checkpoint], keys: list[str]
     return torch.sign(total)
 
 
-def combine(buf: Tensor, config: MergeConfig, *, thresholds: Tensor | None = None,
-            majority: Tensor | None = None, lambdas: Sequence[float] = (), reduce: str | None = None) -> Tensor:
+def combine(
+    buf: Tensor,
+    config: MergeConfig,
+    *,
+    thresholds: Tensor | None = None,
+    majority: Tensor | None = None,
+    lambdas: Sequence[float] = (),
+    reduce: str | None = None,
+) -> Tensor:
     """The unscaled merged vector ``(n,)`` of one key from its task vectors ``buf`` ``(T, n)``.
 
     For ``scope="tensor"`` leave ``thresholds``/``majority`` None (computed from this tensor); ``reduce``
@@ -167,8 +178,9 @@ def combine(buf: Tensor, config: MergeConfig, *, thresholds: Tensor | None = Non
     return out
 
 
-def merge_checkpoints(base: str | Path, finetuned: Sequence[str | Path], out: str | Path,
-                      config: MergeConfig = MergeConfig()) -> Path:
+def merge_checkpoints(
+    base: str | Path, finetuned: Sequence[str | Path], out: str | Path, config: MergeConfig = MergeConfig()
+) -> Path:
     """Merge checkpoints on disk into ``out`` (the base's layout and dtypes; non-float keys copied).
 
     Returns:
@@ -178,7 +190,9 @@ def merge_checkpoints(base: str | Path, finetuned: Sequence[str | Path], out: st
     base_ckpt, fts = open_all(base, list(finetuned))
     try:
         if config.method.startswith("consensus") and config.k > len(fts):
-            raise WeightlabError(f"k = {config.k} exceeds the {len(fts)} tasks (the merge would keep nothing)")
+            raise WeightlabError(
+                f"k = {config.k} exceeds the {len(fts)} tasks (the merge would keep nothing)"
+            )
         lambdas = config.lambdas_for(len(fts)) if config.method.startswith("consensus") else []
         keys = set(base_ckpt.float_keys())
         thresholds = majority = None

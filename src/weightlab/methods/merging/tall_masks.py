@@ -14,7 +14,13 @@ from torch import Tensor
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.merging.consensus import check_k, consensus_mask, masked
-from weightlab.methods.merging.task_arithmetic import StateDict, apply, check_vectors, task_arithmetic, task_vectors
+from weightlab.methods.merging.task_arithmetic import (
+    StateDict,
+    apply,
+    check_vectors,
+    task_arithmetic,
+    task_vectors,
+)
 from weightlab.methods.merging.ties import check_density, ties_merge
 from weightlab.weights import merge_ops
 
@@ -28,8 +34,9 @@ def check_lambda(lam: float) -> None:
         raise WeightlabError(f"lambda must be a finite number > 0, got {lam}")
 
 
-def tall_masks(vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Tensor],
-               lambdas: float | Sequence[float]) -> list[StateDict]:
+def tall_masks(
+    vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Tensor], lambdas: float | Sequence[float]
+) -> list[StateDict]:
     """One bool mask state dict per task: ``|τ_t| > λ_t · |merged − τ_t|`` (strict, as the reference code).
 
     Args:
@@ -38,16 +45,20 @@ def tall_masks(vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Ten
         lambdas: one λ for all tasks or one per task.
     """
     keys = check_vectors(vectors)
-    lams = [float(lambdas)] * len(vectors) if isinstance(lambdas, (int, float)) else [float(x) for x in lambdas]
+    lams = (
+        [float(lambdas)] * len(vectors) if isinstance(lambdas, (int, float)) else [float(x) for x in lambdas]
+    )
     if len(lams) != len(vectors):
         raise WeightlabError(f"expected one lambda per task ({len(vectors)}), got {len(lams)}")
     for lam in lams:
         check_lambda(lam)
     missing = [k for k in keys if k not in merged]
     if missing:
-        raise WeightlabError(f"the merged vector lacks {len(missing)} key(s) of the task vectors "
-                             f"(first: {missing[0]!r})")
-    return [{k: merge_ops.tall_mask(v[k], merged[k], lam) for k in keys} for v, lam in zip(vectors, lams)]
+        raise WeightlabError(
+            f"the merged vector lacks {len(missing)} key(s) of the task vectors (first: {missing[0]!r})"
+        )
+    pairs = zip(vectors, lams, strict=True)
+    return [{k: merge_ops.tall_mask(v[k], merged[k], lam) for k in keys} for v, lam in pairs]
 
 
 @dataclass(frozen=True)
@@ -80,24 +91,29 @@ class TallMasksConfig:
 class TallMasks:
     """Fit TALL masks on validation data (scikit-learn style: learned state ends in ``_``).
 
-        tall = TallMasks(TallMasksConfig()).fit(base, finetuned, evaluate)
-        theta_3 = tall.extract(3)            # θ_0 + m_3 ∘ τ_MTL
-        consensus = tall.consensus_vector()  # m_cons ∘ τ_MTL (scale it with apply(base, ·, alpha))
+    tall = TallMasks(TallMasksConfig()).fit(base, finetuned, evaluate)
+    theta_3 = tall.extract(3)            # θ_0 + m_3 ∘ τ_MTL
+    consensus = tall.consensus_vector()  # m_cons ∘ τ_MTL (scale it with apply(base, ·, alpha))
     """
 
     def __init__(self, config: TallMasksConfig = TallMasksConfig()) -> None:
         self.config = config
 
-    def fit(self, base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]],
-            evaluate: Callable[[int, StateDict], float]) -> TallMasks:
-        """Build τ_MTL and choose each task's λ by ``evaluate(task, θ_0 + m_t ∘ τ_MTL)`` (higher is better)."""
+    def fit(
+        self,
+        base: Mapping[str, Tensor],
+        finetuned: Sequence[Mapping[str, Tensor]],
+        evaluate: Callable[[int, StateDict], float],
+    ) -> TallMasks:
+        """Build τ_MTL; choose each task's λ by ``evaluate(task, θ_0 + m_t ∘ τ_MTL)`` (higher: better)."""
         from weightlab.methods.merging.selection import select_lambdas
 
         self.base_ = dict(base)
         vectors = task_vectors(base, finetuned)
         self.tau_mtl_ = self.multi_task_vector(vectors)
         self.lambdas_, self.masks_, self.scores_ = select_lambdas(
-            base, self.tau_mtl_, vectors, evaluate, grid=self.config.lambdas)
+            base, self.tau_mtl_, vectors, evaluate, grid=self.config.lambdas
+        )
         return self
 
     def multi_task_vector(self, vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:

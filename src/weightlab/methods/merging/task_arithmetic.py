@@ -19,12 +19,14 @@ from weightlab.weights import merge_ops
 StateDict = dict[str, Tensor]
 
 
-def describe_mismatches(base: Mapping[str, Tensor] | Mapping[str, tuple], other: Mapping, name: str,
-                        *, limit: int = 3) -> str | None:
+def describe_mismatches(
+    base: Mapping[str, Tensor] | Mapping[str, tuple], other: Mapping, name: str, *, limit: int = 3
+) -> str | None:
     """A message naming the first ``limit`` keys whose presence, shape or dtype differ, with the total count.
 
     Values are tensors or ``(dtype, shape)`` pairs. Returns None when everything matches.
     """
+
     def sig(v: object) -> tuple[str, tuple[int, ...]]:
         if isinstance(v, Tensor):
             return str(v.dtype).replace("torch.", ""), tuple(v.shape)
@@ -39,16 +41,18 @@ def describe_mismatches(base: Mapping[str, Tensor] | Mapping[str, tuple], other:
             problems.append(f"{k!r} is {d1} {list(s1)}, base has {d0} {list(s0)}")
     if not problems:
         return None
-    return (f"{name} does not match the base in {len(problems)} tensor(s) (first: "
-            f"{'; '.join(problems[:limit])})")
+    return (
+        f"{name} does not match the base in {len(problems)} tensor(s) (first: {'; '.join(problems[:limit])})"
+    )
 
 
 def check_finite(tensor: Tensor, key: str, source: str) -> None:
     """Raise when ``tensor`` holds NaN or Inf (named by ``key`` and ``source``)."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise WeightlabError(f"task vector of {source} has {bad} NaN/Inf value(s) in {key!r}; "
-                             "expected finite weights")
+        raise WeightlabError(
+            f"task vector of {source} has {bad} NaN/Inf value(s) in {key!r}; expected finite weights"
+        )
 
 
 def task_vectors(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]) -> list[StateDict]:
@@ -97,8 +101,12 @@ def check_alpha(alpha: float) -> None:
         raise WeightlabError(f"alpha must be a finite number, got {alpha}")
 
 
-def apply(base: Mapping[str, Tensor], vector: Mapping[str, Tensor], alpha: float = 1.0,
-          mask: Mapping[str, Tensor] | None = None) -> StateDict:
+def apply(
+    base: Mapping[str, Tensor],
+    vector: Mapping[str, Tensor],
+    alpha: float = 1.0,
+    mask: Mapping[str, Tensor] | None = None,
+) -> StateDict:
     """``θ_0 + α · (mask ∘ vector)``; keys without a vector are copied from ``base``; dtypes of ``base`` kept.
 
     Args:

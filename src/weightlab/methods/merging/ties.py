@@ -37,8 +37,13 @@ def global_thresholds(vectors: Sequence[Mapping[str, Tensor]], density: float) -
     return merge_ops.trim_thresholds(flat, density)
 
 
-def ties_merge(vectors: Sequence[Mapping[str, Tensor]], *, density: float = 0.2, reduce: str = "mean",
-               scope: str = "global") -> StateDict:
+def ties_merge(
+    vectors: Sequence[Mapping[str, Tensor]],
+    *,
+    density: float = 0.2,
+    reduce: str = "mean",
+    scope: str = "global",
+) -> StateDict:
     """The TIES multi-task vector (unscaled).
 
     Args:
@@ -46,21 +51,26 @@ def ties_merge(vectors: Sequence[Mapping[str, Tensor]], *, density: float = 0.2,
         density: fraction of entries kept per task (the paper's k = 20%).
         reduce: ``"mean"`` (disjoint mean, the TIES paper) or ``"sum"`` (disjoint sum, inside TALL/Consensus).
         scope: ``"global"`` trims over the whole model and takes the majority sign over it (the reference
-            code); ``"tensor"`` does both per tensor (as mergekit trims; what a streaming merge does in one pass).
+            code); ``"tensor"`` does both per tensor (as mergekit trims; a streaming merge needs one pass).
     """
     check_ties_options(density, reduce, scope)
     keys = check_vectors(vectors)
     if scope == "tensor":
-        return {k: merge_ops.ties_tensor(s, thresholds=merge_ops.trim_thresholds(s, density), reduce=reduce)
-                for k in keys for s in [stack(vectors, k)]}
+        return {
+            k: merge_ops.ties_tensor(s, thresholds=merge_ops.trim_thresholds(s, density), reduce=reduce)
+            for k in keys
+            for s in [stack(vectors, k)]
+        }
     thresholds = global_thresholds(vectors, density)
     trimmed = {k: merge_ops.trim(stack(vectors, k), thresholds) for k in keys}
     majority = merge_ops.majority_sign(torch.stack([merge_ops.raw_sign(t).sum() for t in trimmed.values()]))
-    return {k: merge_ops.disjoint_merge(t, merge_ops.elect_sign(t, majority), reduce) for k, t in trimmed.items()}
+    return {
+        k: merge_ops.disjoint_merge(t, merge_ops.elect_sign(t, majority), reduce) for k, t in trimmed.items()
+    }
 
 
 def magnitude_masks(vectors: Sequence[Mapping[str, Tensor]], *, density: float = 0.1) -> list[StateDict]:
-    """Per-task top-``density`` masks of ``|τ_t|`` over the whole model (the paper's magnitude-masking baseline)."""
+    """Per-task top-``density`` masks of ``|τ_t|`` over the whole model (the magnitude-masking baseline)."""
     check_density(density)
     thresholds = global_thresholds(vectors, density)
     return [{k: v[k].abs() >= thresholds[t].to(v[k].dtype) for k in v} for t, v in enumerate(vectors)]
