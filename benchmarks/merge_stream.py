@@ -162,8 +162,9 @@ def _measure_child(cmd: list[str]) -> None:
     t0 = time.perf_counter()
     rc = subprocess.run(cmd).returncode
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB -> GiB
-    print(json.dumps({"rc": rc, "wall_s": wall, "peak_gib": peak}))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 1024**2  # KiB -> GiB
+    print(json.dumps({"rc": rc, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_gib": peak}))
 
 
 def compare(a: Path, b: Path) -> tuple[bool, float]:
@@ -261,16 +262,15 @@ def main() -> None:
             results[name] = measure(cmd, env)
             r = results[name]
             status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-600:]}"
-            print(
-                f"{name:10s} wall {r.get('wall_s', float('nan')):7.1f} s   peak RSS "
-                f"{r.get('peak_gib', float('nan')):6.2f} GiB   {status}",
-                flush=True,
-            )
+            wall, cpu, peak = (r.get(x, float("nan")) for x in ("wall_s", "cpu_s", "peak_gib"))
+            line = f"{name:10s} wall {wall:7.1f} s   CPU {cpu:7.1f} s   peak RSS {peak:6.2f} GiB   {status}"
+            print(line, flush=True)
         ref = results.get("weightlab")
         for name, r in results.items():
             if name != "weightlab" and ref and r["rc"] == 0 and ref["rc"] == 0:
                 print(
                     f"weightlab / {name}: wall {ref['wall_s'] / r['wall_s']:.2f}x, "
+                    f"CPU {ref.get('cpu_s', 0) / max(r.get('cpu_s', 1), 1e-9):.2f}x, "
                     f"peak memory {ref['peak_gib'] / r['peak_gib']:.2f}x"
                 )
         for name in ("inmemory", "mergekit"):
