@@ -131,47 +131,24 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
     )
     source = source.subset(torch.nonzero(source.y < config.pretrain_classes).flatten())
     pre = MLP(256, 10, hidden=(config.hidden, config.hidden))
-    train(
-        pre,
-        source,
-        TrainConfig(
-            epochs=config.pretrain_epochs,
-            lr=config.lr,
-            batch_size=config.batch_size,
-            seed=derive_seed(seed, "pretrain"),
-            description="pretrain",
-        ),
-    )
+
+    def fit(model: MLP, data: ArrayDataset, key: tuple, description: str, **options: object) -> None:
+        seeded = TrainConfig(batch_size=config.batch_size, seed=derive_seed(seed, *key), description=description,
+                             **options)
+        train(model, data, seeded)
+
+    fit(pre, source, ("pretrain",), "pretrain", epochs=config.pretrain_epochs, lr=config.lr)
     theta0 = backbone(pre)
     models, finetuned = [], []
     for i, task in enumerate(tasks):
         model = MLP(256, task.classes, hidden=(config.hidden, config.hidden))
         model.body.load_state_dict(theta0)
         model.body.requires_grad_(False)  # linear probe: the task's "zero-shot" head
-        train(
-            model,
-            task.train,
-            TrainConfig(
-                max_steps=config.probe_steps,
-                lr=config.lr,
-                batch_size=config.batch_size,
-                seed=derive_seed(seed, "probe", i),
-                description=f"probe {task.name}",
-            ),
-        )
+        fit(model, task.train, ("probe", i), f"probe {task.name}", max_steps=config.probe_steps, lr=config.lr)
         model.body.requires_grad_(True)
         model.head.requires_grad_(False)  # frozen head while the backbone is fine-tuned
-        train(
-            model,
-            task.train,
-            TrainConfig(
-                epochs=config.finetune_epochs,
-                lr=config.finetune_lr,
-                batch_size=config.batch_size,
-                seed=derive_seed(seed, "ft", i),
-                description=f"fine-tune {task.name}",
-            ),
-        )
+        fit(model, task.train, ("ft", i), f"fine-tune {task.name}", epochs=config.finetune_epochs,
+            lr=config.finetune_lr)
         finetuned.append(backbone(model))
         models.append(model)
 
