@@ -133,8 +133,8 @@ def run_seed(config: TallMasksExpConfig, seed: int) -> dict:
     pre = MLP(256, 10, hidden=(config.hidden, config.hidden))
 
     def fit(model: MLP, data: ArrayDataset, key: tuple, description: str, **options: object) -> None:
-        seeded = TrainConfig(batch_size=config.batch_size, seed=derive_seed(seed, *key), description=description,
-                             **options)
+        seeded = TrainConfig(batch_size=config.batch_size, seed=derive_seed(seed, *key),
+                             description=description, **options)
         train(model, data, seeded)
 
     fit(pre, source, ("pretrain",), "pretrain", epochs=config.pretrain_epochs, lr=config.lr)
