@@ -147,6 +147,7 @@ def test_merge_of_sharded_hf_folder_keeps_layout(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     merge_checkpoints(base_dir, ft_dirs, out, MergeConfig(method="ties", alpha=0.5))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
+    assert out.stat().st_mode & 0o777 == base_dir.stat().st_mode & 0o777  # not the 0700 of a temporary folder
     assert (out / "model.safetensors.index.json").read_text() == (
         base_dir / "model.safetensors.index.json"
     ).read_text()

@@ -17,7 +17,7 @@ from weightlab.errors import FormatError, WeightlabError
 from weightlab.methods.merging.task_arithmetic import describe_mismatches
 from weightlab.report.progress import track
 from weightlab.weights.io import PICKLE_SUFFIXES, atomic_path, check_not_pickle
-from weightlab.weights.stream_io import DTYPES, SafetensorsReader, SafetensorsWriter, atomic_dir
+from weightlab.weights.stream_io import DTYPES, SafetensorsReader, SafetensorsWriter, atomic_dir, default_mode
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -131,6 +131,7 @@ def write_like(base: Checkpoint, out: Path, produce: Callable[[str], Tensor], *,
     if not base.is_folder:
         with atomic_path(out) as tmp:
             _write_shard(base, base.path.name, tmp, produce, description)
+            default_mode(tmp)
         return
     with atomic_dir(out) as tmp:
         for item in sorted(base.path.iterdir()):
