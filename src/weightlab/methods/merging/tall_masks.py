@@ -22,6 +22,7 @@ from weightlab.methods.merging.task_arithmetic import (
     task_vectors,
 )
 from weightlab.methods.merging.ties import check_density, ties_merge
+from weightlab.registry import register
 from weightlab.weights import merge_ops
 
 LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -88,6 +89,7 @@ class TallMasksConfig:
         check_k(self.k)
 
 
+@register("method", "tall-masks")
 class TallMasks:
     """Fit TALL masks on validation data (scikit-learn style: learned state ends in ``_``).
 
