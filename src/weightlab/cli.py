@@ -136,7 +136,7 @@ def show_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
 
 
 # Modules that add commands to `app` (e.g. merge / compress / extract) with a `register(app)` function.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("weightlab.methods.merging.cli",)
 
 
 def _register_extensions() -> None:
