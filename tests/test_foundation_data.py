@@ -207,3 +207,20 @@ def test_cifar10c_npy(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"garbage")
     with pytest.raises(FormatError, match=r"bad\.npy"):
         load_cifar10c(tmp_path, "bad", 1)
+
+
+def test_augment_to_the_training_size_is_the_originals():
+    n = len(digits("train"))
+    assert torch.equal(digits("train", augment_to=n).x, digits("train").x)
+
+
+def test_atomic_writes_have_normal_permissions(tmp_path):
+    import os
+
+    from weightlab.weights.io import save_tensors
+
+    save_tensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left

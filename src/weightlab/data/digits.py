@@ -94,6 +94,8 @@ def digits(split: str = "train", *, size: int = 8, augment_to: int | None = None
         return ArrayDataset(x, y)
     if augment_to < len(y):
         raise WeightlabError(f"augment_to must be ≥ the {len(y)} training images, got {augment_to}")
+    if augment_to == len(y):
+        return ArrayDataset(x, y)
     return ArrayDataset(*_augmented(x, y, size=size, n=augment_to, seed=seed))
 
 
