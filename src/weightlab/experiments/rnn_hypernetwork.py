@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from weightlab.data import digits, domain_incremental, task_incremental
+from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.ewc import EWC, EWCConfig
 from weightlab.methods.hypernet import (
@@ -32,7 +33,6 @@ from weightlab.methods.hypernet import (
     LSTMHyperNet,
     OutputRegularizer,
     count_parameters,
-    param_shapes,
 )
 from weightlab.models import MLP, MultiHead
 from weightlab.report import plots
@@ -60,23 +60,39 @@ class RnnHypernetConfig:
     chunk_emb_dim: int = 8
     chunk_size: int = 300
     hnet_hidden: int = 16
-    growth: int = 4  # LSTM units added per new task by rnn-hnet-grow
+    growth: int = 2  # LSTM units added per new task by rnn-hnet-grow
     ewc_lam: float = 100.0
     fisher_samples: int = 256
     methods: tuple[str, ...] = METHODS
     scenarios: tuple[str, ...] = SCENARIOS
+
+    def __post_init__(self) -> None:
+        for name, values, allowed in (
+            ("method", self.methods, METHODS),
+            ("scenario", self.scenarios, SCENARIOS),
+        ):
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise WeightlabError(f"unknown {name} {unknown[0]!r}; expected some of {', '.join(allowed)}")
+        if self.n_tasks < 2 or 10 % self.n_tasks:
+            raise WeightlabError(f"n_tasks must be ≥ 2 and divide the 10 classes, got {self.n_tasks}")
 
 
 def make_stream(config: RnnHypernetConfig, scenario: str, seed: int):  # noqa: ANN201
     train_set, test_set = digits("train", size=config.image_size), digits("test", size=config.image_size)
     if scenario == "split":
         return task_incremental(train_set, test_set, config.n_tasks, seed=seed), 10 // config.n_tasks
-    return domain_incremental(train_set, test_set, config.n_tasks, seed=derive_seed(seed, "perm"),
-                              with_task_ids=True), 10
+    return domain_incremental(
+        train_set, test_set, config.n_tasks, seed=derive_seed(seed, "perm"), with_task_ids=True
+    ), 10
 
 
 def make_hnet(config: RnnHypernetConfig, method: str, n_params: int) -> HyperNetwork:
-    common = {"chunk_size": config.chunk_size, "emb_dim": config.emb_dim, "chunk_emb_dim": config.chunk_emb_dim}
+    common = {
+        "chunk_size": config.chunk_size,
+        "emb_dim": config.emb_dim,
+        "chunk_emb_dim": config.chunk_emb_dim,
+    }
     if method.startswith("rnn"):
         return LSTMHyperNet(n_params, hidden=config.hnet_hidden, **common)
     return ChunkedMLPHyperNet(n_params, hidden=(config.hnet_hidden,), **common)
@@ -95,8 +111,14 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
         model = HyperModel(target, hnet)
         while hnet.n_tasks < config.n_tasks:
             hnet.add_task()
-        reg = OutputRegularizer(model, HnetRegConfig(beta=config.beta, importance=method.endswith("-grow"),
-                                                      fisher_samples=min(128, config.fisher_samples)))
+        reg = OutputRegularizer(
+            model,
+            HnetRegConfig(
+                beta=config.beta,
+                importance=method.endswith("-grow"),
+                fisher_samples=min(128, config.fisher_samples),
+            ),
+        )
     else:
         model = target
         if scenario == "split":
@@ -117,8 +139,14 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
         seed_everything(exp_seed)
         if hyper:
             prepare(i)
-        tc = TrainConfig(max_steps=config.steps, batch_size=config.batch_size, lr=config.lr, optimizer="adam",
-                         seed=exp_seed, description=f"{scenario} {method} task {i}")
+        tc = TrainConfig(
+            max_steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            optimizer="adam",
+            seed=exp_seed,
+            description=f"{scenario} {method} task {i}",
+        )
         callbacks = [reg] if hyper else ([ewc] if method == "ewc" else [])
         train(model, stream[i].train, tc, callbacks=callbacks, experience=stream[i])
         return accuracy_row(model, tests)
@@ -133,8 +161,9 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
     def load(tensors: dict[str, torch.Tensor]) -> None:
         if hyper:
             prepare(int(tensors["grown"]))
-            reg.importance = [tensors[f"importance.{j}"] for j in range(sum(k.startswith("importance.")
-                                                                              for k in tensors))]
+            reg.importance = [
+                tensors[f"importance.{j}"] for j in range(sum(k.startswith("importance.") for k in tensors))
+            ]
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if method == "ewc":
             ewc.load(tensors)
@@ -143,12 +172,32 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
     return {"R": R, "trainable": count_parameters(model), "target": n_target}
 
 
-@experiment("rnn-hypernetwork", paper="rnn-hypernetwork", config=RnnHypernetConfig,
-            summary="RNN vs chunked MLP hypernetworks vs EWC vs finetune on split and permuted digits",
-            profiles={"smoke": {"seeds": 1, "steps": 10, "n_tasks": 2, "hidden": 32, "chunk_size": 100,
-                                "hnet_hidden": 8, "fisher_samples": 16},
-                      "full": {"seeds": 5, "steps": 2000, "n_tasks": 10, "image_size": 16, "hidden": 256,
-                               "chunk_size": 2000, "hnet_hidden": 64}})
+@experiment(
+    "rnn-hypernetwork",
+    paper="rnn-hypernetwork",
+    config=RnnHypernetConfig,
+    summary="RNN vs chunked MLP hypernetworks vs EWC vs finetune on split and permuted digits",
+    profiles={
+        "smoke": {
+            "seeds": 1,
+            "steps": 10,
+            "n_tasks": 2,
+            "hidden": 32,
+            "chunk_size": 100,
+            "hnet_hidden": 8,
+            "fisher_samples": 16,
+        },
+        "full": {
+            "seeds": 5,
+            "steps": 2000,
+            "n_tasks": 10,
+            "image_size": 16,
+            "hidden": 256,
+            "chunk_size": 2000,
+            "hnet_hidden": 64,
+        },
+    },
+)
 def run(config: RnnHypernetConfig, ctx: RunContext) -> Results:
     seeds = [config.seed + k for k in range(config.seeds)]
     tables, claims, data = {}, [], {}
@@ -156,23 +205,44 @@ def run(config: RnnHypernetConfig, ctx: RunContext) -> Results:
         runs = {m: [run_method(config, ctx, scenario, m, s) for s in seeds] for m in config.methods}
         acc = {m: [average_accuracy(r["R"]) for r in rs] for m, rs in runs.items()}
         tables[f"{scenario} digits ({config.n_tasks} tasks, task identity given)"] = [
-            {"method": m, "average accuracy (%)": pm(acc[m]), "forgetting (%)": pm([forgetting(r["R"]) for r in rs]),
-             "trainable parameters": rs[0]["trainable"], "target parameters": rs[0]["target"]}
-            for m, rs in runs.items()]
+            {
+                "method": m,
+                "average accuracy (%)": pm(acc[m]),
+                "forgetting (%)": pm([forgetting(r["R"]) for r in rs]),
+                "trainable parameters": rs[0]["trainable"],
+                "target parameters": rs[0]["target"],
+            }
+            for m, rs in runs.items()
+        ]
         means = {m: mean_std(v)[0] for m, v in acc.items()}
         if {"rnn-hnet", "chunked-hnet", "ewc", "finetune"} <= set(config.methods):
             order = means["rnn-hnet"] >= means["chunked-hnet"] > means["ewc"] > means["finetune"]
-            claims.append(Claim(f"{scenario}: RNN hypernet ≥ chunked MLP hypernet > EWC > finetune",
-                                {f"acc({m})": means[m] for m in config.methods}, order, paper="rnn-hypernetwork"))
+            claims.append(
+                Claim(
+                    f"{scenario}: RNN hypernet ≥ chunked MLP hypernet > EWC > finetune",
+                    {f"acc({m})": means[m] for m in config.methods},
+                    order,
+                    paper="rnn-hypernetwork",
+                )
+            )
             fewer = {m: runs[m][0]["trainable"] for m in ("rnn-hnet", "chunked-hnet")}
-            claims.append(Claim(f"{scenario}: the hypernetworks have fewer trainable parameters than the target",
-                                {**{f"params({m})": n for m, n in fewer.items()}, "target": runs["ewc"][0]["target"]},
-                                all(n < runs["ewc"][0]["target"] for n in fewer.values()), paper="rnn-hypernetwork"))
+            claims.append(
+                Claim(
+                    f"{scenario}: the hypernetworks have fewer trainable parameters than the target",
+                    {**{f"params({m})": n for m, n in fewer.items()}, "target": runs["ewc"][0]["target"]},
+                    all(n < runs["ewc"][0]["target"] for n in fewer.values()),
+                    paper="rnn-hypernetwork",
+                )
+            )
         for m, rs in runs.items():
             mean_R = np.mean(np.asarray([r["R"] for r in rs]), axis=0)
-            ctx.savefig(plots.heatmap(mean_R, title=f"{scenario} / {m}: accuracy matrix"),
-                        f"accuracy_matrix_{scenario}_{m}")
+            ctx.savefig(
+                plots.heatmap(mean_R, title=f"{scenario} / {m}: accuracy matrix"),
+                f"accuracy_matrix_{scenario}_{m}",
+            )
         data[scenario] = runs
-    notes = ["The RNN hypernetwork has no public code; see the assumptions in weightlab.methods.hypernet and "
-             "docs/continual.md. rnn-hnet-grow adds Fisher-weighted regularisation and growth (our reading)."]
+    notes = [
+        "The RNN hypernetwork has no public code; see the assumptions in weightlab.methods.hypernet and "
+        "docs/continual.md. rnn-hnet-grow adds Fisher-weighted regularisation and growth (our reading)."
+    ]
     return Results(tables=tables, claims=claims, notes=notes, data={**data, "seeds": seeds})

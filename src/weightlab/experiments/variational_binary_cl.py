@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from weightlab.data import ArrayDataset, digits, domain_incremental
+from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.binary_cl import (
     BetaAnnealing,
@@ -44,6 +45,8 @@ from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy_row, average_accuracy, forgetting, train
 from weightlab.utils import derive_seed, seed_everything
 
+METHODS = ("variational-task", "variational-step", "meta", "binary", "ewc")
+
 
 @dataclass(frozen=True)
 class VariationalBinaryConfig:
@@ -60,12 +63,21 @@ class VariationalBinaryConfig:
     meta_values: tuple[float, ...] = (1.35, 5.0, 20.0)  # |W_h| stays small in few steps: m must be larger
     lr_ewc: float = 0.005
     ewc_lam: float = 100.0
-    methods: tuple[str, ...] = ("variational-task", "variational-step", "meta", "binary", "ewc")
+    methods: tuple[str, ...] = METHODS
     # teacher–student perceptron
     perceptron_n: int = 200
     perceptron_alpha: float = 3.0
     teacher_overlap: float = 0.5
     perceptron_epochs: int = 20
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise WeightlabError(f"unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+        if any(m < 0 for m in self.meta_values):
+            raise WeightlabError(f"meta_values must be ≥ 0, got {self.meta_values}")
+        if self.n_tasks < 2:
+            raise WeightlabError(f"n_tasks must be ≥ 2 for continual learning, got {self.n_tasks}")
 
 
 def method_names(config: VariationalBinaryConfig) -> list[str]:
@@ -77,8 +89,12 @@ def method_names(config: VariationalBinaryConfig) -> list[str]:
 
 def run_method(config: VariationalBinaryConfig, ctx: RunContext, method: str, seed: int) -> dict:
     """Accuracy matrix (and, for the variational rule, sampled / mean evaluations of the last row)."""
-    stream = domain_incremental(digits("train", size=config.image_size), digits("test", size=config.image_size),
-                                config.n_tasks, seed=derive_seed(seed, "permutations"))
+    stream = domain_incremental(
+        digits("train", size=config.image_size),
+        digits("test", size=config.image_size),
+        config.n_tasks,
+        seed=derive_seed(seed, "permutations"),
+    )
     tests = [e.test for e in stream]
     seed_everything(derive_seed(seed, method, "init"))
     d_in, hidden = config.image_size**2, (config.hidden, config.hidden)
@@ -96,17 +112,29 @@ def run_method(config: VariationalBinaryConfig, ctx: RunContext, method: str, se
     def step(i: int) -> list[float]:
         exp_seed = derive_seed(seed, method, i)
         seed_everything(exp_seed)
-        tc = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr_binary, seed=exp_seed,
-                         optimizer="adam", description=f"{method} task {i}")
+        tc = TrainConfig(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr_binary,
+            seed=exp_seed,
+            optimizer="adam",
+            description=f"{method} task {i}",
+        )
         callbacks: list = []
         if variational:
-            vc = VariationalConfig(lr=config.lr_variational, prior=method.split("-")[1], beta_max=config.beta_max)
-            opt = VariationalFieldAdam(binary_layers(model), vc, kl_weight=vc.resolved_kl_weight(
-                n_train=len(stream[i].train), batch_size=config.batch_size))
+            vc = VariationalConfig(
+                lr=config.lr_variational, prior=method.split("-")[1], beta_max=config.beta_max
+            )
+            opt = VariationalFieldAdam(
+                binary_layers(model),
+                vc,
+                kl_weight=vc.resolved_kl_weight(n_train=len(stream[i].train), batch_size=config.batch_size),
+            )
             if i > 0:
                 opt.consolidate()  # the fields at the end of task i−1 are the prior of task i
-            callbacks.append(BetaAnnealing(model, n_tasks=config.n_tasks, epochs=config.epochs,
-                                           beta_max=config.beta_max))
+            callbacks.append(
+                BetaAnnealing(model, n_tasks=config.n_tasks, epochs=config.epochs, beta_max=config.beta_max)
+            )
         elif method == "ewc":
             opt = torch.optim.Adam(model.parameters(), lr=config.lr_ewc)
             callbacks.append(ewc)
@@ -138,7 +166,9 @@ def run_method(config: VariationalBinaryConfig, ctx: RunContext, method: str, se
     return {"R": R, **extra}
 
 
-def teacher_student(config: VariationalBinaryConfig, seed: int, *, with_prior: bool) -> dict[str, list[float]]:
+def teacher_student(
+    config: VariationalBinaryConfig, seed: int, *, with_prior: bool
+) -> dict[str, list[float]]:
     """Train a probit perceptron on teacher 1 then teacher 2; overlaps R1, R2, Q after every epoch."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "teachers"))
     n = config.perceptron_n
@@ -153,27 +183,56 @@ def teacher_student(config: VariationalBinaryConfig, seed: int, *, with_prior: b
         x, y = teacher_data(teacher, p, generator=gen)
         data = ArrayDataset(x, y)
         vc = VariationalConfig(lr=config.lr_variational, prior="task", kl_weight=None if with_prior else 0.0)
-        opt = VariationalFieldAdam([student.layer], vc, kl_weight=vc.resolved_kl_weight(n_train=p, batch_size=32))
+        opt = VariationalFieldAdam(
+            [student.layer], vc, kl_weight=vc.resolved_kl_weight(n_train=p, batch_size=32)
+        )
         if task > 0:
             opt.consolidate()
         for epoch in range(epochs):
             student.layer.beta = config.beta_max * float(np.tanh(0.1 + (task * epochs + epoch + 1) / epochs))
-            train(student, data, TrainConfig(epochs=1, batch_size=32, lr=vc.lr, seed=derive_seed(seed, task, epoch)),
-                  optimizer=opt)
+            train(
+                student,
+                data,
+                TrainConfig(epochs=1, batch_size=32, lr=vc.lr, seed=derive_seed(seed, task, epoch)),
+                optimizer=opt,
+            )
             mean = torch.tanh(student.layer.beta * student.layer.field.detach())
             r1, r2, q = overlaps(mean, [t1, t2])
-            for k, v in zip(("R1", "R2", "Q", "eg1", "eg2"),
-                            (r1, r2, q, generalization_error(r1, q), generalization_error(r2, q))):
+            for k, v in zip(
+                ("R1", "R2", "Q", "eg1", "eg2"),
+                (r1, r2, q, generalization_error(r1, q), generalization_error(r2, q)),
+                strict=False,
+            ):
                 curve[k].append(v)
     return curve
 
 
-@experiment("variational-binary-cl", paper="variational-binary-cl", config=VariationalBinaryConfig,
-            summary="variational field-space binary CL vs metaplasticity, plain binary and EWC on permuted digits",
-            profiles={"smoke": {"seeds": 1, "epochs": 1, "n_tasks": 3, "hidden": 64, "meta_values": (20.0,),
-                                "perceptron_n": 60, "perceptron_epochs": 3},
-                      "full": {"seeds": 5, "epochs": 20, "n_tasks": 6, "image_size": 16, "hidden": 512,
-                               "meta_values": (0.5, 1.0, 1.35, 5.0, 20.0), "perceptron_n": 1000}})
+@experiment(
+    "variational-binary-cl",
+    paper="variational-binary-cl",
+    config=VariationalBinaryConfig,
+    summary="variational field-space binary CL vs metaplasticity, plain binary and EWC on permuted digits",
+    profiles={
+        "smoke": {
+            "seeds": 1,
+            "epochs": 1,
+            "n_tasks": 3,
+            "hidden": 64,
+            "meta_values": (20.0,),
+            "perceptron_n": 60,
+            "perceptron_epochs": 3,
+        },
+        "full": {
+            "seeds": 5,
+            "epochs": 20,
+            "n_tasks": 6,
+            "image_size": 16,
+            "hidden": 512,
+            "meta_values": (0.5, 1.0, 1.35, 5.0, 20.0),
+            "perceptron_n": 1000,
+        },
+    },
+)
 def run(config: VariationalBinaryConfig, ctx: RunContext) -> Results:
     seeds = [config.seed + k for k in range(config.seeds)]
     names = method_names(config)
@@ -181,8 +240,11 @@ def run(config: VariationalBinaryConfig, ctx: RunContext) -> Results:
     acc = {m: [average_accuracy(r["R"]) for r in rs] for m, rs in runs.items()}
     rows = []
     for m, rs in runs.items():
-        row = {"method": m, "average accuracy (%)": pm(acc[m]),
-               "forgetting (%)": pm([forgetting(r["R"]) for r in rs])}
+        row = {
+            "method": m,
+            "average accuracy (%)": pm(acc[m]),
+            "forgetting (%)": pm([forgetting(r["R"]) for r in rs]),
+        }
         if "sample" in rs[0]:
             row["sampled binary weights (%)"] = pm([float(np.mean(r["sample"])) for r in rs])
             row["noise-free mean pass (%)"] = pm([float(np.mean(r["mean"])) for r in rs])
@@ -193,34 +255,68 @@ def run(config: VariationalBinaryConfig, ctx: RunContext) -> Results:
     meta = [m for m in names if m.startswith("meta")]
     if var and meta and "binary" in names:
         best_var, best_meta = max(means[m] for m in var), max(means[m] for m in meta)
-        claims.append(Claim("variational ≥ metaplasticity > plain binary (average accuracy after the last task)",
-                            {f"acc({m})": means[m] for m in [*var, *meta, "binary"]},
-                            best_var >= best_meta > means["binary"], paper="variational-binary-cl"))
-        claims.append(Claim("each prior variant of the variational rule beats plain binary training",
-                            {f"acc({m})": means[m] for m in var},
-                            all(means[m] > means["binary"] for m in var), paper="variational-binary-cl"))
+        claims.append(
+            Claim(
+                "variational ≥ metaplasticity > plain binary (average accuracy after the last task)",
+                {f"acc({m})": means[m] for m in [*var, *meta, "binary"]},
+                best_var >= best_meta > means["binary"],
+                paper="variational-binary-cl",
+            )
+        )
+        claims.append(
+            Claim(
+                "each prior variant of the variational rule beats plain binary training",
+                {f"acc({m})": means[m] for m in var},
+                all(means[m] > means["binary"] for m in var),
+                paper="variational-binary-cl",
+            )
+        )
 
     curves = {str(w): [teacher_student(config, s, with_prior=w) for s in seeds] for w in (True, False)}
-    mean_curve = {w: {k: np.mean([c[k] for c in cs], axis=0).tolist() for k in cs[0]} for w, cs in curves.items()}
-    series = {f"{k} ({'prior' if w == 'True' else 'no prior'})": mean_curve[w][k]
-              for w in mean_curve for k in ("R1", "R2")}
-    fig = plots.curves(series, title="teacher–student binary perceptron: overlaps (task 1 then task 2)",
-                       xlabel="epoch (task 2 starts halfway)", ylabel="overlap R = m·w/N")
+    mean_curve = {
+        w: {k: np.mean([c[k] for c in cs], axis=0).tolist() for k in cs[0]} for w, cs in curves.items()
+    }
+    series = {
+        f"{k} ({'prior' if w == 'True' else 'no prior'})": mean_curve[w][k]
+        for w in mean_curve
+        for k in ("R1", "R2")
+    }
+    fig = plots.curves(
+        series,
+        title="teacher–student binary perceptron: overlaps (task 1 then task 2)",
+        xlabel="epoch (task 2 starts halfway)",
+        ylabel="overlap R = m·w/N",
+    )
     ctx.savefig(fig, "teacher_student_overlaps")
     r1_prior, r1_plain = mean_curve["True"]["R1"][-1], mean_curve["False"]["R1"][-1]
-    claims.append(Claim("teacher–student: the previous task as prior keeps more overlap with teacher 1",
-                        {"R1 end (prior)": r1_prior, "R1 end (no prior)": r1_plain,
-                         "R2 end (prior)": mean_curve["True"]["R2"][-1],
-                         "R2 end (no prior)": mean_curve["False"]["R2"][-1]},
-                        r1_prior > r1_plain, paper="variational-binary-cl"))
+    claims.append(
+        Claim(
+            "teacher–student: the previous task as prior keeps more overlap with teacher 1",
+            {
+                "R1 end (prior)": r1_prior,
+                "R1 end (no prior)": r1_plain,
+                "R2 end (prior)": mean_curve["True"]["R2"][-1],
+                "R2 end (no prior)": mean_curve["False"]["R2"][-1],
+            },
+            r1_prior > r1_plain,
+            paper="variational-binary-cl",
+        )
+    )
 
     for m, rs in runs.items():
         mean_R = np.mean(np.asarray([r["R"] for r in rs]), axis=0)
-        ctx.savefig(plots.heatmap(mean_R, title=f"{m}: accuracy matrix (mean over {len(rs)} seeds)"),
-                    f"accuracy_matrix_{m}")
-    notes = ["Variational networks are evaluated with the stochastic mean-field pass (the reference code's "
-             "evaluator); the sampled-binary column draws one binary network from q per evaluation.",
-             "Teacher–student: simulation only (the Franz–Parisi mean-field prediction is not computed)."]
-    return Results(tables={"Permuted digits, average accuracy after the last task": rows},
-                   claims=claims, notes=notes,
-                   data={"runs": runs, "seeds": seeds, "teacher_student": mean_curve})
+        ctx.savefig(
+            plots.heatmap(mean_R, title=f"{m}: accuracy matrix (mean over {len(rs)} seeds)"),
+            f"accuracy_matrix_{m}",
+        )
+    notes = [
+        "Variational networks are evaluated with the stochastic mean-field pass (the reference code's "
+        "evaluator); the sampled-binary column draws one binary network from q per evaluation.",
+        "Teacher–student: simulation only (the Franz–Parisi mean-field prediction is not computed).",
+    ]
+    return Results(
+        tables={"Permuted digits, average accuracy after the last task": rows},
+        claims=claims,
+        notes=notes,
+        data={"runs": runs, "seeds": seeds, "teacher_student": mean_curve},
+    )

@@ -18,8 +18,8 @@ gradient ``β²σ²(θ − θ_prior)``; :class:`VariationalFieldAdam` adds it to
 (β1 0.9, β2 0.99, ε 1e−8 as the reference code). Two prior variants:
 
 * ``prior="task"``: θ_prior is the field at the end of the previous task (the paper's framing; no KL term
-  on the first task, which has no previous task) — call :meth:`VariationalFieldAdam.consolidate` after each task, or
-  use :class:`ConsolidateField`;
+  on the first task, which has no previous task) — call :meth:`VariationalFieldAdam.consolidate` after
+  each task, or use :class:`ConsolidateField`;
 * ``prior="step"``: θ_prior is the field one optimisation step earlier, so the KL gradient is
   ``β²σ²Δθ_prev`` (what the reference code does: ``self.KL`` holds the previous displacement).
 
@@ -79,7 +79,9 @@ class VariationalBinaryLinear(nn.Module):
     (binary weights drawn from q, i.e. a real binary network).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, beta: float = 1.0, init_std: float = 1.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, beta: float = 1.0, init_std: float = 1.0
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.field = nn.Parameter(torch.randn(out_features, in_features) * init_std)  # θ₀ ~ N(0, 1)
@@ -101,11 +103,14 @@ class VariationalBinaryLinear(nn.Module):
 class VariationalBinaryMLP(nn.Module):
     """Flatten, binary layers with ReLU between them, binary output layer (784-512-512-10 in the paper)."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), *,
-                 beta: float = 1.0) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), *, beta: float = 1.0
+    ) -> None:
         super().__init__()
         widths = [in_features, *hidden, num_classes]
-        self.layers = nn.ModuleList(VariationalBinaryLinear(a, b, beta=beta) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(
+            VariationalBinaryLinear(a, b, beta=beta) for a, b in zip(widths, widths[1:], strict=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, ...) -> (B, classes)
         a = x.flatten(1)
@@ -142,7 +147,7 @@ def forward_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, m in zip(layers, before):
+        for layer, m in zip(layers, before, strict=False):
             layer.mode = m
 
 
@@ -189,13 +194,20 @@ class VariationalFieldAdam(torch.optim.Optimizer):
     just a callback that sets ``layer.beta``.
     """
 
-    def __init__(self, layers: Sequence[VariationalBinaryLinear], config: VariationalConfig = VariationalConfig(),
-                 *, kl_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        layers: Sequence[VariationalBinaryLinear],
+        config: VariationalConfig = VariationalConfig(),
+        *,
+        kl_weight: float = 1.0,
+    ) -> None:
         self.layers = list(layers)
         self.config = config
         self.kl_weight = kl_weight
-        super().__init__([layer.field for layer in self.layers],
-                         {"lr": config.lr, "betas": config.betas, "eps": config.eps})
+        super().__init__(
+            [layer.field for layer in self.layers],
+            {"lr": config.lr, "betas": config.betas, "eps": config.eps},
+        )
         for layer in self.layers:
             st = self.state[layer.field]
             st["prior"] = None  # no prior before the first consolidation
@@ -247,8 +259,9 @@ class BetaAnnealing(Callback):
 
     def on_batch(self, state, batch):  # noqa: ANN001, ANN201
         task = getattr(state.experience, "task_id", 0)
-        self.beta = annealed_beta(task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs,
-                                  beta_max=self.beta_max)
+        self.beta = annealed_beta(
+            task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.beta_max
+        )
         for layer in self.layers:
             layer.beta = self.beta
         return batch

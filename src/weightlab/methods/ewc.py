@@ -40,10 +40,15 @@ class EWCConfig:
             raise WeightlabError(f"fisher_samples must be ≥ 1, got {self.fisher_samples}")
 
 
-def diagonal_fisher(model: nn.Module, data: ArrayDataset, *, max_samples: int = 256,
-                    forward: ForwardFn = default_forward, loss_fn: LossFn = per_sample_cross_entropy,
-                    ) -> dict[str, Tensor]:
-    """Mean squared per-sample gradient of every trainable parameter over the first ``max_samples`` samples."""
+def diagonal_fisher(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    max_samples: int = 256,
+    forward: ForwardFn = default_forward,
+    loss_fn: LossFn = per_sample_cross_entropy,
+) -> dict[str, Tensor]:
+    """Mean squared per-sample gradient of each trainable parameter over the first ``max_samples`` samples."""
     if len(data) == 0:
         raise WeightlabError("cannot estimate the Fisher on an empty dataset")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +62,7 @@ def diagonal_fisher(model: nn.Module, data: ArrayDataset, *, max_samples: int = 
             batch = data.batch(slice(i, i + 1)).to(device)
             loss = loss_fn(forward(model, batch), batch.y).sum()
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (name, _), g in zip(params.items(), grads):
+            for (name, _), g in zip(params.items(), grads, strict=False):
                 if g is not None:
                     fisher[name] += g.detach() ** 2
     finally:
@@ -80,8 +85,9 @@ class EWC(Callback):
         forward: how the model is called on a batch (e.g. with task ids for a multi-head model).
     """
 
-    def __init__(self, model: nn.Module, config: EWCConfig = EWCConfig(), *,
-                 forward: ForwardFn = default_forward) -> None:
+    def __init__(
+        self, model: nn.Module, config: EWCConfig = EWCConfig(), *, forward: ForwardFn = default_forward
+    ) -> None:
         self.model = model
         self.config = config
         self.forward = forward
@@ -97,8 +103,10 @@ class EWC(Callback):
     def on_experience_end(self, state) -> None:  # noqa: ANN001
         data: Dataset | None = getattr(state.experience, "train", None)
         if not isinstance(data, ArrayDataset):
-            raise WeightlabError("EWC needs train(..., experience=Experience) whose .train is an ArrayDataset, "
-                                 f"got experience {type(state.experience).__name__}")
+            raise WeightlabError(
+                "EWC needs train(..., experience=Experience) whose .train is an ArrayDataset, "
+                f"got experience {type(state.experience).__name__}"
+            )
         new = diagonal_fisher(self.model, data, max_samples=self.config.fisher_samples, forward=self.forward)
         for name, f in new.items():
             # a parameter added since the last task (e.g. a new head) starts with zero importance
@@ -108,8 +116,10 @@ class EWC(Callback):
 
     def state(self) -> dict[str, Tensor]:
         """Tensors to checkpoint (``fisher.*`` and ``anchor.*``)."""
-        return {**{f"fisher.{k}": v for k, v in self.fisher.items()},
-                **{f"anchor.{k}": v for k, v in self.anchor.items()}}
+        return {
+            **{f"fisher.{k}": v for k, v in self.fisher.items()},
+            **{f"anchor.{k}": v for k, v in self.anchor.items()},
+        }
 
     def load(self, tensors: dict[str, Tensor]) -> None:
         self.fisher = {k[7:]: v for k, v in tensors.items() if k.startswith("fisher.")}

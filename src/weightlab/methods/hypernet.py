@@ -17,7 +17,7 @@ Generators: :class:`MLPHyperNet` (all ``P`` outputs at once), :class:`ChunkedMLP
 hypernetwork: an LSTM reads ``[e_t; c_k]`` for ``k = 1..K`` and emits chunk ``k`` from its hidden state, so a
 chunk depends on every earlier chunk; :meth:`LSTMHyperNet.grow` adds hidden units for new tasks).
 
-Assumptions for the RNN hypernetwork (the paper's method section was not available; none of these is verified):
+Assumptions for the RNN hypernetwork (the paper's method section was not available; none is verified):
 
 * one LSTM layer; the input at step ``k`` is ``[e_t; c_k]`` with learned chunk embeddings ``c_k`` shared
   across tasks; a linear read-out ``W_o h_k + b_o`` gives chunk ``k``; ``ω_t = concat(chunks)[:P]``;
@@ -58,7 +58,7 @@ def unflatten(flat: Tensor, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
     out, start = {}, 0
     for name, shape in shapes.items():
         n = math.prod(shape)
-        out[name] = flat[start:start + n].view(shape)
+        out[name] = flat[start : start + n].view(shape)
         start += n
     return out
 
@@ -88,8 +88,10 @@ class HyperNetwork(nn.Module, metaclass=abc.ABCMeta):
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         bad = [t for t in ids if not 0 <= t < self.n_tasks]
         if bad:
-            raise WeightlabError(f"task id {bad[0]} has no embedding (the hypernetwork knows {self.n_tasks} "
-                                 "tasks; call add_task() first)")
+            raise WeightlabError(
+                f"task id {bad[0]} has no embedding (the hypernetwork knows {self.n_tasks} "
+                "tasks; call add_task() first)"
+            )
         emb = torch.stack([self.embeddings[t] for t in ids])  # (T, E)
         weights = self.generate(emb)  # (T, P)
         return weights[0] if isinstance(task_ids, int) else weights
@@ -101,7 +103,7 @@ class HyperNetwork(nn.Module, metaclass=abc.ABCMeta):
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1]):
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=False):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-2], sizes[-1]))
     return nn.Sequential(*layers)
@@ -125,7 +127,9 @@ class _Chunked(HyperNetwork):
             raise WeightlabError(f"chunk_size must be ≥ 1, got {chunk_size}")
         self.chunk_size = chunk_size
         self.n_chunks = math.ceil(n_params / chunk_size)
-        self.chunk_embeddings = nn.Parameter(torch.randn(self.n_chunks, chunk_emb_dim))  # c_k, shared by tasks
+        self.chunk_embeddings = nn.Parameter(
+            torch.randn(self.n_chunks, chunk_emb_dim)
+        )  # c_k, shared by tasks
 
     def chunk_inputs(self, emb: Tensor) -> Tensor:
         """``[e_t; c_k]`` for every task and chunk: ``(T, K, E + C)``."""
@@ -144,8 +148,15 @@ class _Chunked(HyperNetwork):
 class ChunkedMLPHyperNet(_Chunked):
     """One MLP maps ``[e_t; c_k]`` to chunk ``k`` (hypnettorch's ``ChunkedHMLP``); chunks are independent."""
 
-    def __init__(self, n_params: int, *, chunk_size: int, emb_dim: int = 8, chunk_emb_dim: int = 8,
-                 hidden: Sequence[int] = (32,)) -> None:
+    def __init__(
+        self,
+        n_params: int,
+        *,
+        chunk_size: int,
+        emb_dim: int = 8,
+        chunk_emb_dim: int = 8,
+        hidden: Sequence[int] = (32,),
+    ) -> None:
         super().__init__(n_params, chunk_size=chunk_size, emb_dim=emb_dim, chunk_emb_dim=chunk_emb_dim)
         self.net = _mlp([emb_dim + chunk_emb_dim, *hidden, chunk_size])
 
@@ -154,10 +165,11 @@ class ChunkedMLPHyperNet(_Chunked):
 
 
 class LSTMHyperNet(_Chunked):
-    """The RNN hypernetwork: an LSTM over the chunk sequence, chunk ``k`` read out from hidden state ``h_k``."""
+    """The RNN hypernetwork: an LSTM over the chunks; chunk ``k`` is read out from hidden state ``h_k``."""
 
-    def __init__(self, n_params: int, *, chunk_size: int, emb_dim: int = 8, chunk_emb_dim: int = 8,
-                 hidden: int = 32) -> None:
+    def __init__(
+        self, n_params: int, *, chunk_size: int, emb_dim: int = 8, chunk_emb_dim: int = 8, hidden: int = 32
+    ) -> None:
         super().__init__(n_params, chunk_size=chunk_size, emb_dim=emb_dim, chunk_emb_dim=chunk_emb_dim)
         self.lstm = nn.LSTM(emb_dim + chunk_emb_dim, hidden, batch_first=True)
         self.readout = nn.Linear(hidden, chunk_size)
@@ -203,8 +215,10 @@ class HyperModel(nn.Module):
         super().__init__()
         shapes = param_shapes(target)
         if sum(math.prod(s) for s in shapes.values()) != hnet.n_params:
-            raise WeightlabError(f"the hypernetwork generates {hnet.n_params} weights but the target has "
-                                 f"{sum(math.prod(s) for s in shapes.values())}")
+            raise WeightlabError(
+                f"the hypernetwork generates {hnet.n_params} weights but the target has "
+                f"{sum(math.prod(s) for s in shapes.values())}"
+            )
         self._target = [target]  # a list, so that the target's own parameters are not registered
         self.shapes = shapes
         self.hnet = hnet
@@ -229,12 +243,14 @@ class HyperModel(nn.Module):
         return out
 
 
-def output_regularizer(hnet: HyperNetwork, targets: Tensor, task_ids: Sequence[int], *,
-                       importance: Tensor | None = None) -> Tensor:
+def output_regularizer(
+    hnet: HyperNetwork, targets: Tensor, task_ids: Sequence[int], *, importance: Tensor | None = None
+) -> Tensor:
     """``(1/|S|) Σ_{j∈S} Σ_p F_jp (target_jp − h(e_j)_p)²`` with ``targets`` ``(|S|, P)`` (F = 1 if None)."""
     if targets.shape != (len(task_ids), hnet.n_params):
-        raise WeightlabError(f"targets must have shape ({len(task_ids)}, {hnet.n_params}), got "
-                             f"{tuple(targets.shape)}")
+        raise WeightlabError(
+            f"targets must have shape ({len(task_ids)}, {hnet.n_params}), got {tuple(targets.shape)}"
+        )
     sq = (targets - hnet(list(task_ids))) ** 2  # (|S|, P)
     if importance is not None:
         sq = sq * importance
@@ -259,8 +275,8 @@ class HnetRegConfig:
 
 
 class OutputRegularizer(Callback):
-    """The output regulariser as a callback: targets ``h(e_j*, θ*)`` of tasks ``j < t`` are frozen at the start
-    of task ``t`` (``state.experience.task_id``), and ``β·R`` is added to every step's loss."""
+    """The output regulariser as a callback: targets ``h(e_j*, θ*)`` of tasks ``j < t`` are frozen at the
+    start of task ``t`` (``state.experience.task_id``), and ``β·R`` is added to every step's loss."""
 
     def __init__(self, model: HyperModel, config: HnetRegConfig = HnetRegConfig()) -> None:
         self.model, self.config = model, config
@@ -280,15 +296,18 @@ class OutputRegularizer(Callback):
             pick = torch.randperm(len(ids), generator=state.generator)[: self.config.n_sampled]
             ids = sorted(pick.tolist())
         imp = torch.stack([self.importance[j] for j in ids]) if self.config.importance else None
-        return loss + self.config.beta * output_regularizer(self.model.hnet, self.targets[ids], ids, importance=imp)
+        return loss + self.config.beta * output_regularizer(
+            self.model.hnet, self.targets[ids], ids, importance=imp
+        )
 
     def on_experience_end(self, state) -> None:  # noqa: ANN001
         if not self.config.importance:
             return
         task = int(getattr(state.experience, "task_id", 0))
         data = state.experience.train
-        self.importance.append(weight_importance(self.model, data.batch(slice(0, self.config.fisher_samples)),
-                                                 task))
+        self.importance.append(
+            weight_importance(self.model, data.batch(slice(0, self.config.fisher_samples)), task)
+        )
 
 
 def weight_importance(model: HyperModel, batch: Batch, task_id: int) -> Tensor:
@@ -298,8 +317,8 @@ def weight_importance(model: HyperModel, batch: Batch, task_id: int) -> Tensor:
     fisher = torch.zeros_like(flat)
     for i in range(len(batch)):
         w = flat.clone().requires_grad_(True)
-        logits = functional_call(model.target, unflatten(w, model.shapes), (batch.x[i:i + 1],))
-        (g,) = torch.autograd.grad(per_sample_cross_entropy(logits, batch.y[i:i + 1]).sum(), w)
+        logits = functional_call(model.target, unflatten(w, model.shapes), (batch.x[i : i + 1],))
+        (g,) = torch.autograd.grad(per_sample_cross_entropy(logits, batch.y[i : i + 1]).sum(), w)
         fisher += g**2
     fisher /= max(len(batch), 1)
     return fisher / fisher.mean().clamp_min(1e-12)

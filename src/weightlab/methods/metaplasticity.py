@@ -56,12 +56,12 @@ class BinaryMLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256)) -> None:
         super().__init__()
         widths = [in_features, *hidden, num_classes]
-        self.linears = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths, widths[1:]))
+        self.linears = nn.ModuleList(BinaryLinear(a, b) for a, b in zip(widths, widths[1:], strict=False))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b, track_running_stats=False) for b in widths[1:])
 
     def forward(self, x: Tensor) -> Tensor:  # (B, ...) -> (B, classes)
         a = x.flatten(1)
-        for i, (lin, norm) in enumerate(zip(self.linears, self.norms)):
+        for i, (lin, norm) in enumerate(zip(self.linears, self.norms, strict=False)):
             a = norm(lin(a))
             if i < len(self.linears) - 1:
                 a = sign_ste(a)
@@ -71,8 +71,8 @@ class BinaryMLP(nn.Module):
 def meta_factor(hidden: Tensor, update_direction: Tensor, m: float) -> Tensor:
     """The factor on the first moment: ``1 − tanh²(m·|W_h|)`` where ``sign(W_h)·exp_avg > 0``, else 1.
 
-    ``update_direction`` is Adam's ``exp_avg``; the step is ``−lr·exp_avg/denom``, so ``sign(W_h)·exp_avg > 0``
-    means the step decreases ``|W_h|``, i.e. moves the weight towards a sign flip.
+    ``update_direction`` is Adam's ``exp_avg``; the step is ``−lr·exp_avg/denom``, so
+    ``sign(W_h)·exp_avg > 0`` means the step decreases ``|W_h|``, i.e. moves the weight towards a sign flip.
     """
     towards_flip = torch.sign(hidden) * update_direction > 0
     damp = 1.0 - torch.tanh(m * hidden.abs()) ** 2
@@ -110,9 +110,10 @@ class MetaplasticAdam(torch.optim.Optimizer):
         ids = {id(p) for p in binary}
         rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
         groups = [{"params": binary, "meta": config.m}, {"params": rest, "meta": 0.0}]
-        super().__init__([g for g in groups if g["params"]],
-                         {"lr": config.lr, "betas": config.betas, "eps": config.eps,
-                          "weight_decay": config.weight_decay})
+        super().__init__(
+            [g for g in groups if g["params"]],
+            {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay},
+        )
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # noqa: ANN001 - torch signature
