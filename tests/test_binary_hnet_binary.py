@@ -1,4 +1,4 @@
-"""Variational binary layers, the field-space update, metaplasticity and EWC (known answers and properties)."""
+"""Variational binary layers, the field-space update, metaplasticity and EWC (known answers, properties)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_sampling_frequency_matches_the_mean() -> None:
 
 
 def test_autograd_gives_the_paper_field_update() -> None:
-    """dL/dθ_ij = Σ_b K_bi (β a_bj/√N − β ε_bi a_bj² m_ij / (N v_bi)) σ²_ij for the mean-field preactivation."""
+    """dL/dθ_ij = Σ_b K_bi (β a_bj/√N − β ε_bi a_bj² m_ij / (N v_bi)) σ²_ij (mean-field preactivation)."""
     torch.manual_seed(1)
     n_in, n_out, beta = 5, 3, 1.7
     layer = VariationalBinaryLinear(n_in, n_out, beta=beta)
@@ -122,7 +122,8 @@ def test_optimizer_adds_the_kl_term_for_both_priors() -> None:
     before = layer.field.detach().clone()
     step.step()
     delta = layer.field.detach() - before
-    torch.testing.assert_close(delta, torch.full((2, 3), -0.01), atol=1e-6, rtol=0)  # first Adam step: −lr·sign
+    # the first Adam step is −lr·sign(grad)
+    torch.testing.assert_close(delta, torch.full((2, 3), -0.01), atol=1e-6, rtol=0)
     _, var = field_moments(layer.field.detach(), 2.0)
     torch.testing.assert_close(step.kl_gradient(layer), 4.0 * var * delta)
 
@@ -250,6 +251,7 @@ def test_ewc_penalty_and_callback() -> None:
     assert ewc.loss(None, None, None, base).item() > 1.0
     restored = EWC(model, EWCConfig(lam=10.0))
     restored.load(ewc.state())
-    assert restored.loss(None, None, None, base).item() == pytest.approx(ewc.loss(None, None, None, base).item())
+    penalised = ewc.loss(None, None, None, base).item()
+    assert restored.loss(None, None, None, base).item() == pytest.approx(penalised)
     with pytest.raises(WeightlabError, match="EWC needs train"):
         train(model, data, TrainConfig(epochs=1, batch_size=8), callbacks=[ewc])

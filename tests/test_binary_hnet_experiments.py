@@ -72,5 +72,6 @@ def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:  # noqa
     assert "unknown scenario 'rotated'" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "n_tasks=3", "--out", str(tmp_path / "c")]) == 2
     assert "n_tasks must be ≥ 2 and divide the 10 classes, got 3" in capsys.readouterr().err
-    assert main(["run", "variational-binary-cl", "--set", "meta_values=-1", "--out", str(tmp_path / "d")]) == 2
+    argv = ["run", "variational-binary-cl", "--set", "meta_values=-1", "--out", str(tmp_path / "d")]
+    assert main(argv) == 2
     assert "meta_values must be ≥ 0" in capsys.readouterr().err
