@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from weightlab.data import digits, domain_incremental, task_incremental
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.variational_binary_cl import save_mean_heatmaps
 from weightlab.methods.ewc import EWC, EWCConfig
 from weightlab.methods.hypernet import (
     ChunkedMLPHyperNet,
@@ -35,7 +35,6 @@ from weightlab.methods.hypernet import (
     count_parameters,
 )
 from weightlab.models import MLP, MultiHead
-from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy_row, average_accuracy, forgetting, train
@@ -234,12 +233,7 @@ def run(config: RnnHypernetConfig, ctx: RunContext) -> Results:
                     paper="rnn-hypernetwork",
                 )
             )
-        for m, rs in runs.items():
-            mean_R = np.mean(np.asarray([r["R"] for r in rs]), axis=0)
-            ctx.savefig(
-                plots.heatmap(mean_R, title=f"{scenario} / {m}: accuracy matrix"),
-                f"accuracy_matrix_{scenario}_{m}",
-            )
+        save_mean_heatmaps(ctx, runs, prefix=f"{scenario} / ")
         data[scenario] = runs
     notes = [
         "The RNN hypernetwork has no public code; see the assumptions in weightlab.methods.hypernet and "

@@ -80,6 +80,14 @@ class VariationalBinaryConfig:
             raise WeightlabError(f"n_tasks must be ≥ 2 for continual learning, got {self.n_tasks}")
 
 
+def save_mean_heatmaps(ctx: RunContext, runs: dict[str, list[dict]], *, prefix: str = "") -> None:
+    """One plot per method: the accuracy matrix ``runs[m][seed]["R"]`` averaged over seeds."""
+    for m, rs in runs.items():
+        mean_R = np.mean(np.asarray([r["R"] for r in rs]), axis=0)
+        title = f"{prefix}{m}: accuracy matrix (mean over {len(rs)} seeds)"
+        ctx.savefig(plots.heatmap(mean_R, title=title), f"accuracy_matrix_{prefix.replace(' / ', '_')}{m}")
+
+
 def method_names(config: VariationalBinaryConfig) -> list[str]:
     names = []
     for m in config.methods:
@@ -303,12 +311,7 @@ def run(config: VariationalBinaryConfig, ctx: RunContext) -> Results:
         )
     )
 
-    for m, rs in runs.items():
-        mean_R = np.mean(np.asarray([r["R"] for r in rs]), axis=0)
-        ctx.savefig(
-            plots.heatmap(mean_R, title=f"{m}: accuracy matrix (mean over {len(rs)} seeds)"),
-            f"accuracy_matrix_{m}",
-        )
+    save_mean_heatmaps(ctx, runs)
     notes = [
         "Variational networks are evaluated with the stochastic mean-field pass (the reference code's "
         "evaluator); the sampled-binary column draws one binary network from q per evaluation.",
