@@ -69,6 +69,7 @@ class VariationalBinaryConfig:
     perceptron_alpha: float = 3.0
     teacher_overlap: float = 0.5
     perceptron_epochs: int = 20
+    perceptron_beta: float = 1.0  # fixed β (an annealed β saturates the fields and freezes task 2)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -197,7 +198,7 @@ def teacher_student(
         if task > 0:
             opt.consolidate()
         for epoch in range(epochs):
-            student.layer.beta = config.beta_max * float(np.tanh(0.1 + (task * epochs + epoch + 1) / epochs))
+            student.layer.beta = config.perceptron_beta
             train(
                 student,
                 data,
