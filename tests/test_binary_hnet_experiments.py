@@ -9,6 +9,7 @@ import torch
 
 from weightlab.cli import main
 from weightlab.data import digits, domain_incremental
+from weightlab.experiments.base import run_experiment
 from weightlab.methods.binary_cl import (
     BetaAnnealing,
     VariationalBinaryMLP,
@@ -17,6 +18,7 @@ from weightlab.methods.binary_cl import (
     binary_layers,
 )
 from weightlab.methods.metaplasticity import BinaryMLP, MetaplasticAdam, MetaplasticityConfig
+from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy, train
 
 
@@ -75,3 +77,24 @@ def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:  # noqa
     argv = ["run", "variational-binary-cl", "--set", "meta_values=-1", "--out", str(tmp_path / "d")]
     assert main(argv) == 2
     assert "meta_values must be ≥ 0" in capsys.readouterr().err
+
+
+def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Growth and importance weights survive an interruption after the first experience."""
+    sets = {"seeds": "1", "steps": "5", "n_tasks": "2", "scenarios": "split", "methods": "rnn-hnet-grow",
+            "fisher_samples": "8"}
+    _, reference = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "ref", overrides=sets)
+    original = RunContext.save_state
+
+    def crash_after_first(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.saves == 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunContext, "save_state", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "cut", overrides=sets)
+    monkeypatch.setattr(RunContext, "save_state", original)
+    _, resumed = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "cut", overrides=sets,
+                                resume=True)
+    assert resumed.data["split"] == reference.data["split"]
