@@ -317,6 +317,9 @@ def run(config: VariationalBinaryConfig, ctx: RunContext) -> Results:
         "Variational networks are evaluated with the stochastic mean-field pass (the reference code's "
         "evaluator); the sampled-binary column draws one binary network from q per evaluation.",
         "Teacher–student: simulation only (the Franz–Parisi mean-field prediction is not computed).",
+        "variational-task uses kl_weight = 1/n_train (free energy per sample) and no KL on the first task; "
+        "metaplasticity needs m far above the paper's 1.35 here because |W_h| stays below ~0.5 in a few "
+        "hundred steps (m·|W_h| sets the damping).",
     ]
     return Results(
         tables={"Permuted digits, average accuracy after the last task": rows},
