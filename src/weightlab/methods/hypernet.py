@@ -227,6 +227,10 @@ class HyperModel(nn.Module):
     def target(self) -> nn.Module:
         return self._target[0]
 
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        self._target[0]._apply(fn, *args, **kwargs)  # ``.to(device)`` moves the target's buffers too
+        return super()._apply(fn, *args, **kwargs)
+
     def target_weights(self, task_id: int) -> dict[str, Tensor]:
         return unflatten(self.hnet(task_id), self.shapes)
 
