@@ -225,11 +225,11 @@ def teacher_student(
         "smoke": {
             "seeds": 1,
             "epochs": 1,
-            "n_tasks": 3,
-            "hidden": 64,
+            "n_tasks": 2,
+            "hidden": 32,
             "meta_values": (20.0,),
             "perceptron_n": 60,
-            "perceptron_epochs": 3,
+            "perceptron_epochs": 2,
         },
         "full": {
             "seeds": 5,
