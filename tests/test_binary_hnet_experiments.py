@@ -10,6 +10,7 @@ import torch
 from weightlab.cli import main
 from weightlab.data import digits, domain_incremental
 from weightlab.experiments.base import run_experiment
+from weightlab.experiments.rnn_hypernetwork import RnnHypernetConfig, make_hnet
 from weightlab.methods.binary_cl import (
     BetaAnnealing,
     VariationalBinaryMLP,
@@ -17,6 +18,7 @@ from weightlab.methods.binary_cl import (
     VariationalFieldAdam,
     binary_layers,
 )
+from weightlab.methods.hypernet import ChunkedMLPHyperNet, count_parameters
 from weightlab.methods.metaplasticity import BinaryMLP, MetaplasticAdam, MetaplasticityConfig
 from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy, train
@@ -98,3 +100,13 @@ def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, mon
     _, resumed = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "cut", overrides=sets,
                                 resume=True)
     assert resumed.data["split"] == reference.data["split"]
+
+
+def test_parameter_matched_chunked_hypernet_has_at_least_the_lstm_budget() -> None:
+    config = RnnHypernetConfig()
+    lstm = count_parameters(make_hnet(config, "rnn-hnet", 8970))
+    plain = count_parameters(make_hnet(config, "chunked-hnet", 8970))
+    matched = make_hnet(config, "chunked-hnet-matched", 8970)
+    width = matched.net[0].out_features
+    narrower = ChunkedMLPHyperNet(8970, chunk_size=config.chunk_size, hidden=(width - 1,))
+    assert plain < lstm <= count_parameters(matched) and count_parameters(narrower) < lstm
