@@ -192,6 +192,11 @@ class VariationalFieldAdam(torch.optim.Optimizer):
 
     Pass it to :func:`weightlab.train.train` as ``optimizer=``. It reads β from each layer, so β annealing is
     just a callback that sets ``layer.beta``.
+
+    Args:
+        layers: the binary layers whose fields are optimised (:func:`binary_layers` of a model).
+        config: learning rate, Adam constants and the prior variant.
+        kl_weight: the factor actually applied, usually ``config.resolved_kl_weight(n_train=…, batch_size=…)``.
     """
 
     def __init__(
