@@ -196,7 +196,7 @@ class VariationalFieldAdam(torch.optim.Optimizer):
     Args:
         layers: the binary layers whose fields are optimised (:func:`binary_layers` of a model).
         config: learning rate, Adam constants and the prior variant.
-        kl_weight: the factor actually applied, usually ``config.resolved_kl_weight(n_train=…, batch_size=…)``.
+        kl_weight: the factor applied, usually ``config.resolved_kl_weight(n_train=…, batch_size=…)``.
     """
 
     def __init__(
