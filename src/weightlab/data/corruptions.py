@@ -52,7 +52,8 @@ FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # (image we
 FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # (strength, wibble decay)
 BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
 CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
-ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))  # × side
+# (displacement alpha, displacement sigma, affine jitter), each × the image side
+ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
 PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
 JPEG_QUALITY = (80, 65, 58, 50, 40)
 
@@ -155,7 +156,7 @@ def _clipped_zoom(x: Tensor, factor: float) -> Tensor:
 
 def plasma_fractal(n: int, mapsize: int, decay: float, *, generator: torch.Generator | None = None,
                    like: Tensor | None = None) -> Tensor:
-    """``(n, mapsize, mapsize)`` diamond-square height maps in [0, 1] (fog, frost); ``mapsize`` a power of 2."""
+    """``(n, mapsize, mapsize)`` diamond-square height maps in [0, 1]; ``mapsize`` is a power of 2."""
     like = torch.empty(0) if like is None else like
     maps = torch.zeros(n, mapsize, mapsize, device=like.device)
     step, wibble = mapsize, 100.0
@@ -170,8 +171,10 @@ def plasma_fractal(n: int, mapsize: int, decay: float, *, generator: torch.Gener
         squares = squares + squares.roll(-1, 2)
         maps[:, half::step, half::step] = wibbled_mean(squares)
         centres, corners = maps[:, half::step, half::step], maps[:, 0::step, 0::step]
-        maps[:, 0::step, half::step] = wibbled_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        maps[:, half::step, 0::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        edges_a = centres + centres.roll(1, 1) + corners + corners.roll(-1, 2)
+        edges_b = centres + centres.roll(1, 2) + corners + corners.roll(-1, 1)
+        maps[:, 0::step, half::step] = wibbled_mean(edges_a)
+        maps[:, half::step, 0::step] = wibbled_mean(edges_b)
         step, wibble = half, wibble / decay
     flat = maps.flatten(1)
     flat = flat - flat.min(1, keepdim=True).values
@@ -214,11 +217,12 @@ def _frost_texture(n: int, channels: int, h: int, w: int, g: torch.Generator | N
 
 
 # JPEG (ITU T.81 Annex K tables, libjpeg quality scaling)
-_JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-              14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+_JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+              14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+              18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
               49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
-_JPEG_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
-                47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+_JPEG_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+                24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
 
 
 def _jpeg_table(base: tuple[int, ...], quality: int) -> Tensor:
@@ -236,7 +240,7 @@ def _dct_matrix() -> Tensor:
 
 
 def _jpeg_plane(plane: Tensor, table: Tensor) -> Tensor:
-    """Encode and decode ``(N, 1, H, W)`` samples in 0..255 (H, W multiples of 8) with quantisation ``table``."""
+    """Encode and decode ``(N, 1, H, W)`` samples in 0..255 (sides multiples of 8), quantised by ``table``."""
     n, _, h, w = plane.shape
     d = _dct_matrix().to(plane)
     blocks = (plane - 128).view(n, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)  # (N, H/8, W/8, 8, 8)
@@ -260,8 +264,8 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
         cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
         cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
         y = _jpeg_plane(y, luma_table)
-        cb, cr = (F.interpolate(_jpeg_plane(F.avg_pool2d(p, 2), chroma_table), scale_factor=2, mode="bilinear",
-                                align_corners=False) for p in (cb, cr))
+        cb, cr = (F.interpolate(_jpeg_plane(F.avg_pool2d(p, 2), chroma_table), scale_factor=2,
+                                mode="bilinear", align_corners=False) for p in (cb, cr))
         out = torch.cat([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
                          y + 1.772 * (cb - 128)], 1)
     return torch.round(out[..., :h, :w].clamp(0, 255)) / 255
@@ -292,7 +296,8 @@ def _corruption(x: Tensor, name: str, s: int, g: torch.Generator | None) -> Tens
         batch = torch.arange(n, device=x.device)[:, None, None]
         dev = g.device if g is not None else x.device
         for _ in range(iterations):
-            dy, dx = torch.randint(-delta, delta, (2, n, len(rows0), len(cols0)), generator=g, device=dev).to(x.device)
+            dy, dx = torch.randint(-delta, delta, (2, n, len(rows0), len(cols0)), generator=g,
+                                   device=dev).to(x.device)
             src = out[batch, :, rows0[None, :, None] + dy, cols0[None, None, :] + dx].permute(0, 3, 1, 2)
             out = out.clone()
             out[:, :, delta + 1: h - delta + 1, delta + 1: w - delta + 1] = src  # (N, C, h', w')
@@ -344,14 +349,17 @@ def _corruption(x: Tensor, name: str, s: int, g: torch.Generator | None) -> Tens
     raise AssertionError(name)  # unreachable: names are checked in corrupt()
 
 
-def _elastic(x: Tensor, s: int, g: torch.Generator | None) -> Tensor:
-    """Random affine warp of three points, then a smoothed random displacement field (reflect borders)."""
+def _elastic(x: Tensor, s: int, g: torch.Generator | None, *, affine: bool = True) -> Tensor:
+    """Random affine warp of three points, then a smoothed random displacement field (reflect borders).
+
+    ``affine=False`` keeps only the non-rigid displacement (used by the tests).
+    """
     n, _, h, w = x.shape
     alpha, sigma, jitter = (v * h for v in ELASTIC[s])
     centre, half = float(h // 2), float(h // 3)
     pts = x.new_tensor([[centre + half, centre + half], [centre + half, centre - half],
                         [centre - half, centre - half]]).expand(n, 3, 2)  # (N, 3, 2) as (x, y)
-    moved = pts + _uniform((n, 3, 2), -jitter, jitter, g, x)
+    moved = pts + _uniform((n, 3, 2), -jitter, jitter, g, x) * float(affine)
     # the affine map from destination to source: source = A @ [dest, 1]
     ones = torch.ones(n, 3, 1, device=x.device)
     a = torch.linalg.solve(torch.cat([moved, ones], 2), pts).transpose(1, 2)  # (N, 2, 3)
