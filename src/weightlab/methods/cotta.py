@@ -53,7 +53,8 @@ class CoTTAConfig:
         symmetric_loss: the ImageNet variant's ``−½Σ t̂ log ŝ − ½Σ ŝ log t̂`` instead of ``−Σ t̂ log ŝ``.
         always_augment: compute the augmented passes on every batch as the CIFAR code does (pure cost: the
             output is the same).
-        soft_augment, noise_std: the augmentation ranges (``soft=False``, σ 0.005 in the reference).
+        soft_augment, noise_std, flip_prob: the augmentation ranges (``soft=False``, σ 0.005 and horizontal
+            flips with probability 0.5 in the reference; set ``flip_prob=0`` for digits or text).
         augmentation, augment_chunk: how the passes run (see the module docstring) and how many copies one
             batched computation holds (memory bound).
         steps, episodic: updates per batch (1); reset before every batch (False: continual).
@@ -74,6 +75,7 @@ class CoTTAConfig:
     always_augment: bool = False
     soft_augment: bool = False
     noise_std: float = 0.005
+    flip_prob: float = 0.5
     augmentation: Literal["auto", "sequential", "batched"] = "auto"
     augment_chunk: int = 32
     steps: int = 1
@@ -94,6 +96,7 @@ class CoTTAConfig:
             (self.augment_chunk >= 1, f"augment_chunk must be ≥ 1, got {self.augment_chunk}"),
             (self.steps >= 1, f"steps must be ≥ 1, got {self.steps}"),
             (self.noise_std >= 0, f"noise_std must be ≥ 0, got {self.noise_std}"),
+            (0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -213,7 +216,8 @@ class CoTTA(nn.Module):
         cfg = self.config
         batched = self._batched(x.device) if batched is None else batched
         params = sample_params(cfg.n_augmentations, tuple(x.shape), generator=self._generator("augment", x.device),
-                               soft=cfg.soft_augment, noise_std=cfg.noise_std, device=x.device)
+                               soft=cfg.soft_augment, noise_std=cfg.noise_std, flip_prob=cfg.flip_prob,
+                               device=x.device)
         if batched:
             outs = []
             for start in range(0, cfg.n_augmentations, cfg.augment_chunk):

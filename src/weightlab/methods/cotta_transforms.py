@@ -55,9 +55,11 @@ class AugmentParams:
 
 
 def sample_params(k: int, shape: tuple[int, ...], *, generator: torch.Generator, soft: bool = False,
-                  noise_std: float = 0.005, device: torch.device | str = "cpu") -> AugmentParams:
+                  noise_std: float = 0.005, flip_prob: float = 0.5,
+                  device: torch.device | str = "cpu") -> AugmentParams:
     """Draw the parameters of ``k`` copies for a batch of ``shape`` ``(B, C, H, W)`` (``soft``: the milder
-    ranges of the reference's ``soft=True``)."""
+    ranges of the reference's ``soft=True``; ``flip_prob``: 0.5 in the reference, 0 for images such as
+    digits whose mirror image is another class)."""
     gdev = generator.device
 
     def uniform(lo: float, hi: float, *size: int) -> Tensor:
@@ -77,7 +79,7 @@ def sample_params(k: int, shape: tuple[int, ...], *, generator: torch.Generator,
         translate=torch.round(uniform(-max_shift, max_shift, 2)),
         scale=uniform(0.95, 1.05) if soft else uniform(0.9, 1.1),
         sigma=uniform(0.001, 0.25) if soft else uniform(0.001, 0.5),
-        flip=torch.rand(k, generator=generator, device=gdev) < 0.5,
+        flip=torch.rand(k, generator=generator, device=gdev) < flip_prob,
         noise=noise_std * torch.randn(k, *shape, generator=generator, device=gdev),
     )
     return AugmentParams(**{name: value.to(device) for name, value in params.items()})
