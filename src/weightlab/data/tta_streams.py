@@ -65,7 +65,8 @@ def corrupted(data: ArrayDataset, corruption: str, severity: int, *, seed: int =
             raise WeightlabError(f"n must be between 1 and the {len(data)} images, got {n}")
         order = order[:n]
     x = data.x[order]
-    out = torch.cat([corrupt(x[i: i + chunk], corruption, severity, generator=g) for i in range(0, len(x), chunk)])
+    parts = [corrupt(x[i: i + chunk], corruption, severity, generator=g) for i in range(0, len(x), chunk)]
+    out = torch.cat(parts)
     return ArrayDataset(out, data.y[order])
 
 
@@ -104,5 +105,7 @@ def cifar10c_stream(root: str | Path, *, severity: int = 5, corruptions: Sequenc
     stream = []
     for c in corruptions:
         data = load_cifar10c(root, c, severity)
-        stream.append(Domain(c, severity, data if n is None else data.subset(torch.arange(min(n, len(data))))))
+        if n is not None:
+            data = data.subset(torch.arange(min(n, len(data))))
+        stream.append(Domain(c, severity, data))
     return stream

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from weightlab.data import digits
 from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.data.tta_streams import Domain, continual_stream, repeated
+from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule
 from weightlab.methods.tent import BNAdapt, Tent, TentConfig
@@ -34,8 +35,9 @@ from weightlab.utils import derive_seed, seed_everything
 METHODS = ("source", "bn_adapt", "tent", "cotta")
 LABELS = {"source": "Source", "bn_adapt": "BN adapt", "tent": "Tent-continual", "cotta": "CoTTA"}
 PAPER_CIFAR10C = {"source": 43.5, "bn_adapt": 20.4, "tent": 20.7, "cotta": 16.2}  # Table 2, WRN-28, error %
-SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impulse", "defocus_blur": "defocus",
-         "glass_blur": "glass", "motion_blur": "motion", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
+SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impulse",
+         "defocus_blur": "defocus", "glass_blur": "glass", "motion_blur": "motion", "zoom_blur": "zoom",
+         "snow": "snow", "frost": "frost",
          "fog": "fog", "brightness": "bright", "contrast": "contrast", "elastic_transform": "elastic",
          "pixelate": "pixel", "jpeg_compression": "jpeg"}
 
@@ -61,6 +63,20 @@ class CoTTAExperimentConfig:
     restore_prob: float = 0.01
     ema_momentum: float = 0.999
     flip_prob: float = 0.0  # the reference flips half the augmented copies; a mirrored digit is another digit
+
+    def __post_init__(self) -> None:
+        for name in self.corruptions:
+            if name not in CORRUPTIONS:
+                raise WeightlabError(f"unknown corruption {name!r}; expected one of: "
+                                     f"{', '.join(CORRUPTIONS)}")
+        for method in self.methods:
+            if method not in METHODS:
+                raise WeightlabError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+        if self.severity not in range(1, 6):
+            raise WeightlabError(f"severity must be an integer from 1 to 5, got {self.severity!r}")
+        if self.rounds < 1 or self.seeds < 1 or self.batch_size < 1:
+            raise WeightlabError(f"rounds, seeds and batch_size must be ≥ 1, got {self.rounds}, "
+                                 f"{self.seeds}, {self.batch_size}")
 
 
 def source_model(config: CoTTAExperimentConfig, ctx: RunContext) -> tuple[SmallCNN, dict[str, float]]:
@@ -151,8 +167,8 @@ def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
         row["paper CIFAR10-C mean"] = PAPER_CIFAR10C[m]
         table.append(row)
     per_round = {m: e.mean(2) for m, e in errors.items()}  # (seeds, rounds)
-    rounds_table = [{"method": LABELS[m], **{f"round {r + 1}": pm(v[:, r], scale=1.0) for r in range(v.shape[1])}}
-                    for m, v in per_round.items()]
+    rounds_table = [{"method": LABELS[m], **{f"round {r + 1}": pm(v[:, r], scale=1.0)
+                                             for r in range(v.shape[1])}} for m, v in per_round.items()]
 
     claims = []
     means = {m: mean_std(v)[0] for m, v in first.items()}
@@ -160,7 +176,7 @@ def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
         claims.append(Claim("mean error CoTTA < Tent ≤ BN-adapt < source (round 1, severity 5)",
                             {f"error({m})": means[m] for m in METHODS},
                             means["cotta"] < means["tent"] <= means["bn_adapt"] < means["source"],
-                            paper="CIFAR10-C: 16.2 < 20.7 vs 20.4 < 43.5 (Tent > BN-adapt in the paper itself)"))
+                            paper="CIFAR10-C: 16.2 < 20.7 vs 20.4 < 43.5 (so Tent > BN-adapt in the paper)"))
     if {"tent", "cotta"} <= set(config.methods) and config.rounds > 1:
         growth = {m: mean_std(per_round[m][:, -1] - per_round[m][:, 0])[0] for m in ("tent", "cotta")}
         claims.append(Claim(f"Tent's error grows over {config.rounds} rounds while CoTTA's does not "
@@ -172,11 +188,14 @@ def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
     series = {LABELS[m]: v.mean(0).tolist() for m, v in per_round.items()}
     band = {LABELS[m]: v.std(0).tolist() for m, v in per_round.items()}
     ctx.savefig(plots.curves(series, band=band, x=list(range(1, config.rounds + 1)), xlabel="round",
-                             ylabel="mean error (%)", title=f"{len(seeds)} seeds, severity {config.severity}"),
+                             ylabel="mean error (%)",
+                             title=f"{len(seeds)} seeds, severity {config.severity}"),
                 "error_per_round")
+    how = "rule: 5% quantile of source confidence − 0.05" if config.anchor_threshold is None else "set"
     notes = [f"source model: clean test error {info['clean_test_error']:.1f}%; anchor threshold "
-             f"{threshold:.3f} ({'rule: 5% quantile of source confidence − 0.05' if config.anchor_threshold is None else 'set'})",
-             f"{config.n_per_domain} images per corruption, batch {config.batch_size}, {config.rounds} rounds"]
+             f"{threshold:.3f} ({how})",
+             f"{config.n_per_domain} images per corruption, batch {config.batch_size}, "
+             f"{config.rounds} rounds"]
     if "cotta" in runs:
         frac = float(np.mean([r["augmented_fraction"] for r in runs["cotta"]]))
         notes.append(f"CoTTA used the augmented teacher on {100 * frac:.0f}% of the batches")

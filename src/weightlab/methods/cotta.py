@@ -1,17 +1,17 @@
 """CoTTA: continual test-time adaptation (paper key ``cotta``; Wang, Fink, Van Gool, Dai, CVPR'22), as
 ``qinenergy/cotta:cifar/cotta.py`` runs it.
 
-Per test batch ``x``: the student predicts ``s = student(x)``; the frozen anchor (the source weights, BatchNorm
-on batch statistics) gives its batch-mean confidence ``mean(max softmax(anchor(x)))``; if that is below
-``anchor_threshold`` the teacher's target is the mean of ``n_augmentations`` augmented teacher passes (logits),
-else ``teacher(x)``. The student takes one step on the soft cross-entropy ``−Σ softmax(t)·log_softmax(s)``
+Per test batch ``x``: the student predicts ``s = student(x)``; the frozen anchor (the source weights,
+BatchNorm on batch statistics) gives its batch-mean confidence ``mean(max softmax(anchor(x)))``; if that is
+below ``anchor_threshold`` the teacher's target is the mean of ``n_augmentations`` augmented teacher passes
+(logits), else ``teacher(x)``. The student takes one step on the soft cross-entropy ``−Σ softmax(t)·log_softmax(s)``
 (symmetric in the ImageNet variant); the teacher follows by EMA ``θ' ← m·θ' + (1 − m)·θ``; then every
 element of every weight and bias of the student is restored to the source value with probability
 ``restore_prob``. The prediction is the teacher's target ``t``.
 
     model = CoTTA(source_model, CoTTAConfig())       # CIFAR settings; CoTTAConfig.imagenet() for ImageNet-C
     for x in stream: logits = model(x)               # adapts on every call
-    model.reset()                                    # back to the source (student, teacher, anchor, optimiser)
+    model.reset()                                    # back to the source: student, teacher, anchor, optimiser
 
 Speed without changing the numbers: teacher and anchor run without autograd; the augmented passes run only
 when the anchor is not confident (the CIFAR code computes them on every batch and discards them;
@@ -129,7 +129,8 @@ def collect_params(model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
     return params, names
 
 
-def anchor_threshold_rule(source_confidences: Tensor, *, quantile: float = 0.05, margin: float = 0.05) -> float:
+def anchor_threshold_rule(source_confidences: Tensor, *, quantile: float = 0.05,
+                          margin: float = 0.05) -> float:
     """The maintainer's choice of ``anchor_threshold``: the ``quantile`` of the source model's max-softmax on
     source data ``(N,)`` minus ``margin`` (qinenergy/cotta issue #16)."""
     return float(torch.quantile(source_confidences.float(), quantile)) - margin
@@ -156,7 +157,7 @@ def stochastic_restore_(params: list[Tensor], source: list[Tensor], prob: float,
     """Reset each element of each tensor in ``params`` to ``source`` with probability ``prob``, in place."""
     if prob <= 0:
         return
-    for p, p0 in zip(params, source):
+    for p, p0 in zip(params, source, strict=True):
         mask = torch.rand(p.shape, generator=generator, device=generator.device).to(p.device) < prob
         p.copy_(torch.where(mask, p0, p))
 
@@ -215,7 +216,8 @@ class CoTTA(nn.Module):
         """Mean teacher logits ``(B, classes)`` over ``n_augmentations`` augmented copies of ``x``."""
         cfg = self.config
         batched = self._batched(x.device) if batched is None else batched
-        params = sample_params(cfg.n_augmentations, tuple(x.shape), generator=self._generator("augment", x.device),
+        generator = self._generator("augment", x.device)
+        params = sample_params(cfg.n_augmentations, tuple(x.shape), generator=generator,
                                soft=cfg.soft_augment, noise_std=cfg.noise_std, flip_prob=cfg.flip_prob,
                                device=x.device)
         if batched:

@@ -8,8 +8,8 @@ side; a horizontal flip with probability 0.5; Gaussian noise (σ 0.005, per elem
 parameters per batch and copy, as in the reference.
 
 :func:`sample_params` draws the parameters of ``k`` copies at once; :func:`augment` applies them to a batch,
-giving ``(k, B, C, H, W)``. Applying copy ``i`` alone (``params.select(i)``) gives exactly slice ``i``, which is
-what lets the sequential and batched teacher passes agree. ``crop_first=True`` (default) samples only the
+giving ``(k, B, C, H, W)``. Applying copy ``i`` alone (``params.select(i)``) gives exactly slice ``i``, which
+is what lets the sequential and batched teacher passes agree. ``crop_first=True`` (default) samples only the
 centre crop (plus the blur's 2-pixel margin) of the padded, warped image; ``crop_first=False`` warps and blurs
 the whole padded image and crops afterwards as the reference does. Both give the same numbers.
 """
@@ -117,8 +117,8 @@ def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     f = h * 6.0 - i
     i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([torch.stack(c, -3) for c in
-                           ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])  # (6, ..., 3, H, W)
+    sectors = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+    choices = torch.stack([torch.stack(c, -3) for c in sectors])  # (6, ..., 3, H, W)
     return choices.gather(0, i.unsqueeze(-3).expand_as(choices[0]).unsqueeze(0)).squeeze(0)
 
 
@@ -195,7 +195,8 @@ def augment(x: Tensor, params: AugmentParams, *, crop_first: bool = True) -> Ten
         out = _blur_valid(warped, params.sigma)
     else:
         r = BLUR_RADIUS
-        full = F.pad(warped.view(k * b, c, side, side), (r, r, r, r), mode="reflect").view(k, b, c, side + 2 * r, -1)
+        full = F.pad(warped.view(k * b, c, side, side), (r, r, r, r), mode="reflect")
+        full = full.view(k, b, c, side + 2 * r, side + 2 * r)
         out = _blur_valid(full, params.sigma)[..., top: top + n, top: top + n]
     out = torch.where(params.flip.view(k, 1, 1, 1, 1), out.flip(-1), out)
     return (out + params.noise).clamp(0, 1)

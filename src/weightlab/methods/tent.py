@@ -1,5 +1,6 @@
-"""BN-adapt and Tent: test-time adaptation through BatchNorm (paper keys ``cotta`` baselines; Tent: Wang et al.,
-ICLR'21; BN-adapt: Schneider et al., NeurIPS'20), as the CoTTA code runs them (``cifar/tent.py``, ``norm.py``).
+"""BN-adapt and Tent: test-time adaptation through BatchNorm (the baselines of paper key ``cotta``; Tent:
+Wang et al., ICLR'21; BN-adapt: Schneider et al., NeurIPS'20), as the CoTTA code runs them
+(``cifar/tent.py``, ``cifar/norm.py``).
 
 * :class:`BNAdapt` — BatchNorm normalises with the statistics of the current test batch; no weight changes.
 * :class:`Tent` — BatchNorm on batch statistics, only the BatchNorm affine parameters train, on the mean
@@ -34,8 +35,8 @@ def require_batchnorm(model: nn.Module, method: str) -> list[_BatchNorm]:
     """The BatchNorm layers of ``model``; a :class:`WeightlabError` naming the model if it has none."""
     layers = batchnorm_layers(model)
     if not layers:
-        raise WeightlabError(f"{method} adapts BatchNorm layers, but the model {type(model).__name__} has none "
-                             "(expected at least one nn.BatchNorm1d/2d/3d; build e.g. SmallCNN(batchnorm=True))")
+        raise WeightlabError(f"{method} adapts BatchNorm layers, but the model {type(model).__name__} has "
+                             "none (expected at least one nn.BatchNorm1d/2d/3d, e.g. SmallCNN(batchnorm=True))")
     return layers
 
 
@@ -51,8 +52,8 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
 
 
 def configure_model(model: nn.Module) -> nn.Module:
-    """Configure ``model`` in place for Tent: train mode, BatchNorm on batch statistics, and only the BatchNorm
-    affine parameters trainable. Raises :class:`WeightlabError` when the model has no BatchNorm."""
+    """Configure ``model`` in place for Tent: train mode, BatchNorm on batch statistics, and only the
+    BatchNorm affine parameters trainable. Raises :class:`WeightlabError` when the model has no BatchNorm."""
     layers = require_batchnorm(model, "Tent")
     model.train()
     model.requires_grad_(False)
