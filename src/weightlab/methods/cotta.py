@@ -4,10 +4,10 @@
 Per test batch ``x``: the student predicts ``s = student(x)``; the frozen anchor (the source weights,
 BatchNorm on batch statistics) gives its batch-mean confidence ``mean(max softmax(anchor(x)))``; if that is
 below ``anchor_threshold`` the teacher's target is the mean of ``n_augmentations`` augmented teacher passes
-(logits), else ``teacher(x)``. The student takes one step on the soft cross-entropy ``−Σ softmax(t)·log_softmax(s)``
-(symmetric in the ImageNet variant); the teacher follows by EMA ``θ' ← m·θ' + (1 − m)·θ``; then every
-element of every weight and bias of the student is restored to the source value with probability
-``restore_prob``. The prediction is the teacher's target ``t``.
+(logits), else ``teacher(x)``. The student takes one step on the soft cross-entropy
+``−Σ softmax(t)·log_softmax(s)`` (symmetric in the ImageNet variant); the teacher follows by EMA
+``θ' ← m·θ' + (1 − m)·θ``; then every element of every weight and bias of the student is restored to the
+source value with probability ``restore_prob``. The prediction is the teacher's target ``t``.
 
     model = CoTTA(source_model, CoTTAConfig())       # CIFAR settings; CoTTAConfig.imagenet() for ImageNet-C
     for x in stream: logits = model(x)               # adapts on every call

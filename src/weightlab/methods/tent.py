@@ -36,7 +36,8 @@ def require_batchnorm(model: nn.Module, method: str) -> list[_BatchNorm]:
     layers = batchnorm_layers(model)
     if not layers:
         raise WeightlabError(f"{method} adapts BatchNorm layers, but the model {type(model).__name__} has "
-                             "none (expected at least one nn.BatchNorm1d/2d/3d, e.g. SmallCNN(batchnorm=True))")
+                             "none (expected at least one nn.BatchNorm1d/2d/3d, e.g. SmallCNN with "
+                             "batchnorm=True)")
     return layers
 
 
