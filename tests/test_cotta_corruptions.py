@@ -20,8 +20,17 @@ from weightlab.data.corruptions import (
 )
 from weightlab.errors import WeightlabError
 
-RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
-          "elastic_transform"}
+RANDOM = {
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +50,24 @@ def test_fifteen_types_in_the_papers_order() -> None:
 
 @pytest.mark.parametrize("name", [c for c in CORRUPTIONS if c != "elastic_transform"])
 def test_severity_raises_the_distance_from_the_clean_image(name: str, images: torch.Tensor) -> None:
-    d = [distance(corrupt(images, name, s, generator=torch.Generator().manual_seed(3)), images) for s in (1, 5)]
+    d = [
+        distance(corrupt(images, name, s, generator=torch.Generator().manual_seed(3)), images) for s in (1, 5)
+    ]
     assert d[1] > d[0] > 0, d
 
 
 def test_elastic_severity_raises_the_non_rigid_distortion(images: torch.Tensor) -> None:
     # CIFAR-10-C's elastic severity 1 is a pure affine jitter of 8% of the side, larger than severity 5's, so
     # the plain pixel distance does not rise with severity; the non-rigid displacement does.
-    d = [distance(_elastic(images, s, torch.Generator().manual_seed(3), affine=False), images) for s in range(5)]
+    d = [
+        distance(_elastic(images, s, torch.Generator().manual_seed(3), affine=False), images)
+        for s in range(5)
+    ]
     assert d[0] < 1e-6 and d[1] < d[2] < d[3] < d[4]
-    assert distance(corrupt(images, "elastic_transform", 1, generator=torch.Generator().manual_seed(3)), images) > 0
+    assert (
+        distance(corrupt(images, "elastic_transform", 1, generator=torch.Generator().manual_seed(3)), images)
+        > 0
+    )
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -69,8 +86,13 @@ def test_shape_range_dtype_and_seed(name: str, shape: tuple[int, ...]) -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(name=st.sampled_from(CORRUPTIONS), severity=st.integers(1, 5), side=st.sampled_from([8, 12, 16]),
-       channels=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+@given(
+    name=st.sampled_from(CORRUPTIONS),
+    severity=st.integers(1, 5),
+    side=st.sampled_from([8, 12, 16]),
+    channels=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_output_in_unit_range(name: str, severity: int, side: int, channels: int, seed: int) -> None:
     x = torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(seed))
     out = corrupt(x, name, severity, generator=torch.Generator().manual_seed(seed))
@@ -138,7 +160,9 @@ def test_plasma_fractal_range_and_seed() -> None:
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(WeightlabError, match="unknown corruption 'gaussian'.*gaussian_noise.*jpeg_compression"):
+    with pytest.raises(
+        WeightlabError, match="unknown corruption 'gaussian'.*gaussian_noise.*jpeg_compression"
+    ):
         corrupt(torch.rand(1, 1, 8, 8), "gaussian", 1)
 
 
@@ -148,14 +172,18 @@ def test_severity_outside_1_to_5(severity: object) -> None:
         corrupt(torch.rand(1, 1, 8, 8), "fog", severity)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [torch.full((1, 1, 8, 8), 1.5), torch.full((1, 1, 8, 8), -0.1),
-                                 torch.full((1, 1, 8, 8), float("nan"))])
+@pytest.mark.parametrize(
+    "bad",
+    [torch.full((1, 1, 8, 8), 1.5), torch.full((1, 1, 8, 8), -0.1), torch.full((1, 1, 8, 8), float("nan"))],
+)
 def test_images_outside_the_unit_range(bad: torch.Tensor) -> None:
     with pytest.raises(WeightlabError, match=r"images must lie in \[0, 1\]"):
         corrupt(bad, "contrast", 1)
 
 
-@pytest.mark.parametrize("bad", [torch.rand(1, 2, 8, 8), torch.rand(8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.long)])
+@pytest.mark.parametrize(
+    "bad", [torch.rand(1, 2, 8, 8), torch.rand(8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.long)]
+)
 def test_images_of_the_wrong_shape_or_dtype(bad: torch.Tensor) -> None:
     with pytest.raises(WeightlabError, match="images must be a float tensor"):
         corrupt(bad, "contrast", 1)

@@ -43,7 +43,9 @@ def small(**kw: object) -> CoTTAConfig:
 
 def test_softmax_entropy_known_answer() -> None:
     logits = torch.tensor([[0.0, 0.0], [100.0, 0.0]])
-    assert torch.allclose(softmax_entropy(logits), torch.tensor([torch.log(torch.tensor(2.0)), 0.0]), atol=1e-6)
+    assert torch.allclose(
+        softmax_entropy(logits), torch.tensor([torch.log(torch.tensor(2.0)), 0.0]), atol=1e-6
+    )
 
 
 def test_soft_cross_entropy_known_answer_and_symmetric() -> None:
@@ -117,8 +119,10 @@ def test_model_without_batchnorm_is_refused(build) -> None:  # noqa: ANN001
         build(SmallCNN(10, width=8, batchnorm=False))
 
 
-@pytest.mark.parametrize("kw, match", [({"lr": 0.0}, "lr must be > 0"), ({"steps": 0}, "steps"),
-                                       ({"optimizer": "lbfgs"}, "optimizer")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"lr": 0.0}, "lr must be > 0"), ({"steps": 0}, "steps"), ({"optimizer": "lbfgs"}, "optimizer")],
+)
 def test_tent_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(WeightlabError, match=match):
         TentConfig(**kw)
@@ -153,7 +157,9 @@ def test_teacher_moves_by_the_ema_rule() -> None:
     wrapper = CoTTA(cnn(), small(restore_prob=0.0, anchor_threshold=0.0, ema_momentum=0.9))
     teacher_before = [p.clone() for p in wrapper.teacher.parameters()]
     wrapper(batch())
-    for t0, t, s in zip(teacher_before, wrapper.teacher.parameters(), wrapper.model.parameters(), strict=True):
+    for t0, t, s in zip(
+        teacher_before, wrapper.teacher.parameters(), wrapper.model.parameters(), strict=True
+    ):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-7)
         assert not torch.equal(t, t0)
 
@@ -223,15 +229,27 @@ def test_episodic_mode_resets_before_each_batch() -> None:
 
 def test_imagenet_variant() -> None:
     cfg = CoTTAConfig.imagenet()
-    assert (cfg.optimizer, cfg.lr, cfg.nesterov, cfg.restore_prob, cfg.anchor_threshold, cfg.symmetric_loss) == (
-        "sgd", 0.01, True, 0.001, 0.1, True)
+    assert (
+        cfg.optimizer,
+        cfg.lr,
+        cfg.nesterov,
+        cfg.restore_prob,
+        cfg.anchor_threshold,
+        cfg.symmetric_loss,
+    ) == ("sgd", 0.01, True, 0.001, 0.1, True)
     assert isinstance(CoTTA(cnn(), dataclasses.replace(cfg, n_augmentations=2)).optimizer, torch.optim.SGD)
 
 
-@pytest.mark.parametrize("kw, match", [({"restore_prob": 1.5}, "restore_prob"), ({"lr": -1.0}, "lr"),
-                                       ({"n_augmentations": 0}, "n_augmentations"),
-                                       ({"augmentation": "gpu"}, "augmentation"),
-                                       ({"anchor_threshold": 2.0}, "anchor_threshold")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"restore_prob": 1.5}, "restore_prob"),
+        ({"lr": -1.0}, "lr"),
+        ({"n_augmentations": 0}, "n_augmentations"),
+        ({"augmentation": "gpu"}, "augmentation"),
+        ({"anchor_threshold": 2.0}, "anchor_threshold"),
+    ],
+)
 def test_cotta_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(WeightlabError, match=f"CoTTAConfig: {match}"):
         CoTTAConfig(**kw)
@@ -242,10 +260,20 @@ def test_cotta_config_errors(kw: dict, match: str) -> None:
 
 def identity_params(x: torch.Tensor) -> AugmentParams:
     one, zero = torch.ones(1), torch.zeros(1)
-    return AugmentParams(order=torch.arange(5).view(1, 5), brightness=one, contrast=one, saturation=one,
-                         hue=zero, gamma=one, angle=zero, translate=torch.zeros(1, 2), scale=one,
-                         sigma=torch.full((1,), 1e-3), flip=torch.zeros(1, dtype=torch.bool),
-                         noise=torch.zeros(1, *x.shape))
+    return AugmentParams(
+        order=torch.arange(5).view(1, 5),
+        brightness=one,
+        contrast=one,
+        saturation=one,
+        hue=zero,
+        gamma=one,
+        angle=zero,
+        translate=torch.zeros(1, 2),
+        scale=one,
+        sigma=torch.full((1,), 1e-3),
+        flip=torch.zeros(1, dtype=torch.bool),
+        noise=torch.zeros(1, *x.shape),
+    )
 
 
 def test_identity_augmentation_returns_the_input() -> None:
@@ -268,7 +296,9 @@ def test_hsv_round_trip_and_hue_shift() -> None:
     assert torch.allclose(_hsv_to_rgb(*_rgb_to_hsv(x)), x, atol=1e-6)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     h, s, v = _rgb_to_hsv(red)
-    assert torch.allclose(_hsv_to_rgb(h + 1 / 3, s, v), torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1), atol=1e-6)
+    assert torch.allclose(
+        _hsv_to_rgb(h + 1 / 3, s, v), torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1), atol=1e-6
+    )
 
 
 def test_flip_probability_zero_never_flips() -> None:

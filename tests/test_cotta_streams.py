@@ -56,7 +56,8 @@ def test_gradual_protocol_severities(clean: ArrayDataset) -> None:
     assert gradual_severities(3) == (1, 2, 3, 4, 5, 4, 3, 2, 1)
     stream = gradual_stream(clean, corruptions=("fog", "contrast"), n=4)
     assert [d.name for d in stream] == ["fog-5", "fog-4", "fog-3", "fog-2", "fog-1"] + [
-        f"contrast-{s}" for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+        f"contrast-{s}" for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)
+    ]
 
 
 def test_repeated_rounds(clean: ArrayDataset) -> None:
@@ -87,13 +88,21 @@ def test_cifar10c_stream_from_npy_files(tmp_path) -> None:  # noqa: ANN001
 def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> None:  # noqa: ANN001
     """The direction of the paper's claim at tiny scale: BN-adapt and CoTTA make fewer errors than the source
     model on severity-5 corruptions that shift the input statistics."""
-    config = CoTTAExperimentConfig(epochs=4, width=8, n_per_domain=64, batch_size=32, rounds=1,
-                                   corruptions=("fog", "contrast"), n_augmentations=4)
+    config = CoTTAExperimentConfig(
+        epochs=4,
+        width=8,
+        n_per_domain=64,
+        batch_size=32,
+        rounds=1,
+        corruptions=("fog", "contrast"),
+        n_augmentations=4,
+    )
     ctx = RunContext(tmp_path)
     source, info = source_model(config, ctx)
     assert info["clean_test_error"] < 15
-    test_set = continual_stream(digits("test", size=16), severity=5,
-                                corruptions=config.corruptions, seed=0, n=64)
+    test_set = continual_stream(
+        digits("test", size=16), severity=5, corruptions=config.corruptions, seed=0, n=64
+    )
     errors = {}
     for method in ("source", "bn_adapt", "cotta"):
         adapter = make_adapter(method, copy.deepcopy(source), config, 0, 0.9)
@@ -106,6 +115,22 @@ def test_cli_smoke_run_and_bad_input(tmp_path) -> None:  # noqa: ANN001
     assert main(["run", "cotta", "--profile", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["claims"]) == 2 and (out / "plots" / "error_per_round.png").is_file()
-    assert main(["run", "cotta", "--profile", "smoke", "--out", str(tmp_path / "bad"),
-                 "--set", "corruptions=fog,rain"]) == 2
-    assert main(["run", "cotta", "--profile", "smoke", "--out", str(tmp_path / "bad2"), "--set", "severity=7"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "cotta",
+                "--profile",
+                "smoke",
+                "--out",
+                str(tmp_path / "bad"),
+                "--set",
+                "corruptions=fog,rain",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["run", "cotta", "--profile", "smoke", "--out", str(tmp_path / "bad2"), "--set", "severity=7"])
+        == 2
+    )
