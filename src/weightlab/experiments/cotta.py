@@ -55,7 +55,7 @@ class CoTTAExperimentConfig:
     severity: int = 5
     n_per_domain: int = 128
     batch_size: int = 64
-    rounds: int = 3
+    rounds: int = 10
     corruptions: tuple[str, ...] = CORRUPTIONS
     methods: tuple[str, ...] = METHODS
     tent_lr: float = 1e-3
