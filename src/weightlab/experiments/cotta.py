@@ -153,7 +153,7 @@ def run_method(config: CoTTAExperimentConfig, ctx: RunContext, source: nn.Module
             profiles={"smoke": {"seeds": 1, "epochs": 2, "width": 8, "train_augment_to": None, "n_per_domain": 32, "batch_size": 32,
                                 "rounds": 2, "corruptions": ("gaussian_noise", "fog", "contrast"),
                                 "n_augmentations": 4},
-                      "full": {"seeds": 5, "rounds": 10, "n_per_domain": 360, "epochs": 30}})
+                      "full": {"seeds": 5, "rounds": 10, "n_per_domain": 360, "epochs": 15}})
 def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
     source, info = source_model(config, ctx)
     threshold = info["anchor_threshold_rule"] if config.anchor_threshold is None else config.anchor_threshold
