@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.cotta_transforms import augment, sample_params
-from weightlab.methods.tent import make_tta_optimizer, use_batch_statistics
+from weightlab.methods.tent import Adapter, make_tta_optimizer, use_batch_statistics
 from weightlab.utils import derive_seed
 
 
@@ -165,13 +165,15 @@ def stochastic_restore_(params: list[Tensor], source: list[Tensor], prob: float,
         p.copy_(torch.where(mask, p0, p))
 
 
-class CoTTA(nn.Module):
+class CoTTA(Adapter):
     """The CoTTA wrapper: ``forward(x)`` adapts on the batch and returns the teacher's logits.
 
     Args:
         model: the source classifier (configured in place: keep your own copy if you need it).
         config: the hyperparameters.
     """
+
+    config: CoTTAConfig
 
     def __init__(self, model: nn.Module, config: CoTTAConfig = CoTTAConfig()) -> None:
         super().__init__()
@@ -181,8 +183,7 @@ class CoTTA(nn.Module):
         self.optimizer = make_tta_optimizer(self.params, optimizer=config.optimizer, lr=config.lr,
                                             momentum=config.momentum, nesterov=config.nesterov,
                                             betas=config.betas, weight_decay=config.weight_decay)
-        self._model_state = copy.deepcopy(self.model.state_dict())
-        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self._save_source()
         self.step_count = 0
         self.augmented_steps = 0
         self._copy_teacher_and_anchor()
@@ -198,16 +199,8 @@ class CoTTA(nn.Module):
 
     def reset(self) -> None:
         """Reload the source student and the optimiser state, and re-create teacher and anchor."""
-        self.model.load_state_dict(self._model_state, strict=True)
-        self.optimizer.load_state_dict(self._optimizer_state)
+        super().reset()
         self._copy_teacher_and_anchor()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.config.episodic:
-            self.reset()
-        for _ in range(self.config.steps):
-            logits = self.forward_and_adapt(x)
-        return logits
 
     def _generator(self, purpose: str, device: torch.device) -> torch.Generator:
         seed = derive_seed(self.config.seed, self.step_count, purpose)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +116,36 @@ class TentConfig:
             raise WeightlabError(f"Tent steps must be ≥ 1, got {self.steps}")
 
 
-class Tent(nn.Module):
+class Adapter(nn.Module):
+    """What Tent and CoTTA share: ``forward`` resets first when ``config.episodic``, then runs
+    ``config.steps`` calls of ``forward_and_adapt``; ``reset()`` reloads the saved source model and the
+    optimiser state. Subclasses set ``config``, ``model``, ``optimizer`` and call :meth:`_save_source`."""
+
+    config: Any  # a frozen config with `episodic` and `steps`
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def _save_source(self) -> None:
+        self._model_state = copy.deepcopy(self.model.state_dict())
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.config.episodic:
+            self.reset()
+        for _ in range(self.config.steps):
+            logits = self.forward_and_adapt(x)
+        return logits
+
+    def reset(self) -> None:
+        """Back to the source weights and a fresh optimiser state."""
+        self.model.load_state_dict(self._model_state, strict=True)
+        self.optimizer.load_state_dict(self._optimizer_state)
+
+
+class Tent(Adapter):
     """Tent: entropy minimisation on the BatchNorm affine parameters, one update per test batch.
 
     Args:
@@ -132,15 +161,7 @@ class Tent(nn.Module):
         self.optimizer = make_tta_optimizer(params, optimizer=config.optimizer, lr=config.lr,
                                             momentum=config.momentum, betas=config.betas,
                                             weight_decay=config.weight_decay)
-        self._model_state = copy.deepcopy(self.model.state_dict())
-        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.config.episodic:
-            self.reset()
-        for _ in range(self.config.steps):
-            logits = self.forward_and_adapt(x)
-        return logits
+        self._save_source()
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: Tensor) -> Tensor:
@@ -151,11 +172,6 @@ class Tent(nn.Module):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach()
-
-    def reset(self) -> None:
-        """Back to the source weights and a fresh optimiser state."""
-        self.model.load_state_dict(self._model_state, strict=True)
-        self.optimizer.load_state_dict(self._optimizer_state)
 
 
 class BNAdapt(nn.Module):
