@@ -228,7 +228,10 @@ class CoTTA(Adapter):
             outs = []
             for start in range(0, cfg.n_augmentations, cfg.augment_chunk):
                 copies = augment(x, params.chunk(start, start + cfg.augment_chunk))  # (k, B, C, H, W)
-                outs.append(torch.func.vmap(self.teacher)(copies))  # (k, B, classes), BN per copy
+                if len(copies) == 1:  # vmap over one copy would hit a slow fallback with channels-last weights
+                    outs.append(self.teacher(self._layout(copies[0])).unsqueeze(0))
+                else:
+                    outs.append(torch.func.vmap(self.teacher)(copies))  # (k, B, classes), BN per copy
             return torch.cat(outs).mean(0)
         outs = [self.teacher(self._layout(augment(x, params.select(i))[0]))
                 for i in range(cfg.n_augmentations)]
