@@ -90,6 +90,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
     model on severity-5 corruptions that shift the input statistics."""
     config = CoTTAExperimentConfig(
         epochs=4,
+        train_augment_to=None,
         width=8,
         n_per_domain=64,
         batch_size=32,
