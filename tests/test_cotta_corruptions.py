@@ -71,7 +71,7 @@ def test_elastic_severity_raises_the_non_rigid_distortion(images: torch.Tensor) 
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
-@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 8, 8), (2, 3, 28, 28)])
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 8, 8), (2, 3, 28, 28), (2, 3, 12, 20)])
 def test_shape_range_dtype_and_seed(name: str, shape: tuple[int, ...]) -> None:
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     a = corrupt(x, name, 5, generator=torch.Generator().manual_seed(1))

@@ -291,6 +291,13 @@ def test_crop_first_equals_the_reference_order_and_copies_are_independent() -> N
     assert torch.equal(fast[3], augment(x, params.select(3))[0])
 
 
+def test_non_square_images_are_refused() -> None:
+    x = torch.rand(2, 1, 8, 12)
+    params = sample_params(2, tuple(x.shape), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(WeightlabError, match="square images of side ≥ 4, got 8×12"):
+        augment(x, params)
+
+
 def test_hsv_round_trip_and_hue_shift() -> None:
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(_hsv_to_rgb(*_rgb_to_hsv(x)), x, atol=1e-6)

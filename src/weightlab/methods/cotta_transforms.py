@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from weightlab.errors import WeightlabError
+
 GREY = (0.299, 0.587, 0.114)
 BLUR_RADIUS = 2  # kernel size 5
 
@@ -179,7 +181,9 @@ def _blur_valid(x: Tensor, sigma: Tensor) -> Tensor:
 def augment(x: Tensor, params: AugmentParams, *, crop_first: bool = True) -> Tensor:
     """Apply ``params`` to the batch ``x`` ``(B, C, H, W)`` (square images): ``(k, B, C, H, W)``."""
     k = len(params)
-    b, c, n, _ = x.shape
+    b, c, n, width = x.shape
+    if n != width or n < 4:
+        raise WeightlabError(f"CoTTA's augmentations need square images of side ≥ 4, got {n}×{width}")
     x = colour_jitter(x.clamp(0, 1).unsqueeze(0).expand(k, b, c, n, n), params)  # (k, B, C, H, W)
     pad = n // 2
     padded = F.pad(x.reshape(k * b, c, n, n), (pad, pad, pad, pad), mode="replicate")
