@@ -21,7 +21,8 @@ def corruption_grid(digit: torch.Tensor, colour: torch.Tensor, *, seed: int = 0)
     for row, name in enumerate(CORRUPTIONS):
         for block, image in enumerate((digit, colour)):
             x = image.unsqueeze(0)
-            shown = [x] + [corrupt(x, name, s, generator=torch.Generator().manual_seed(seed)) for s in range(1, 6)]
+            shown = [x] + [corrupt(x, name, s, generator=torch.Generator().manual_seed(seed))
+                           for s in range(1, 6)]
             for col, img in enumerate(shown):
                 ax = axes[row, 6 * block + col]
                 ax.imshow(img[0].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
