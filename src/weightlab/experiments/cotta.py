@@ -151,7 +151,8 @@ def run_method(config: CoTTAExperimentConfig, ctx: RunContext, source: nn.Module
 @experiment("cotta", paper="cotta", config=CoTTAExperimentConfig,
             summary="source vs BN-adapt vs Tent vs CoTTA on 15 corruptions of digits at severity 5, repeated",
             profiles={"smoke": {"seeds": 1, "epochs": 2, "width": 8, "train_augment_to": None,
-                                "n_per_domain": 32, "batch_size": 32, "rounds": 2, "corruptions": ("gaussian_noise", "fog", "contrast"),
+                                "n_per_domain": 32, "batch_size": 32, "rounds": 2,
+                                "corruptions": ("gaussian_noise", "fog", "contrast"),
                                 "n_augmentations": 4},
                       "full": {"seeds": 5, "rounds": 10, "n_per_domain": 360, "epochs": 15}})
 def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
