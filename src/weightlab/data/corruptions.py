@@ -144,14 +144,14 @@ def _motion_blur(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) -> T
 
 def _clipped_zoom(x: Tensor, factor: float) -> Tensor:
     """Zoom into the centre of ``x`` by ``factor`` (bilinear, corners aligned as scipy's ``zoom``)."""
-    h = x.shape[-1]
-    ch = math.ceil(h / factor)
-    top = (h - ch) // 2
-    crop = x[..., top: top + ch, top: top + ch]
-    size = round(ch * factor)
-    zoomed = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=True)
-    trim = (size - h) // 2
-    return zoomed[..., trim: trim + h, trim: trim + h]
+    h, w = x.shape[-2:]
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = x[..., top: top + ch, left: left + cw]
+    size_h, size_w = round(ch * factor), round(cw * factor)
+    zoomed = F.interpolate(crop, size=(size_h, size_w), mode="bilinear", align_corners=True)
+    trim_h, trim_w = (size_h - h) // 2, (size_w - w) // 2
+    return zoomed[..., trim_h: trim_h + h, trim_w: trim_w + w]
 
 
 def plasma_fractal(n: int, mapsize: int, decay: float, *, generator: torch.Generator | None = None,
@@ -355,10 +355,10 @@ def _elastic(x: Tensor, s: int, g: torch.Generator | None, *, affine: bool = Tru
     ``affine=False`` keeps only the non-rigid displacement (used by the tests).
     """
     n, _, h, w = x.shape
-    alpha, sigma, jitter = (v * h for v in ELASTIC[s])
-    centre, half = float(h // 2), float(h // 3)
-    pts = x.new_tensor([[centre + half, centre + half], [centre + half, centre - half],
-                        [centre - half, centre - half]]).expand(n, 3, 2)  # (N, 3, 2) as (x, y)
+    alpha, sigma, jitter = (v * min(h, w) for v in ELASTIC[s])
+    cx, cy, half = float(w // 2), float(h // 2), float(min(h, w) // 3)
+    pts = x.new_tensor([[cx + half, cy + half], [cx + half, cy - half],
+                        [cx - half, cy - half]]).expand(n, 3, 2)  # (N, 3, 2) as (x, y)
     moved = pts + _uniform((n, 3, 2), -jitter, jitter, g, x) * float(affine)
     # the affine map from destination to source: source = A @ [dest, 1]
     ones = torch.ones(n, 3, 1, device=x.device)
