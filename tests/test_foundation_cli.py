@@ -124,3 +124,13 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(WeightlabError, match="differs.*epochs"):
         run_experiment("forgetting", profile="smoke", out=tmp_path / "r",
                        overrides={"methods": "finetune", "epochs": "9"}, resume=True)
+
+
+def test_state_keys_never_share_a_file(tmp_path):
+    import torch
+
+    ctx = RunContext(tmp_path)
+    ctx.save_state("split/rnn-hnet+/seed0", {"a": torch.ones(1)}, {"which": "plus"})
+    ctx.save_state("split/rnn-hnet/seed0", {"a": torch.zeros(1)}, {"which": "plain"})
+    assert ctx.load_state("split/rnn-hnet+/seed0")[1] == {"which": "plus"}
+    assert ctx.load_state("split/rnn-hnet/seed0")[1] == {"which": "plain"}

@@ -13,10 +13,10 @@ A :class:`RunContext` is what an experiment receives: where to write, progress b
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from torch import Tensor
 
@@ -40,8 +40,8 @@ class RunContext:
 
     # ------------------------------------------------------------------ resumable state
     def _path(self, key: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-        return self.checkpoints / f"{safe}.safetensors"
+        # percent-encoding is one-to-one: distinct keys never share a file ("a/b+" vs "a/b")
+        return self.checkpoints / f"{quote(key, safe='')}.safetensors"
 
     def save_state(self, key: str, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
         """Write ``tensors`` and JSON-able ``meta`` under ``key`` (atomically; rank 0 only under torchrun)."""
