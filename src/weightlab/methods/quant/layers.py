@@ -119,6 +119,20 @@ def attention_parts(attn: nn.Module) -> dict[str, object]:
     return parts
 
 
+def mask_logits(logits: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """Apply timm's optional ``attn_mask`` (bool: True = attend; float: added) and causal mask to
+    ``(B, H, N, N)`` logits."""
+    if is_causal:
+        n = logits.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is None:
+        return logits
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill(~attn_mask, float("-inf"))
+    return logits + attn_mask
+
+
 class QuantAttention(nn.Module):
     """Multi-head self-attention with quantized ``qkv``/``proj`` weights and LSQ-quantized q, k, v and
     attention probabilities (unsigned), as OFQ's baseline ``QAttention``. Same module names as timm."""
@@ -135,12 +149,12 @@ class QuantAttention(nn.Module):
         self.v_quantizer = make_act_quantizer(bits_a)
         self.attn_quantizer = make_act_quantizer(bits_a, signed=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, C)
-        b, n, _ = x.shape
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape  # (B, N, C)
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         q, k = self.q_quantizer(self.q_norm(q)), self.k_quantizer(self.k_norm(k))
-        attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
+        attn = mask_logits((q @ k.transpose(-2, -1)) * self.scale, attn_mask, is_causal)  # (B, H, N, N)
         attn = self.attn_drop(self.attn_quantizer(attn.softmax(dim=-1)))
         out = (attn @ self.v_quantizer(v)).transpose(1, 2).reshape(b, n, -1)  # (B, N, H·hd)
         return self.proj_drop(self.proj(self.norm(out)))

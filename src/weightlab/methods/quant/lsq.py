@@ -24,12 +24,13 @@ def check_bits(bits: int, *, what: str = "bits") -> int:
 
 def round_ste(x: Tensor) -> Tensor:
     """``round(x)`` forward, identity backward (straight-through estimator)."""
-    return x + (x.round() - x).detach()
+    return x.round() + (x - x.detach())  # exact integers forward
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
     """``x`` forward; the gradient flowing into ``x`` is multiplied by ``scale``."""
-    return (x - x * scale).detach() + x * scale
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
 
 
 def lsq_range(bits: int, *, signed: bool) -> tuple[int, int]:

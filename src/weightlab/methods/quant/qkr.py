@@ -20,6 +20,7 @@ from weightlab.methods.quant.layers import (
     IntWeight,
     QuantLinear,
     attention_parts,
+    mask_logits,
     make_act_quantizer,
     make_weight_quantizer,
 )
@@ -94,15 +95,16 @@ class QKRAttention(nn.Module):
             return self.int_qk.codes.float()
         return self.qk_quantizer.codes(self.qk_product())[0]
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, C)
-        b, n, _ = x.shape
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape  # (B, N, C)
         xq = self.input_quantizer(x)  # (B, N, C)
         keys = self.key_quantizer(torch.einsum("hce,bme->bhmc", self.quantized_qk(), xq))  # (B, H, N, C)
         logits = torch.einsum("bnc,bhmc->bhnm", xq, keys)  # (B, H, N, N)
         u = self.key_bias_term()
         if u is not None:
             logits = logits + torch.einsum("bmc,hc->bhm", xq, u).unsqueeze(2)
-        attn = self.attn_drop(self.attn_quantizer((logits * self.scale).softmax(dim=-1)))
+        logits = mask_logits(logits * self.scale, attn_mask, is_causal)
+        attn = self.attn_drop(self.attn_quantizer(logits.softmax(dim=-1)))
         v = self.v_quantizer(self.v(xq)).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         out = (attn @ v).transpose(1, 2).reshape(b, n, -1)  # (B, N, H·d)
         return self.proj_drop(self.proj(self.norm(out)))

@@ -43,7 +43,7 @@ def statsq(weight: Tensor, bits: int) -> Tensor:
     """Fake-quantized ``weight`` with an identity straight-through gradient."""
     scale = statsq_scale(weight)
     quantized = statsq_dequantize(statsq_codes(weight, bits, scale), scale, bits)
-    return weight + (quantized - weight).detach()
+    return quantized + (weight - weight.detach())  # exact levels forward, identity backward
 
 
 class StatsQuantizer(nn.Module):
