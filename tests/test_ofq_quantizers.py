@@ -11,10 +11,22 @@ from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.quant.cga import cga_trainable_mask
-from weightlab.methods.quant.lsq import LsqActQuantizer, LsqWeightQuantizer, lsq_grad_scale, lsq_quantize, lsq_range
+from weightlab.methods.quant.lsq import (
+    LsqActQuantizer,
+    LsqWeightQuantizer,
+    lsq_grad_scale,
+    lsq_quantize,
+    lsq_range,
+)
 from weightlab.methods.quant.oscillation import oscillation_step
 from weightlab.methods.quant.pack import pack_codes, unpack_codes
-from weightlab.methods.quant.statsq import StatsQuantizer, statsq, statsq_codes, statsq_dequantize, statsq_scale
+from weightlab.methods.quant.statsq import (
+    StatsQuantizer,
+    statsq,
+    statsq_codes,
+    statsq_dequantize,
+    statsq_scale,
+)
 
 
 def test_statsq_known_answer() -> None:
@@ -55,7 +67,8 @@ def test_lsq_gradient_scale_matches_formula() -> None:
     out = quantizer(w)
     torch.testing.assert_close(out, torch.tensor([[0.5, -0.5, 0.5, 0.0]]))
     out.sum().backward()
-    # d out/d s: round(v) - v inside the range, Qp for the clipped 3.2: [0.4, 0.4, 1, -0.1] -> 1.7; g = 1/√(1·4)
+    # d out/d s: round(v) - v inside the range, Qp for the clipped 3.2: [0.4, 0.4, 1, -0.1] -> 1.7;
+    # g = 1/√(Qp·N) = 1/√(1·4)
     assert lsq_grad_scale(1, 4) == 0.5
     torch.testing.assert_close(quantizer.step.grad, torch.tensor([[1.7 * 0.5]]))
     torch.testing.assert_close(w.grad, torch.tensor([[1.0, 1.0, 0.0, 1.0]]))  # no gradient when clipped

@@ -3,7 +3,8 @@
 Per seed a full-precision TinyViT is trained once; then, from it, QAT at each bit width (weights and
 activations) with LSQ, StatsQ, StatsQ + QKR, and StatsQ + QKR + CGA (the StatsQ + QKR model continued by a
 CGA phase at a small constant learning rate). A control continues the StatsQ + QKR model for the same steps at
-the same learning rate without freezing, to separate CGA's freezing from the extra low-LR steps. An :class:`OscillationTracker` follows every run.
+the same learning rate without freezing, to separate CGA's freezing from the extra low-LR steps.
+An :class:`OscillationTracker` follows every run.
 Claims (paper): at 2 bits StatsQ + QKR + CGA has fewer oscillating weights and higher accuracy than LSQ;
 the gap is smaller at 3 bits.
 """
@@ -230,7 +231,8 @@ def run(config: OfqConfig, ctx: RunContext) -> Results:
     for bits in config.bits:
         if results.get((bits, ours)):
             kept = mean_std([r["trainable"] for r in results[(bits, ours)]])[0]
-            notes.append(f"W{bits}: CGA kept {100 * kept:.2f}% of the StatsQ weights trainable per step on average.")
+            notes.append(f"W{bits}: CGA kept {100 * kept:.2f}% of the StatsQ weights trainable per step "
+                         "on average.")
     data = {"fp_acc": fp_acc, "seeds": seeds,
             "runs": {f"w{b}/{m}": rs for (b, m), rs in results.items()}}
     return Results(tables={"Top-1 and weight oscillation (digits 16×16, TinyViT)": rows}, claims=claims,

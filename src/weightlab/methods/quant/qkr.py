@@ -20,9 +20,9 @@ from weightlab.methods.quant.layers import (
     IntWeight,
     QuantLinear,
     attention_parts,
-    mask_logits,
     make_act_quantizer,
     make_weight_quantizer,
+    mask_logits,
 )
 
 
