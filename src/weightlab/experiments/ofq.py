@@ -88,12 +88,12 @@ def _train_config(config: OfqConfig, *, steps: int, lr: float, seed: int, descri
 
 def fp_model(config: OfqConfig, ctx: RunContext, seed: int, train_set: Any) -> TinyViT:
     """The full-precision model of ``seed`` (trained once, checkpointed, reused by every QAT run)."""
+    seed_everything(derive_seed(seed, "fp", "init"))
     model = _model(config)
     key = f"fp/seed{seed}"
     if ctx.has_state(key):
         model.load_state_dict(ctx.load_state(key)[0])
         return model
-    seed_everything(derive_seed(seed, "fp", "init"))
     train(model, train_set, _train_config(config, steps=config.fp_steps, lr=config.fp_lr,
                                           seed=derive_seed(seed, "fp"), description=f"FP seed {seed}"))
     ctx.save_state(key, model.state_dict())
@@ -111,10 +111,10 @@ def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int
     """QAT from ``fp`` with ``method``; ``statsq+qkr`` also yields the runs that continue it (``DERIVED``)."""
     qkr = method.startswith("statsq+qkr")
     quant = QuantConfig(bits_w=bits, bits_a=bits, method="lsq" if method == "lsq" else "statsq", qkr=qkr)
-    model = prepare(copy.deepcopy(fp), quant)
-    tracker = OscillationTracker(model, threshold=config.osc_threshold, skip=("head",))
     run_seed = derive_seed(seed, bits, method)
     seed_everything(run_seed)
+    model = prepare(copy.deepcopy(fp), quant)
+    tracker = OscillationTracker(model, threshold=config.osc_threshold, skip=("head",))
     tc = _train_config(config, steps=config.qat_steps, lr=config.qat_lr, seed=run_seed,
                        description=f"W{bits}A{bits} {method}")
     train(model, train_set, tc, callbacks=[tracker])
@@ -137,8 +137,8 @@ def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int
 
 @experiment("ofq", paper="ofq", config=OfqConfig,
             summary="LSQ vs StatsQ (+QKR, +CGA) low-bit QAT of a tiny ViT on 16×16 digits; oscillation",
-            profiles={"smoke": {"seeds": 1, "augment_to": None, "dim": 16, "fp_steps": 60, "qat_steps": 25,
-                                "cga_steps": 10, "bits": (2,)},
+            profiles={"smoke": {"seeds": 1, "augment_to": None, "depth": 1, "fp_steps": 250, "qat_steps": 80,
+                                "cga_steps": 20, "bits": (2,)},
                       "full": {"seeds": 5, "dim": 64, "depth": 4, "num_heads": 4, "augment_to": 20000,
                                "fp_steps": 4000, "qat_steps": 3000, "cga_steps": 600}})
 def run(config: OfqConfig, ctx: RunContext) -> Results:
