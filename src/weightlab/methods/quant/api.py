@@ -1,0 +1,179 @@
+"""``prepare`` a ViT for quantization-aware training, ``convert`` it to integer weights (paper key ``ofq``).
+
+    model = prepare(TinyViT(10), QuantConfig(bits_w=2, bits_a=2, method="statsq", qkr=True))
+    train(model, data, ..., callbacks=[OscillationTracker(model)])
+    convert(model)                      # int8 codes + per-row scales, in place
+    save_tensors(packed_state(model), "vit-w2a2.safetensors")   # codes bit-packed to 2 bits
+
+Works on any model whose attention follows timm's names (``attn.qkv`` fused, ``attn.proj``, ``num_heads``):
+weightlab's :class:`~weightlab.models.TinyViT` and timm's ViT/DeiT. Every other ``nn.Linear`` (``mlp.fc1``,
+``mlp.fc2``) becomes a :class:`~.layers.QuantLinear`; the classifier head gets 8-bit LSQ as in OFQ.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from weightlab.errors import WeightlabError
+from weightlab.methods.quant.layers import IntWeight, QuantAttention, QuantLinear, is_attention
+from weightlab.methods.quant.lsq import check_bits, lsq_range
+from weightlab.methods.quant.pack import pack_codes, unpack_codes
+from weightlab.methods.quant.qkr import QKRAttention
+
+METHODS = ("lsq", "statsq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how (defaults: OFQ's W2A2 StatsQ recipe; ``ofq``, Liu et al. ICML 2023).
+
+    Attributes:
+        bits_w: weight bits (1–8) of the transformer blocks.
+        bits_a: activation bits (1–8) of Linear inputs, q/k/v and attention probabilities; None: float.
+        method: weight quantizer: ``"statsq"`` (scale 2·mean|W|, not learned) or ``"lsq"`` (learned step).
+        qkr: query–key reparameterization (quantize ``W_qᵀW_k`` per head).
+        head_bits: bits of the classifier head (weights and inputs, LSQ); None keeps it float.
+        head_names: names (last component) of classifier heads.
+        skip: ``fnmatch`` patterns of module names to leave in full precision.
+    """
+
+    bits_w: int = 2
+    bits_a: int | None = 2
+    method: Literal["lsq", "statsq"] = "statsq"
+    qkr: bool = False
+    head_bits: int | None = 8
+    head_names: tuple[str, ...] = ("head", "head_dist")
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits_w, what="bits_w")
+        if self.bits_a is not None:
+            check_bits(self.bits_a, what="bits_a")
+            lsq_range(self.bits_a, signed=True)
+        if self.head_bits is not None:
+            lsq_range(check_bits(self.head_bits, what="head_bits"), signed=True)
+        if self.method not in METHODS:
+            raise WeightlabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "lsq":
+            lsq_range(self.bits_w, signed=True)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _found(model: nn.Module) -> str:
+    kinds = sorted({type(m).__name__ for _, m in model.named_modules() if not list(m.children())})
+    return ", ".join(kinds) or "no layers"
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the timm-style attention modules in ``model`` (outermost first)."""
+    return [name for name, m in model.named_modules() if is_attention(m)]
+
+
+def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
+    """Replace ``model``'s attention and Linear layers by fake-quantized ones, in place; returns ``model``.
+
+    Call it before building the optimizer: QKR creates new ``W_q``, ``W_k`` and ``v`` parameters.
+
+    Raises:
+        WeightlabError: the model has no Linear layer to quantize, or ``config.qkr`` is set and no attention
+            module with a fused ``qkv``, a ``proj`` and ``num_heads`` is found.
+    """
+    if any(isinstance(m, QuantLinear | QKRAttention) for m in model.modules()):
+        raise WeightlabError(f"{type(model).__name__} is already prepared for quantization")
+
+    def skipped(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+
+    attentions = [n for n in attention_modules(model) if not skipped(n)]
+    if config.qkr and not attentions:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise WeightlabError(
+            "qkr=True needs self-attention modules with a fused 'qkv' Linear, a 'proj' Linear and "
+            f"'num_heads' (timm's names); {type(model).__name__} has none "
+            f"(Linear layers: {', '.join(linears) or 'none'}; "
+            f"layer types: {_found(model)})")
+    options = {"bits_w": config.bits_w, "bits_a": config.bits_a, "method": config.method}
+    for name in attentions:
+        attn = model.get_submodule(name)
+        if config.qkr:
+            _set_module(model, name, QKRAttention(attn, **options))
+        elif config.bits_a is not None:
+            _set_module(model, name, QuantAttention(attn, **options))
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or skipped(name):
+            continue
+        if name.rpartition(".")[2] in config.head_names:
+            if config.head_bits is None:
+                continue
+            layer = QuantLinear(module, bits_w=config.head_bits, bits_a=config.head_bits, method="lsq")
+        else:
+            layer = QuantLinear(module, **options)
+        _set_module(model, name, layer)
+        replaced += 1
+    if replaced == 0 and not attentions:
+        raise WeightlabError(f"{type(model).__name__} has no nn.Linear layers to quantize "
+                             f"(layer types found: {_found(model)})")
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules with quantized weights (``QuantLinear`` and ``QKRAttention``), by name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "integer_codes")}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every fake-quantized weight by int8 codes and per-row scales (in place); returns ``model``.
+
+    The converted model computes the same function as the fake-quantized one in eval mode; activation
+    quantizers keep their learned steps.
+    """
+    modules = [m for m in model.modules() if hasattr(m, "convert_")]
+    if not modules:
+        raise WeightlabError(f"{type(model).__name__} has no quantized layers; "
+                             "call prepare(model, config) first")
+    for m in modules:
+        m.convert_()
+    return model
+
+
+def packed_state(model: nn.Module) -> dict[str, Tensor]:
+    """The converted model's state dict with every :class:`IntWeight`'s codes bit-packed to its width."""
+    ints = {n: m for n, m in model.named_modules() if isinstance(m, IntWeight)}
+    if not ints:
+        raise WeightlabError("packed_state needs a converted model (call convert(model) first)")
+    state = dict(model.state_dict())
+    for name, m in ints.items():
+        del state[f"{name}.codes"]
+        state[f"{name}.packed"] = pack_codes(m.codes, m.bits)
+        state[f"{name}.shape"] = torch.tensor(list(m.codes.shape))
+        state[f"{name}.bits"] = torch.tensor(m.bits)
+    return state
+
+
+def load_packed_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """Load :func:`packed_state` output into a converted model of the same architecture."""
+    state = dict(state)
+    for name, m in model.named_modules():
+        if isinstance(m, IntWeight):
+            if f"{name}.packed" not in state:
+                raise WeightlabError(f"packed state lacks {name}.packed")
+            shape = tuple(state.pop(f"{name}.shape").tolist())
+            bits = int(state.pop(f"{name}.bits"))
+            state[f"{name}.codes"] = unpack_codes(state.pop(f"{name}.packed"), bits, shape)
+    model.load_state_dict(state)
+    return model
+
+
+def state_nbytes(state: dict[str, Tensor]) -> int:
+    """Bytes of the tensors in a state dict."""
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,105 @@
+"""Learned Step-size Quantization (LSQ; Esser et al. 2020), the baseline of paper key ``ofq``.
+
+The step ``s`` is a learned parameter; its gradient is scaled by ``g = 1/√(Qp·N)`` so that it learns at a rate
+comparable to the weights (``N``: the number of weights per output row, or of features per sample for
+activations). Signed range ``[−2^(b−1), 2^(b−1)−1]``, unsigned ``[0, 2^b−1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from weightlab.errors import WeightlabError
+
+
+def check_bits(bits: int, *, what: str = "bits") -> int:
+    """``bits`` if it is an int in 1–8, else a :class:`WeightlabError` naming it."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise WeightlabError(f"{what} must be an integer from 1 to 8, got {bits!r}")
+    return bits
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` forward, identity backward (straight-through estimator)."""
+    return x.round() + (x - x.detach())  # exact integers forward
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """``x`` forward; the gradient flowing into ``x`` is multiplied by ``scale``."""
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
+
+
+def lsq_range(bits: int, *, signed: bool) -> tuple[int, int]:
+    """``(Qn, Qp)``: the integer codes run from ``−Qn`` to ``Qp``."""
+    check_bits(bits)
+    if signed:
+        if bits < 2:
+            raise WeightlabError("signed LSQ needs bits ≥ 2 (1 bit leaves the levels {−1, 0}); "
+                                 f"got bits={bits}; use method='statsq' for 1-bit weights")
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def lsq_grad_scale(qp: int, n: int) -> float:
+    """LSQ's step-size gradient scale ``1/√(Qp·N)``."""
+    return 1.0 / math.sqrt(qp * n)
+
+
+def lsq_quantize(x: Tensor, step: Tensor, *, qn: int, qp: int, g: float) -> Tensor:
+    """Fake-quantize ``x`` with the (broadcastable) ``step``: ``round_ste(clamp(x/s, −Qn, Qp))·s``.
+
+    The gradient reaching ``step`` is scaled by ``g``; values outside the range pass no gradient to ``x``.
+    """
+    s = grad_scale(step.clamp_min(1e-5), g)
+    return round_ste((x / s).clamp(-qn, qp)) * s
+
+
+class LsqWeightQuantizer(nn.Module):
+    """LSQ for a ``(out, in)`` weight: one learned step per output row, initialised to ``2·mean|w|/√Qp``."""
+
+    offset = 0.0  # dequantized weight = step · (code + offset)
+
+    def __init__(self, weight: Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.qn, self.qp = lsq_range(bits, signed=True)
+        rows = weight.detach().reshape(weight.shape[0], -1)  # (out, in)
+        self.fan_in = rows.shape[1]
+        init = 2 * rows.abs().mean(1, keepdim=True) / math.sqrt(self.qp)  # (out, 1)
+        self.step = nn.Parameter(init.clamp_min(1e-5))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return lsq_quantize(weight, self.step, qn=self.qn, qp=self.qp, g=lsq_grad_scale(self.qp, self.fan_in))
+
+    @torch.no_grad()
+    def codes(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Integer codes (``weight``'s shape) and per-row scale: ``weight ≈ scale·(codes + offset)``."""
+        s = self.step.clamp_min(1e-5)
+        return (weight / s).clamp(-self.qn, self.qp).round(), s.detach().clone()
+
+
+class LsqActQuantizer(nn.Module):
+    """LSQ for activations: one learned step, initialised from the first batch to ``2·mean|x|/√Qp``."""
+
+    def __init__(self, bits: int, *, signed: bool = True) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.signed = signed
+        self.qn, self.qp = lsq_range(bits, signed=signed)
+        self.step = nn.Parameter(torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.step.copy_((2 * x.abs().mean() / math.sqrt(self.qp)).clamp_min(1e-5))
+                self.initialized.fill_(True)
+        n = x[0].numel() if x.dim() > 1 else x.numel()
+        return lsq_quantize(x, self.step, qn=self.qn, qp=self.qp, g=lsq_grad_scale(self.qp, n))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
