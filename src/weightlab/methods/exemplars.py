@@ -1,4 +1,5 @@
-"""Exemplar memories for class-incremental learning: iCaRL herding and the nearest-mean-of-exemplars classifier.
+"""Exemplar memories for class-incremental learning: iCaRL herding and the nearest-mean-of-exemplars
+classifier.
 
 Paper keys: ``weight-aligning`` (which uses iCaRL's herding memory, as PyCIL runs it) and iCaRL
 (Rebuffi et al., CVPR 2017) for the NME classifier.
@@ -56,8 +57,10 @@ def herding(features: Tensor, m: int) -> Tensor:
 def extract_features(model: nn.Module, data: ArrayDataset, *, batch_size: int = 512) -> Tensor:
     """``model.forward_features`` on all of ``data`` in eval mode (mode restored): ``(N, D)`` on the CPU."""
     if not hasattr(model, "forward_features"):
-        raise WeightlabError(f"{type(model).__name__} has no forward_features(x); exemplar methods need a "
-                             "weightlab.models.Classifier or a model exposing its features")
+        raise WeightlabError(
+            f"{type(model).__name__} has no forward_features(x); exemplar methods need a "
+            "weightlab.models.Classifier or a model exposing its features"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -18,7 +18,6 @@ from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 
-
 Selector = Callable[[ArrayDataset, int], Tensor]
 """``selector(data_of_one_class, m) -> (≤ m,)`` indices into the data, best first."""
 
@@ -33,7 +32,8 @@ class ReplayBuffer:
         selector: how the samples of a new class are chosen, best first (default: at random).
     """
 
-    def __init__(self, capacity: int, *, per_class: int | None = None, selector: Selector | None = None) -> None:
+    def __init__(self, capacity: int, *, per_class: int | None = None,
+                 selector: Selector | None = None) -> None:
         if capacity < 0:
             raise WeightlabError(f"replay memory must be ≥ 0, got {capacity}")
         if per_class is not None and per_class < 1:

@@ -48,8 +48,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         teacher_logits: ``(B, n_old)`` logits of the frozen previous model.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise WeightlabError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-                             f"{tuple(teacher_logits.shape)} must have the same shape")
+        raise WeightlabError(
+            f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
     if not temperature > 0:
         raise WeightlabError(f"kd_loss: temperature must be > 0, got {temperature}")
     log_p = F.log_softmax(student_logits / temperature, dim=1)  # (B, n_old)
@@ -70,10 +72,14 @@ def align_rows(weight: Tensor, n_old: int) -> tuple[float, Tensor]:
         n_old: number of old classes (``1 ≤ n_old < classes``).
     """
     if weight.ndim != 2:
-        raise WeightlabError(f"weight aligning expects a (classes, features) weight, got {tuple(weight.shape)}")
+        raise WeightlabError(
+            f"weight aligning expects a (classes, features) weight, got {tuple(weight.shape)}"
+        )
     if not 1 <= n_old < weight.shape[0]:
-        raise WeightlabError(f"n_old must be between 1 and {weight.shape[0] - 1} (the head has {weight.shape[0]} "
-                             f"rows), got {n_old}")
+        raise WeightlabError(
+            f"n_old must be between 1 and {weight.shape[0] - 1} (the head has {weight.shape[0]} "
+            f"rows), got {n_old}"
+        )
     norms = row_norms(weight)
     new_mean = norms[n_old:].mean()
     if new_mean == 0:
@@ -84,7 +90,9 @@ def align_rows(weight: Tensor, n_old: int) -> tuple[float, Tensor]:
     return gamma, aligned
 
 
-def weight_align(head: ExpandableHead | nn.Linear, n_old: int, *, align_bias: bool = False) -> tuple[float, nn.Module]:
+def weight_align(
+    head: ExpandableHead | nn.Linear, n_old: int, *, align_bias: bool = False
+) -> tuple[float, nn.Module]:
     """Weight Aligning of a classifier head: ``(γ, aligned copy of head)``; ``head`` is not modified.
 
     Args:
@@ -101,10 +109,13 @@ def weight_align(head: ExpandableHead | nn.Linear, n_old: int, *, align_bias: bo
 
 
 def expand_head(model: nn.Module, n_new: int) -> ExpandableHead:
-    """Append ``n_new`` rows to ``model.head`` (an :class:`ExpandableHead`); new biases start at zero (PyCIL)."""
+    """Append ``n_new`` rows to ``model.head`` (an :class:`ExpandableHead`); new biases start at zero
+    (PyCIL)."""
     head = getattr(model, "head", None)
     if not isinstance(head, ExpandableHead):
-        raise WeightlabError(f"expand_head needs model.head to be an ExpandableHead, got {type(head).__name__}")
+        raise WeightlabError(
+            f"expand_head needs model.head to be an ExpandableHead, got {type(head).__name__}"
+        )
     if n_new < 1:
         raise WeightlabError(f"expand_head: n_new must be ≥ 1, got {n_new}")
     n_old = head.num_classes
@@ -136,7 +147,9 @@ class KnowledgeDistillation(Callback):
         weight: λ; default ``n_old / n_total`` from the logits' width (PyCIL's ``kd_lambda``).
     """
 
-    def __init__(self, teacher: nn.Module, n_old: int, *, temperature: float = 2.0, weight: float | None = None) -> None:
+    def __init__(
+        self, teacher: nn.Module, n_old: int, *, temperature: float = 2.0, weight: float | None = None
+    ) -> None:
         if n_old < 1:
             raise WeightlabError(f"KnowledgeDistillation needs n_old ≥ 1 old classes, got {n_old}")
         self.teacher, self.n_old, self.temperature, self.weight = teacher, n_old, temperature, weight
@@ -188,7 +201,8 @@ class AlignHead(Callback):
 
 @dataclass(frozen=True)
 class WAConfig:
-    """Weight Aligning and its baselines (paper key ``weight-aligning``; defaults from PyCIL ``exps/wa.json``).
+    """Weight Aligning and its baselines (paper key ``weight-aligning``; defaults from PyCIL
+    ``exps/wa.json``).
 
     Args:
         kd: distil the previous model (False: finetune / replay baselines).
@@ -248,8 +262,10 @@ class ClassIncrementalLearner:
 
     def __init__(self, model: nn.Module, config: WAConfig = WAConfig()) -> None:
         if not isinstance(getattr(model, "head", None), ExpandableHead):
-            raise WeightlabError("ClassIncrementalLearner needs model.head to be an ExpandableHead "
-                                 f"(got {type(getattr(model, 'head', None)).__name__})")
+            raise WeightlabError(
+                "ClassIncrementalLearner needs model.head to be an ExpandableHead "
+                f"(got {type(getattr(model, 'head', None)).__name__})"
+            )
         self.model, self.config = model, config
         selector = HerdingSelector(model) if config.selection == "herding" else None
         self.memory = ReplayBuffer(config.memory, per_class=config.memory_per_class, selector=selector)
@@ -262,8 +278,10 @@ class ClassIncrementalLearner:
         """One incremental step on ``data`` (its ``n_new`` classes are the next labels)."""
         n_old = self.num_classes
         if len(data) and (int(data.y.min()) < n_old or int(data.y.max()) >= n_old + n_new):
-            raise WeightlabError(f"step labels must be the new classes {n_old}..{n_old + n_new - 1}, got "
-                                 f"{int(data.y.min())}..{int(data.y.max())}")
+            raise WeightlabError(
+                f"step labels must be the new classes {n_old}..{n_old + n_new - 1}, got "
+                f"{int(data.y.min())}..{int(data.y.max())}"
+            )
         teacher = frozen_copy(self.model) if (self.config.kd and n_old > 0) else None
         head = expand_head(self.model, n_new)
         callbacks: list[Callback] = []
@@ -271,15 +289,22 @@ class ClassIncrementalLearner:
             callbacks.append(KnowledgeDistillation(teacher, n_old, temperature=self.config.temperature))
         if self.config.clip:
             callbacks.append(ClipHeadWeights(head))
-        aligner = AlignHead(head, n_old, align_bias=self.config.align_bias) if (self.config.align and n_old) else None
+        aligner = (
+            AlignHead(head, n_old, align_bias=self.config.align_bias)
+            if (self.config.align and n_old)
+            else None
+        )
         if aligner is not None:
             callbacks.append(aligner)
         pool = concat([data, self.memory.dataset()]) if len(self.memory) else data
         train(self.model, pool, train_config, callbacks=callbacks)
         record = StepRecord(n_old, self.num_classes)
         if aligner is not None:
-            record.gamma, record.norms_before, record.norms_after = (aligner.gamma, aligner.norms_before,
-                                                                     aligner.norms_after)
+            record.gamma, record.norms_before, record.norms_after = (
+                aligner.gamma,
+                aligner.norms_before,
+                aligner.norms_after,
+            )
         else:
             record.norms_before = record.norms_after = row_norms(head.weight).cpu()
         if self.config.uses_memory:
