@@ -5,7 +5,8 @@
 Three ways to run the same SCoLe stream (same model, data, batch size, steps, masking, gradient clipping),
 alternated ``--repeats`` times in one process; per task the median over repeats is kept:
 
-* ``bare``      — a hand-written loop: gather the task, shuffle, forward / mask / loss / backward / clip / step,
+* ``bare``      — a hand-written loop: gather the task, shuffle, forward / mask / loss / backward / clip /
+                  step,
                   then evaluate on the full test set (what a plain script would do);
 * ``train()``   — weightlab's one loop (:func:`weightlab.train.train` with :class:`GroupMasking`) + the same
                   evaluation;
@@ -129,7 +130,8 @@ def main() -> None:
     stream = SCoLeStream(*data, generator_config(config, args.variant, 0))
     mask = args.variant == "sgd-mask"
     steps = sum(-(-len(stream[i].train) // config.batch_size) for i in range(len(stream)))
-    print(f"SCoLe stream: {args.tasks} tasks, {steps} optimizer steps in all ({steps / args.tasks:.1f} per task), "
+    print(f"SCoLe stream: {args.tasks} tasks, {steps} optimizer steps in all "
+          f"({steps / args.tasks:.1f} per task), "
           f"variant {args.variant}, {torch.get_num_threads()} torch thread(s), {args.clock} clock")
     warm = SCoLeStream(*data, generator_config(SCoLeExperimentConfig(n_tasks=5), args.variant, 1))
     bare(config, warm, mask), loop_only(config, warm, mask)  # warm-up (first optimizer step, allocator)
