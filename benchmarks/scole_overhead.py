@@ -11,8 +11,8 @@ alternated ``--repeats`` times in one process; per task the median over repeats 
 * ``train()``   — weightlab's one loop (:func:`weightlab.train.train` with :class:`GroupMasking`) + the same
                   evaluation;
 * ``experiment``— the ``scole`` experiment's own per-task function under :meth:`RunContext.stream`, i.e. the
-                  above plus a safetensors checkpoint and the JSON record after every task (what resumability
-                  costs).
+                  above plus a safetensors checkpoint with the JSON record every ``--checkpoint-every`` tasks
+                  (what resumability costs; timed per checkpoint interval and spread over its tasks).
 
 Prints the mean per-task time of each, the ratios to ``bare``, and first-10 vs last-10 task times (no growth
 along the stream is the target). Numbers on a shared, overloaded machine are noisy; the default clock is the
@@ -110,7 +110,11 @@ def experiment(config: SCoLeExperimentConfig, data: tuple, variant: str) -> list
     with tempfile.TemporaryDirectory() as tmp:
         ctx = TimedContext(Path(tmp))
         run_variant(config, ctx, data, variant, 0)
-        return [b - a for a, b in zip(ctx.stamps, ctx.stamps[1:], strict=False)]
+        chunks = [b - a for a, b in zip(ctx.stamps, ctx.stamps[1:], strict=False)]  # one per checkpoint
+        sizes = [config.checkpoint_every] * (config.n_tasks // config.checkpoint_every)
+        rest = config.n_tasks % config.checkpoint_every
+        sizes += [rest] if rest else []
+        return [c / k for c, k in zip(chunks, sizes, strict=True) for _ in range(k)]
 
 
 def main() -> None:
@@ -119,12 +123,14 @@ def main() -> None:
     parser.add_argument("--variant", default="sgd-mask", choices=["sgd", "sgd-mask"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--augment-to", type=int, default=SCoLeExperimentConfig.augment_to)
+    parser.add_argument("--checkpoint-every", type=int, default=SCoLeExperimentConfig.checkpoint_every)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: process CPU time (robust on a shared machine); wall: elapsed time")
     args = parser.parse_args()
     global clock
     clock = CLOCKS[args.clock]
-    config = SCoLeExperimentConfig(n_tasks=args.tasks, seeds=1, augment_to=args.augment_to)
+    config = SCoLeExperimentConfig(n_tasks=args.tasks, seeds=1, augment_to=args.augment_to,
+                                   checkpoint_every=args.checkpoint_every)
     data = (digits("train", size=config.image_size, augment_to=config.augment_to or None),
             digits("test", size=config.image_size))
     stream = SCoLeStream(*data, generator_config(config, args.variant, 0))

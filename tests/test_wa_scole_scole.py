@@ -158,6 +158,8 @@ def test_frequency_replay_selection_and_memory() -> None:
 
 
 def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(WeightlabError, match=r"checkpoint interval must be ≥ 1 experience, got 0"):
+        run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")
     with pytest.raises(WeightlabError, match=r"unknown scole variant\(s\) \['x'\]"):
         run_experiment("scole", profile="smoke", overrides={"variants": "x"}, out=tmp_path / "a")
     assert (
@@ -178,7 +180,8 @@ def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:  # noqa: ANN00
     )
 
 
-RESUME = {"n_tasks": "12", "variants": "adam-mask-keep,imbalanced-mask-freq-replay", "entropy_decrease": "8"}
+RESUME = {"n_tasks": "12", "variants": "adam-mask-keep,imbalanced-mask-freq-replay", "entropy_decrease": "8",
+          "checkpoint_every": "3"}
 
 
 def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -186,15 +189,24 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> Non
     original = RunContext.save_state
 
     def interrupt(self: RunContext, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        if self.saves == 19:  # adam-mask-keep done, the replay variant at task 7 of 12
+        # 4 checkpoints per variant (tasks 2, 5, 8, 11): stop at the replay variant's task-8 checkpoint, so
+        # the resumed run restarts from task 5 and repeats tasks 6-8
+        if self.saves == 6:
             raise KeyboardInterrupt
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(RunContext, "save_state", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut")
-    monkeypatch.setattr(RunContext, "save_state", original)
+    resumed_saves = []
+
+    def count(self: RunContext, key: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        resumed_saves.append(key)
+        original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(RunContext, "save_state", count)
     run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut", resume=True)
+    assert resumed_saves == [f"imbalanced-mask-freq-replay/seed0/exp{i}" for i in (8, 11)]
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert a == b

@@ -64,6 +64,7 @@ class SCoLeExperimentConfig:
     adam_lr: float = 1e-3
     grad_clip: float = 10.0
     entropy_decrease: float = 5.0
+    checkpoint_every: int = 10  # tasks between checkpoints (a resumed run repeats at most 9 tasks)
     variants: tuple[str, ...] = tuple(VARIANTS)
 
     def __post_init__(self) -> None:
@@ -133,7 +134,9 @@ def run_variant(
         if memory is not None:
             memory.load(tensors)
 
-    return ctx.stream(f"{variant}/seed{seed}", config.n_tasks, step, state, load), stream
+    key, every = f"{variant}/seed{seed}", config.checkpoint_every
+    rows = ctx.stream(key, config.n_tasks, step, state, load, every=every)
+    return rows, stream
 
 
 def window(curve: np.ndarray, which: str) -> float:
