@@ -199,7 +199,7 @@ def summarise(runs: list[dict[str, list]], steps: int) -> dict[str, list[float]]
     return out
 
 
-def norms_figure(run: dict[str, list], steps: int):  # noqa: ANN201
+def norms_figure(run: dict[str, list], steps: int, method: str):  # noqa: ANN201
     """The paper's figure: FC row norms of the last step before and after aligning (old vs new classes)."""
     before, after = np.asarray(run["norms_before"][-1]), np.asarray(run["norms_after"][-1])
     n_old = len(before) - len(before) // steps
@@ -212,7 +212,7 @@ def norms_figure(run: dict[str, list], steps: int):  # noqa: ANN201
             xlabel="class (blue old, orange new)",
             ylabel="‖W_c‖₂",
         )
-    fig.suptitle(f"FC row norms after the last of {steps} steps")
+    fig.suptitle(f"{method}: FC row norms after the last of {steps} steps", y=1.04)
     return fig
 
 
@@ -304,9 +304,9 @@ def run(config: WeightAligningConfig, ctx: RunContext) -> Results:
             f"accuracy_per_step_{s}",
         )
         if "wa" in config.methods:
-            ctx.savefig(norms_figure(runs[("wa", s)][0], s), f"fc_norms_{s}")
+            ctx.savefig(norms_figure(runs[("wa", s)][0], s, "wa"), f"fc_norms_{s}")
         if "wa-clip" in config.methods:
-            ctx.savefig(norms_figure(runs[("wa-clip", s)][0], s), f"fc_norms_clip_{s}")
+            ctx.savefig(norms_figure(runs[("wa-clip", s)][0], s, "wa-clip"), f"fc_norms_clip_{s}")
     data_out = {f"{m}/steps{s}": [{k: v for k, v in r.items()} for r in rs] for (m, s), rs in runs.items()}
     data_out = {k: [{n: _clean(v) for n, v in r.items()} for r in rs] for k, rs in data_out.items()}
     if "wa" in config.methods:
