@@ -158,8 +158,10 @@ def test_frequency_replay_selection_and_memory() -> None:
 
 
 def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(WeightlabError, match=r"checkpoint interval must be ≥ 1 experience, got 0"):
+    with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1 task, got 0"):
         run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")
+    with pytest.raises(WeightlabError, match=r"checkpoint interval must be ≥ 1 experience, got 0"):
+        RunContext(tmp_path / "ctx").stream("k", 3, lambda i: [0.0], dict, lambda t: None, every=0)
     with pytest.raises(WeightlabError, match=r"unknown scole variant\(s\) \['x'\]"):
         run_experiment("scole", profile="smoke", overrides={"variants": "x"}, out=tmp_path / "a")
     assert (

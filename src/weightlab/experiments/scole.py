@@ -68,6 +68,8 @@ class SCoLeExperimentConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise WeightlabError(f"checkpoint_every must be ≥ 1 task, got {self.checkpoint_every}")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise WeightlabError(f"unknown scole variant(s) {bad}; expected some of {', '.join(VARIANTS)}")
