@@ -158,6 +158,23 @@ def test_replay_buffer_ordered_modes() -> None:
         ReplayBuffer(5, per_class=0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(1, 30), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       seed=st.integers(0, 999))
+def test_ordered_memory_shrinks_by_truncation(capacity: int, sizes: list[int], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    buf = ReplayBuffer(capacity, selector=lambda d, m: torch.randperm(len(d), generator=gen)[:m])
+    for step, n in enumerate(sizes):  # one new class per step, n samples of it
+        before = {c: buf.x[buf.y == c].flatten().tolist() for c in range(step)} if len(buf) else {}
+        buf.update(ArrayDataset(torch.rand(n, 1), torch.full((n,), step)), generator=gen)
+        share = capacity // (step + 1)
+        for c, old in before.items():
+            kept = buf.x[buf.y == c].flatten().tolist()
+            assert kept == old[: min(share, len(old))]  # a prefix, in priority order
+        assert int((buf.y == step).sum()) == min(share, n)
+        assert len(buf) <= capacity
+
+
 # ---------------------------------------------------------------------------------------------- callbacks
 
 
