@@ -21,6 +21,7 @@ from urllib.parse import quote
 from torch import Tensor
 
 from weightlab import distributed
+from weightlab.errors import WeightlabError
 from weightlab.report.progress import track
 from weightlab.weights.io import load_tensors, read_metadata, save_tensors
 
@@ -71,26 +72,34 @@ class RunContext:
         return value
 
     def stream(self, key: str, n: int, step: Callable[[int], list[float]],
-               state: Callable[[], dict[str, Tensor]], load: Callable[[dict[str, Tensor]], None]) -> list[list[float]]:
+               state: Callable[[], dict[str, Tensor]], load: Callable[[dict[str, Tensor]], None], *,
+               every: int = 1) -> list[list[float]]:
         """Run ``step(i)`` for experiences ``i = 0..n-1`` with a checkpoint after each one.
 
         ``step(i)`` trains on experience ``i`` and returns that row of the accuracy matrix; ``state()`` gives
         the tensors that must survive an interruption (model, memory, ...) and ``load`` restores them.
         After an interruption the last finished experience is loaded and the stream continues after it;
         because each experience seeds itself (``derive_seed``), the end result equals an uninterrupted run.
+        ``every = k`` checkpoints only after every k-th experience (and the last): for streams of hundreds of
+        short experiences, where a checkpoint costs as much as an experience; a resumed run then repeats at
+        most ``k − 1`` experiences.
         """
+        if every < 1:
+            raise WeightlabError(f"checkpoint interval must be ≥ 1 experience, got {every}")
         done = [i for i in range(n) if self.has_state(f"{key}/exp{i}")]
         rows: list[list[float]] = []
-        start = 0
+        start, last = 0, None
         if done:
             tensors, meta = self.load_state(f"{key}/exp{done[-1]}")
             load(tensors)
-            rows, start = meta["rows"], done[-1] + 1
+            rows, start, last = meta["rows"], done[-1] + 1, done[-1]
         for i in track(range(start, n), f"{key}", total=n - start):
             rows.append(step(i))
-            self.save_state(f"{key}/exp{i}", state(), {"rows": rows})
-            if i > 0:
-                self.drop_state(f"{key}/exp{i - 1}")
+            if (i + 1) % every == 0 or i == n - 1:
+                self.save_state(f"{key}/exp{i}", state(), {"rows": rows})
+                if last is not None:
+                    self.drop_state(f"{key}/exp{last}")
+                last = i
             if self.logger is not None:
                 self.logger.experience(key, i, rows[-1])
         if self.logger is not None and start < n:

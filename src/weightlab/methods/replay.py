@@ -1,10 +1,15 @@
 """Experience replay: a fixed-size memory of past samples mixed into every training batch.
 
 The memory is class-balanced: after each experience it holds ``memory // n_seen_classes`` samples of every
-class seen so far (chosen at random, seeded). Herding selection (iCaRL) lives with Weight Aligning.
+class seen so far (chosen at random, seeded). With a ``selector`` (e.g. iCaRL herding, in
+:mod:`weightlab.methods.exemplars`) or a fixed ``per_class`` budget the memory is *ordered*: each class keeps
+its samples in priority order, a new class is filled by the selector, and shrinking keeps the first ``m`` of
+each class (iCaRL's reduction).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,14 +18,29 @@ from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 
+Selector = Callable[[ArrayDataset, int], Tensor]
+"""``selector(data_of_one_class, m) -> (≤ m,)`` indices into the data, best first."""
+
 
 class ReplayBuffer:
-    """Class-balanced memory of at most ``capacity`` samples (``x``, ``y`` and optional task ids ``t``)."""
+    """Class-balanced memory of at most ``capacity`` samples (``x``, ``y`` and optional task ids ``t``).
 
-    def __init__(self, capacity: int) -> None:
+    Args:
+        capacity: total memory, shared equally by the classes seen so far.
+        per_class: keep exactly this many samples of every class instead (the total then grows with the
+            classes and ``capacity`` is not used).
+        selector: how the samples of a new class are chosen, best first (default: at random).
+    """
+
+    def __init__(self, capacity: int, *, per_class: int | None = None,
+                 selector: Selector | None = None) -> None:
         if capacity < 0:
             raise WeightlabError(f"replay memory must be ≥ 0, got {capacity}")
+        if per_class is not None and per_class < 1:
+            raise WeightlabError(f"per_class memory must be ≥ 1, got {per_class}")
         self.capacity = capacity
+        self.per_class = per_class
+        self.selector = selector
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.t: Tensor | None = None
@@ -35,6 +55,9 @@ class ReplayBuffer:
 
     def update(self, data: ArrayDataset, *, generator: torch.Generator) -> None:
         """Add ``data`` and shrink every class to an equal share of the capacity (random choice)."""
+        if self.selector is not None or self.per_class is not None:
+            self._update_ordered(data, generator=generator)
+            return
         pool = data if self.x is None else _cat(self.dataset(), data)
         classes = torch.unique(pool.y).tolist()
         per_class = self.capacity // max(len(classes), 1)
@@ -43,6 +66,30 @@ class ReplayBuffer:
             idx = torch.nonzero(pool.y == c).flatten()
             keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
         kept = pool.subset(torch.sort(torch.cat(keep)).values) if keep else pool.subset([])
+        self.x, self.y, self.t = kept.x, kept.y, kept.t
+
+    def share(self, n_classes: int) -> int:
+        """Samples kept per class when ``n_classes`` classes are in memory."""
+        return self.per_class if self.per_class is not None else self.capacity // max(n_classes, 1)
+
+    def _update_ordered(self, data: ArrayDataset, *, generator: torch.Generator) -> None:
+        # Each class: its stored samples (already in priority order), then the selector's picks from ``data``;
+        # keep the first ``m``. Stored classes therefore shrink by truncation, as in iCaRL.
+        old = self.dataset() if self.x is not None else None
+        classes = sorted(set(data.classes) | set(old.classes if old is not None else []))
+        m = self.share(len(classes))
+        parts = []
+        for c in classes:
+            if old is not None:
+                parts.append(old.subset(torch.nonzero(old.y == c).flatten()[:m]))
+            room = m - (len(parts[-1]) if old is not None else 0)
+            new_idx = torch.nonzero(data.y == c).flatten()
+            if room > 0 and len(new_idx):
+                own = data.subset(new_idx)
+                order = (self.selector(own, room) if self.selector is not None
+                         else torch.randperm(len(own), generator=generator))
+                parts.append(own.subset(order[:room]))
+        kept = _concat_all(parts, data)
         self.x, self.y, self.t = kept.x, kept.y, kept.t
 
     def sample(self, n: int, *, generator: torch.Generator) -> Batch:
@@ -67,6 +114,13 @@ def _cat(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
     from weightlab.data.arrays import concat
 
     return concat([a, b])
+
+
+def _concat_all(parts: list[ArrayDataset], like: ArrayDataset) -> ArrayDataset:
+    from weightlab.data.arrays import concat
+
+    parts = [p for p in parts if len(p)]
+    return concat(parts) if parts else like.subset([])
 
 
 class Replay(Callback):
