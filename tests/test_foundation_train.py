@@ -217,3 +217,14 @@ def test_replay_callback_appends_memory(digits8):
     assert seen == [16]
     assert set(buffer.y.tolist()) == set(digits8[0].y[:50].tolist()) | set(new.y.tolist())
     assert isinstance(buffer.sample(3, generator=torch.Generator()), Batch)
+
+
+def test_replay_share_counts_every_class_ever_seen():
+    buffer = ReplayBuffer(2)
+    gen = torch.Generator().manual_seed(0)
+    for c in range(3):  # capacity 2, three classes: the share drops to 0 and stays there
+        buffer.update(ArrayDataset(torch.rand(4, 1), torch.full((4,), c)), generator=gen)
+    assert len(buffer) == 0 and buffer.seen.tolist() == [0, 1, 2]
+    restored = ReplayBuffer(2)
+    restored.load(buffer.state())
+    assert restored.seen.tolist() == [0, 1, 2]

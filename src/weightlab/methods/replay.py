@@ -44,6 +44,11 @@ class ReplayBuffer:
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.t: Tensor | None = None
+        self.seen = torch.zeros(0, dtype=torch.long)  # every class ever added, even if its share is now 0
+
+    def _see(self, data: ArrayDataset) -> list[int]:
+        self.seen = torch.unique(torch.cat([self.seen, data.y]))
+        return self.seen.tolist()
 
     def __len__(self) -> int:
         return 0 if self.y is None else self.y.shape[0]
@@ -59,7 +64,7 @@ class ReplayBuffer:
             self._update_ordered(data, generator=generator)
             return
         pool = data if self.x is None else _cat(self.dataset(), data)
-        classes = torch.unique(pool.y).tolist()
+        classes = self._see(data)
         per_class = self.capacity // max(len(classes), 1)
         keep = []
         for c in classes:
@@ -76,7 +81,7 @@ class ReplayBuffer:
         # Each class: its stored samples (already in priority order), then the selector's picks from ``data``;
         # keep the first ``m``. Stored classes therefore shrink by truncation, as in iCaRL.
         old = self.dataset() if self.x is not None else None
-        classes = sorted(set(data.classes) | set(old.classes if old is not None else []))
+        classes = self._see(data)
         m = self.share(len(classes))
         parts = []
         for c in classes:
@@ -97,7 +102,7 @@ class ReplayBuffer:
         return self.dataset().batch(idx)
 
     def state(self, prefix: str = "memory") -> dict[str, Tensor]:
-        out = {}
+        out = {f"{prefix}.seen": self.seen}
         for name in ("x", "y", "t"):
             value = getattr(self, name)
             if value is not None:
@@ -108,6 +113,7 @@ class ReplayBuffer:
         self.x = tensors.get(f"{prefix}.x")
         self.y = tensors.get(f"{prefix}.y")
         self.t = tensors.get(f"{prefix}.t")
+        self.seen = tensors.get(f"{prefix}.seen", torch.unique(self.y) if self.y is not None else self.seen)
 
 
 def _cat(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
