@@ -196,7 +196,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
     on_weights, on_loss = overriding(cbs, "sample_weights"), overriding(cbs, "loss")
     on_backward, on_step = overriding(cbs, "after_backward"), overriding(cbs, "after_step")
     use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type) if use_amp else None
+    # Outside CUDA no autocast or scaler objects are touched at all: on small CPU models their no-op calls
+    # are a measurable share of a step.
+    precision = (lambda: torch.autocast(device.type)) if use_amp else contextlib.nullcontext
 
     for cb in overriding(cbs, "on_experience_start"):
         cb.on_experience_start(state)
@@ -210,7 +213,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             batch = batch.to(device)
             for cb in on_batch:
                 batch = cb.on_batch(state, batch)
-            with torch.autocast(device.type, enabled=use_amp):
+            with precision():
                 logits = forward(net, batch)
                 for cb in on_logits:
                     logits = cb.transform_logits(state, batch, logits)
@@ -223,14 +226,18 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
                 for cb in on_loss:
                     loss = cb.loss(state, batch, logits, loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             for cb in on_backward:
                 cb.after_backward(state)
             if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             if schedule is not None:
                 schedule.step()
             state.step += 1
