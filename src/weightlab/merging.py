@@ -50,3 +50,24 @@ __all__ = [
     "task_vectors",
     "ties_merge",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+# Every merge method as one function from task vectors to a multi-task vector (scale it with ``apply``), with
+# the paper's defaults. ``tests/test_merging_conformance.py`` runs every registered method through the same
+# checks: inputs unchanged, finite, deterministic, identity at zero strength.
+from weightlab.registry import register  # noqa: E402
+
+
+def _consensus(vectors, *, merge, lambdas: float = 0.4, k: int = 2):  # noqa: ANN001, ANN202
+    merged = merge(vectors)
+    return masked(merged, consensus_mask(tall_masks(vectors, task_arithmetic(vectors), lambdas), k=k))
+
+
+register("merge", "task-arithmetic")(task_arithmetic)
+register("merge", "weight-averaging")(
+    lambda vectors: {k: v / len(vectors) for k, v in task_arithmetic(vectors).items()})
+register("merge", "ties")(lambda vectors: ties_merge(vectors, density=0.2, reduce="mean"))
+register("merge", "consensus-ta")(lambda vectors: _consensus(vectors, merge=task_arithmetic))
+register("merge", "consensus-ties")(
+    lambda vectors: _consensus(vectors, merge=lambda v: ties_merge(v, density=0.2, reduce="sum")))

@@ -52,3 +52,5 @@ def _load(kind: str) -> None:
     # Experiments register themselves on import; import the package lazily so `import weightlab` stays light.
     if kind == "experiment":
         import weightlab.experiments  # noqa: F401
+    elif kind == "merge":
+        import weightlab.merging  # noqa: F401
