@@ -61,7 +61,7 @@ class Results:
             parts.append(markdown_table(rows))
         if self.notes:
             parts.append("\n## Notes\n")
-            parts += [f"- {n}\n" for n in self.notes]
+            parts.append("".join(f"- {n}\n" for n in self.notes))
         return "\n".join(parts)
 
 
