@@ -15,6 +15,7 @@ Both wrap a model: ``forward(x)`` adapts and returns logits, ``reset()`` goes ba
 
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -116,7 +117,7 @@ class TentConfig:
             raise WeightlabError(f"Tent steps must be ≥ 1, got {self.steps}")
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, metaclass=abc.ABCMeta):
     """What Tent and CoTTA share: ``forward`` resets first when ``config.episodic``, then runs
     ``config.steps`` calls of ``forward_and_adapt``; ``reset()`` reloads the saved source model and the
     optimiser state. Subclasses set ``config``, ``model``, ``optimizer`` and call :meth:`_save_source`."""
@@ -129,8 +130,9 @@ class Adapter(nn.Module):
         self._model_state = copy.deepcopy(self.model.state_dict())
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
 
+    @abc.abstractmethod
     def forward_and_adapt(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """One adaptation step on the batch ``x``; returns the logits to predict with."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.config.episodic:
