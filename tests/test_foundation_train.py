@@ -228,3 +228,20 @@ def test_replay_share_counts_every_class_ever_seen():
     restored = ReplayBuffer(2)
     restored.load(buffer.state())
     assert restored.seen.tolist() == [0, 1, 2]
+
+
+def test_after_step_sees_this_steps_loss():
+    seen = []
+
+    class Spy(Callback):
+        def loss(self, state, batch, logits, loss):
+            seen.append(("loss", loss.detach().clone()))
+            return loss
+
+        def after_step(self, state):
+            seen.append(("step", state.loss))
+
+    train(MLP(64, 10, hidden=(8,)), ArrayDataset(torch.rand(16, 1, 8, 8), torch.zeros(16)),
+          TrainConfig(batch_size=8), callbacks=[Spy()])
+    assert [k for k, _ in seen] == ["loss", "step", "loss", "step"]
+    assert torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[2][1], seen[3][1])

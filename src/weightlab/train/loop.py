@@ -241,9 +241,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             if schedule is not None:
                 schedule.step()
             state.step += 1
+            state.loss = loss.detach()
             for cb in on_step:
                 cb.after_step(state)
-            state.loss = loss.detach()
             loss_sum += state.loss
             n_steps += 1
             if state.step >= total:
