@@ -31,9 +31,8 @@ T = TypeVar("T")
 class RunContext:
     """The run directory of one experiment run, and its resumable state."""
 
-    def __init__(self, directory: Path, *, resume: bool = False) -> None:
+    def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.resume = resume
         self.checkpoints = directory / "checkpoints"
         self.plots = directory / "plots"
         self.saves = 0  # how many states were saved in this process (used by interruption tests)

@@ -166,7 +166,7 @@ def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
-    ctx = RunContext(out, resume=resume)
+    ctx = RunContext(out)  # resuming needs no flag: finished state in checkpoints/ is simply reused
     ctx.logger = make_logger(log, out) if main else None
     try:
         with default_callbacks(*([ctx.logger] if ctx.logger else [])):
