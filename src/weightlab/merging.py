@@ -61,7 +61,7 @@ from weightlab.registry import register  # noqa: E402
 
 def _consensus(vectors, *, merge, lambdas: float = 0.4, k: int = 2):  # noqa: ANN001, ANN202
     merged = merge(vectors)
-    return masked(merged, consensus_mask(tall_masks(vectors, task_arithmetic(vectors), lambdas), k=k))
+    return masked(merged, consensus_mask(tall_masks(vectors, merged, lambdas), k=k))
 
 
 register("merge", "task-arithmetic")(task_arithmetic)

@@ -43,7 +43,7 @@ def trim_thresholds(stack: Tensor, density: float) -> Tensor:
     flat = stack.reshape(stack.shape[0], -1)  # (T, d)
     rank = keep_rank(flat.shape[1], density)
     if rank <= 0:
-        return torch.zeros(stack.shape[0], dtype=flat.dtype)
+        return torch.zeros(stack.shape[0], dtype=flat.dtype, device=flat.device)
     # one row at a time: kthvalue copies its input, so this keeps the temporary at one task's size
     return torch.stack([row.abs().kthvalue(rank).values for row in flat])
 
@@ -128,7 +128,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
     return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
@@ -137,7 +137,7 @@ def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     numel = 1
     for s in shape:
         numel *= int(s)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1  # (bytes, 8)
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))
 
@@ -154,9 +154,10 @@ def radix_histogram(magnitudes: Tensor, *, prefix: int | None = None) -> Tensor:
     ``(2**16,)`` among entries whose high bits equal ``prefix``.
     """
     bits = magnitudes.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    high = high_bits(magnitudes).reshape(-1)
     if prefix is None:
-        return torch.bincount(bits >> 16, minlength=HIST_BINS)
-    low = bits[(bits >> 16) == prefix] & 0xFFFF
+        return torch.bincount(high, minlength=HIST_BINS)
+    low = bits[high == prefix] & 0xFFFF
     return torch.bincount(low, minlength=1 << 16)
 
 

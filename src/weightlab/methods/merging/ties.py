@@ -33,7 +33,8 @@ def check_ties_options(density: float, reduce: str, scope: str) -> None:
 def global_thresholds(vectors: Sequence[Mapping[str, Tensor]], density: float) -> Tensor:
     """Each task's trim threshold ``(T,)`` over all its entries (the reference's flattened model)."""
     keys = check_vectors(vectors)
-    flat = torch.stack([torch.cat([v[k].reshape(-1).float() for k in keys]) for v in vectors])  # (T, d)
+    dtype = merge_ops.compute_dtype(vectors[0][keys[0]].dtype)  # float64 vectors keep float64 thresholds
+    flat = torch.stack([torch.cat([v[k].reshape(-1).to(dtype) for k in keys]) for v in vectors])  # (T, d)
     return merge_ops.trim_thresholds(flat, density)
 
 
