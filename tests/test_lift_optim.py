@@ -166,3 +166,31 @@ def test_state_dict_round_trip_keeps_integer_indices_for_half_precision_weights(
     st = other.state[w]
     assert st["indices"].dtype == torch.int32 and st["indices"].tolist() == keep
     assert st["exp_avg"].dtype == torch.float32 and torch.equal(st["exp_avg"], opt.state[w]["exp_avg"])
+
+
+def test_refresh_schedule_survives_a_state_dict_round_trip():
+    from weightlab.methods.lift import LiftConfig, prepare
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = prepare(model, LiftConfig(rank=2, density=0.25, refresh_every=5, target_modules=("0",))).optimizer
+    for _ in range(2):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()
+    assert state["steps"] == 2
+    fresh = prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)),
+                    LiftConfig(rank=2, density=0.25, refresh_every=5, target_modules=("0",))).optimizer
+    fresh.load_state_dict(state)
+    assert fresh.steps == 2
+
+
+def test_masked_gradient_linear_under_bf16_autocast():
+    from weightlab.methods.lift import LiftConfig, prepare
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    lift = prepare(model, LiftConfig(rank=2, density=0.25, sparse_grad=True, target_modules=("0", "2")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(4, 8)).float().sum()
+    loss.backward()
+    lift.optimizer.step()

@@ -179,10 +179,16 @@ class SparseAdamW(torch.optim.Optimizer):
         self._grads.clear()
         super().zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state plus the step counter that schedules mask refreshes."""
+        return {**super().state_dict(), "steps": self.steps}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like :meth:`torch.optim.Optimizer.load_state_dict`, but integer ``indices`` and float32 moments are
         not cast to a half-precision parameter's dtype (which would corrupt them; accelerate and the
-        transformers Trainer round-trip the state)."""
+        transformers Trainer round-trip the state), and the refresh schedule's step counter is restored."""
+        state_dict = dict(state_dict)
+        self.steps = int(state_dict.pop("steps", 0))
         keys = ("indices", "exp_avg", "exp_avg_sq")
         state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}
@@ -292,7 +298,7 @@ class _MaskedGradLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None  # autocast-safe
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

@@ -73,12 +73,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{str(path)!r} is not a readable safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     infos = {}
     for key, v in header.items():
-        if v.get("dtype") not in DTYPES:
-            raise FormatError(f"{str(path)!r}: tensor {key!r} has unsupported dtype {v.get('dtype')!r}")
-        infos[key] = TensorInfo(v["dtype"], tuple(v["shape"]), *v["data_offsets"])
+        try:
+            if v.get("dtype") not in DTYPES:
+                raise FormatError(f"{str(path)!r}: tensor {key!r} has unsupported dtype {v.get('dtype')!r}")
+            infos[key] = TensorInfo(v["dtype"], tuple(v["shape"]), *v["data_offsets"])
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise FormatError(f"{str(path)!r}: header entry {key!r} is malformed ({exc!r}); expected "
+                              "{dtype, shape, data_offsets}") from None
     order = sorted(infos, key=lambda k: infos[k].start)
     return {k: infos[k] for k in order}, meta, 8 + n
 
