@@ -11,12 +11,11 @@ error grows over the rounds while CoTTA's does not.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from weightlab.data import digits
 from weightlab.data.corruptions import CORRUPTIONS
@@ -30,7 +29,7 @@ from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy, predict, train
-from weightlab.utils import derive_seed, seed_everything
+from weightlab.utils import choose_device, derive_seed, seed_everything
 
 METHODS = ("source", "bn_adapt", "tent", "cotta")
 LABELS = {"source": "Source", "bn_adapt": "BN adapt", "tent": "Tent-continual", "cotta": "CoTTA"}
@@ -90,7 +89,7 @@ def source_model(config: CoTTAExperimentConfig, ctx: RunContext) -> tuple[SmallC
     if ctx.has_state("source"):
         tensors, info = ctx.load_state("source")
         model.load_state_dict(tensors)
-        return model, info
+        return model.to(choose_device("auto")), info  # where train() would have left it: resumed = fresh
     tc = TrainConfig(epochs=config.epochs, batch_size=64, lr=config.train_lr, schedule="cosine",
                      seed=derive_seed(config.seed, "source"), description="source model")
     train(model, train_set, tc)
@@ -102,11 +101,10 @@ def source_model(config: CoTTAExperimentConfig, ctx: RunContext) -> tuple[SmallC
 
 
 def make_adapter(method: str, model: nn.Module, config: CoTTAExperimentConfig, seed: int,
-                 threshold: float) -> Callable[[Tensor], Tensor]:
-    """A callable ``x -> logits`` that adapts (or not) as ``method`` does."""
+                 threshold: float) -> nn.Module:
+    """A module ``x -> logits`` that adapts (or not) as ``method`` does."""
     if method == "source":
-        model.eval()
-        return lambda x: model(x)
+        return model.eval()
     if method == "bn_adapt":
         return BNAdapt(model)
     if method == "tent":
@@ -116,12 +114,14 @@ def make_adapter(method: str, model: nn.Module, config: CoTTAExperimentConfig, s
                                     ema_momentum=config.ema_momentum, flip_prob=config.flip_prob))
 
 
-def run_stream(adapter: Callable[[Tensor], Tensor], stream: list[Domain], batch_size: int) -> list[float]:
+def run_stream(adapter: nn.Module, stream: list[Domain], batch_size: int) -> list[float]:
     """Error (%) on each domain of ``stream``, predicting each batch with ``adapter`` as it arrives."""
     errors = []
+    device = next(adapter.parameters()).device
     for domain in stream:
         wrong = 0
         for batch in domain.data.batches(batch_size):
+            batch = batch.to(device)
             with torch.no_grad():  # the adapters enable autograd where they need it
                 logits = adapter(batch.x)
             wrong += int((logits.argmax(1) != batch.y).sum())

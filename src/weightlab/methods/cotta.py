@@ -164,7 +164,7 @@ def stochastic_restore_(params: list[Tensor], source: list[Tensor], prob: float,
         return
     for p, p0 in zip(params, source, strict=True):
         mask = torch.rand(p.shape, generator=generator, device=generator.device).to(p.device) < prob
-        p.copy_(torch.where(mask, p0, p))
+        p.copy_(torch.where(mask, p0.to(p.device), p))
 
 
 class CoTTA(Adapter):

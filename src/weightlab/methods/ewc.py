@@ -122,5 +122,6 @@ class EWC(Callback):
         }
 
     def load(self, tensors: dict[str, Tensor]) -> None:
-        self.fisher = {k[7:]: v for k, v in tensors.items() if k.startswith("fisher.")}
-        self.anchor = {k[7:]: v for k, v in tensors.items() if k.startswith("anchor.")}
+        device = next(self.model.parameters()).device  # checkpoints load on the CPU
+        self.fisher = {k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("fisher.")}
+        self.anchor = {k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("anchor.")}

@@ -257,7 +257,7 @@ def output_regularizer(
         )
     sq = (targets - hnet(list(task_ids))) ** 2  # (|S|, P)
     if importance is not None:
-        sq = sq * importance
+        sq = sq * importance.to(sq.device)
     return sq.sum(1).mean()
 
 
@@ -318,6 +318,7 @@ def weight_importance(model: HyperModel, batch: Batch, task_id: int) -> Tensor:
     """Diagonal empirical Fisher of the target loss in the generated weights ``ω_t`` ``(P,)``, mean 1."""
     with torch.no_grad():
         flat = model.hnet(task_id).detach()
+    batch = batch.to(flat.device)
     fisher = torch.zeros_like(flat)
     for i in range(len(batch)):
         w = flat.clone().requires_grad_(True)

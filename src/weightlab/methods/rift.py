@@ -269,4 +269,4 @@ def finetune(model: nn.Module, data: ArrayDataset, module: str | None, config: T
     freeze_except(tuned, module)
     train(tuned, data, config)
     tuned.requires_grad_(True)
-    return tuned
+    return tuned.train(model.training)  # the loop leaves it in train mode; hand it back as it came

@@ -159,7 +159,7 @@ def apply_signatures(
     for sig, scale in zip(signatures, scales, strict=True):
         check_compatible(state, sig, what="signature")
         for k, v in sig.items():
-            out[k] = out[k] + scale * v.to(out[k].dtype)
+            out[k] = out[k] + scale * v.to(out[k])  # the weight's dtype and device
     return out
 
 

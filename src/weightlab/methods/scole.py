@@ -214,7 +214,8 @@ class TaskOptimizer:
         for key, value in tensors.items():
             if key.startswith(prefix + "."):
                 _, index, name = key.split(".", 2)
-                optimizer.state[params[int(index)]][name] = value.clone()
+                param = params[int(index)]  # moments go to the parameter's device; Adam keeps "step" on the CPU
+                optimizer.state[param][name] = value.clone() if name == "step" else value.to(param.device, copy=True)
 
 
 class FrequencyReplay:
