@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+from weightlab.train.evaluate import predict
 
 Norm = Literal["linf", "l2"]
 
@@ -180,10 +181,7 @@ def adversarial_predict(
 ) -> tuple[Tensor, Tensor]:
     """Logits ``(N, classes)`` of ``model`` on the adversarial examples of ``data``, and targets ``(N,)``."""
     adv = adversarial_dataset(model, data, attack, batch_size=batch_size, seed=seed)
-    device = next(model.parameters()).device
-    with eval_mode(model), torch.no_grad():
-        logits = [model(b.x.to(device)).float().cpu() for b in adv.batches(batch_size)]
-    return torch.cat(logits), adv.y
+    return predict(model, adv, batch_size=batch_size)  # eval mode, task ids kept
 
 
 def tail_metrics(per_class: Tensor, *, tail_fraction: float = 0.3) -> dict[str, float]:

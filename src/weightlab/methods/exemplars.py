@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
+from weightlab.train.evaluate import predict
 
 
 def herding(features: Tensor, m: int) -> Tensor:
@@ -61,14 +62,9 @@ def extract_features(model: nn.Module, data: ArrayDataset, *, batch_size: int = 
             f"{type(model).__name__} has no forward_features(x); exemplar methods need a "
             "weightlab.models.Classifier or a model exposing its features"
         )
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        out = [model.forward_features(b.x.to(device)).float().cpu() for b in data.batches(batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, getattr(model, "num_features", 0))
+    if len(data) == 0:
+        return torch.zeros(0, getattr(model, "num_features", 0))
+    return predict(model, data, batch_size=batch_size, forward=lambda m, b: m.forward_features(b.x))[0]
 
 
 class HerdingSelector:

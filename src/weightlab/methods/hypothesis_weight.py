@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.mixture import normalize_log_weights, uniform_log_prior
 
 
 def expected_divergence(log_p_true: Tensor, log_p: Tensor) -> Tensor:
@@ -62,13 +63,13 @@ def log_weight(divergences: Tensor, eps: Tensor, *, log_prior: Tensor | None = N
             f"divergences must be a non-empty 1-D tensor, got shape {tuple(divergences.shape)}"
         )
     if log_prior is None:
-        log_prior = torch.full_like(divergences, -math.log(divergences.numel()), dtype=torch.float64)
+        log_prior = uniform_log_prior(divergences.numel())
     elif log_prior.shape != divergences.shape:
         raise WeightlabError(
             f"log_prior needs shape {tuple(divergences.shape)}, got {tuple(log_prior.shape)}"
         )
     else:
-        log_prior = log_prior.to(torch.float64) - torch.logsumexp(log_prior.to(torch.float64), 0)
+        log_prior = normalize_log_weights(log_prior.to(torch.float64))
     inside = divergences[None, :] <= eps.to(divergences.dtype)[:, None]  # (E, S)
     return torch.logsumexp(torch.where(inside, log_prior[None, :], -math.inf), dim=1)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from weightlab.data.arrays import ArrayDataset, Batch
+from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 
@@ -63,7 +63,7 @@ class ReplayBuffer:
         if self.selector is not None or self.per_class is not None:
             self._update_ordered(data, generator=generator)
             return
-        pool = data if self.x is None else _cat(self.dataset(), data)
+        pool = data if self.x is None else concat([self.dataset(), data])
         classes = self._see(data)
         per_class = self.capacity // max(len(classes), 1)
         keep = []
@@ -94,7 +94,8 @@ class ReplayBuffer:
                 order = (self.selector(own, room) if self.selector is not None
                          else torch.randperm(len(own), generator=generator))
                 parts.append(own.subset(order[:room]))
-        kept = _concat_all(parts, data)
+        parts = [p for p in parts if len(p)]
+        kept = concat(parts) if parts else data.subset([])
         self.x, self.y, self.t = kept.x, kept.y, kept.t
 
     def sample(self, n: int, *, generator: torch.Generator) -> Batch:
@@ -114,19 +115,6 @@ class ReplayBuffer:
         self.y = tensors.get(f"{prefix}.y")
         self.t = tensors.get(f"{prefix}.t")
         self.seen = tensors.get(f"{prefix}.seen", torch.unique(self.y) if self.y is not None else self.seen)
-
-
-def _cat(a: ArrayDataset, b: ArrayDataset) -> ArrayDataset:
-    from weightlab.data.arrays import concat
-
-    return concat([a, b])
-
-
-def _concat_all(parts: list[ArrayDataset], like: ArrayDataset) -> ArrayDataset:
-    from weightlab.data.arrays import concat
-
-    parts = [p for p in parts if len(p)]
-    return concat(parts) if parts else like.subset([])
 
 
 class Replay(Callback):

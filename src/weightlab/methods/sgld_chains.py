@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.teacher_student import bernoulli_log_probs
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
@@ -131,7 +131,7 @@ def chain_log_probs(logits: Tensor) -> Tensor:
     """Per-chain class log-probabilities. ``(K, B, C) -> (K, B, C)``; a single logit ``(K, B, 1)`` is a
     Bernoulli model ``p(y=1) = sigmoid(z)`` and gives ``(K, B, 2)``."""
     if logits.shape[-1] == 1:
-        return torch.cat([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
+        return bernoulli_log_probs(logits.squeeze(-1))
     return torch.log_softmax(logits, dim=-1)
 
 
