@@ -157,3 +157,15 @@ def test_statsquantizer_codes_reconstruct_forward() -> None:
     q = StatsQuantizer(3)
     codes, scale = q.codes(w)
     torch.testing.assert_close(scale * (codes + q.offset), q(w))
+
+
+def test_lsq_activation_init_flag_survives_a_state_dict_round_trip():
+    from weightlab.methods.quant.lsq import LsqActQuantizer
+
+    q = LsqActQuantizer(2)
+    q(torch.full((4, 3), 2.0))
+    step = q.step.detach().clone()
+    fresh = LsqActQuantizer(2)
+    fresh.load_state_dict(q.state_dict())
+    fresh(torch.full((4, 3), 100.0))  # already initialised: the step is not re-estimated
+    assert torch.equal(fresh.step.detach(), step)

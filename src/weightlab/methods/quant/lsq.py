@@ -91,13 +91,20 @@ class LsqActQuantizer(nn.Module):
         self.signed = signed
         self.qn, self.qp = lsq_range(bits, signed=signed)
         self.step = nn.Parameter(torch.ones(()))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # saved with checkpoints
+        self._initialized = False  # the same flag as a Python bool: no device sync on every forward
+        self.register_load_state_dict_post_hook(LsqActQuantizer._sync_flag)
+
+    @staticmethod
+    def _sync_flag(module: LsqActQuantizer, incompatible_keys: object) -> None:
+        module._initialized = bool(module.initialized)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self._initialized:
             with torch.no_grad():
                 self.step.copy_((2 * x.abs().mean() / math.sqrt(self.qp)).clamp_min(1e-5))
                 self.initialized.fill_(True)
+            self._initialized = True
         n = x[0].numel() if x.dim() > 1 else x.numel()
         return lsq_quantize(x, self.step, qn=self.qn, qp=self.qp, g=lsq_grad_scale(self.qp, n))
 
