@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.rws import (
-    _pack,
-    _unpack,
     apply_signatures,
     dequantize,
     extract_signature,
@@ -62,10 +60,12 @@ def test_shallow_keys() -> None:
 @settings(max_examples=25, deadline=None)
 @given(bits=st.integers(1, 8), codes=st.lists(st.integers(0, 255), min_size=1, max_size=40))
 def test_bit_packing_round_trip(bits, codes) -> None:
-    c = torch.tensor(codes) % (2**bits)
-    packed = _pack(c, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(len(codes) * bits / 8)
-    assert torch.equal(_unpack(packed, bits, len(codes)), c)
+    # values on the quantization grid (0 and 2^b − 1 present, so the step is 1) come back exactly
+    c = torch.tensor([0, *codes, 2**bits - 1]) % (2**bits)
+    c[-1] = 2**bits - 1
+    q = quantize(c.float(), bits)
+    assert q.packed.dtype == torch.uint8 and q.packed.numel() == math.ceil(c.numel() * bits / 8)
+    assert torch.equal(dequantize(q), c.float())
 
 
 def test_quantize_known_answer_and_error_bound() -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.quant.pack import pack_codes, unpack_codes
 from weightlab.methods.rift import weight_modules
 
 Signature = dict[str, Tensor]
@@ -101,18 +102,6 @@ class QuantizedTensor:
         return self.packed.numel() + 8  # codes + two float32 range values
 
 
-def _pack(codes: Tensor, bits: int) -> Tensor:
-    shifts = torch.arange(bits - 1, -1, -1)
-    bit_array = ((codes.long().unsqueeze(1) >> shifts) & 1).flatten()  # (n·bits,)
-    bit_array = torch.cat([bit_array, bit_array.new_zeros(-bit_array.numel() % 8)])
-    return (bit_array.view(-1, 8) << torch.arange(7, -1, -1)).sum(1).to(torch.uint8)
-
-
-def _unpack(packed: Tensor, bits: int, n: int) -> Tensor:
-    bit_array = ((packed.long().unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).flatten()[: n * bits]
-    return (bit_array.view(n, bits) << torch.arange(bits - 1, -1, -1)).sum(1)
-
-
 def quantize(tensor: Tensor, bits: int) -> QuantizedTensor:
     """Uniform ``2^bits`` levels over ``[min, max]`` of ``tensor``; codes bit-packed."""
     if not 1 <= bits <= 8:
@@ -122,14 +111,16 @@ def quantize(tensor: Tensor, bits: int) -> QuantizedTensor:
     levels = 2**bits - 1
     scale = (hi - lo) / levels if hi > lo else 1.0
     codes = torch.round((flat - lo) / scale).clamp_(0, levels)
-    return QuantizedTensor(_pack(codes, bits), lo, hi, bits, tuple(tensor.shape))
+    offset = 2 ** (bits - 1)  # unsigned codes [0, 2^b) stored as the signed codes pack_codes expects
+    return QuantizedTensor(pack_codes(codes.long() - offset, bits), lo, hi, bits, tuple(tensor.shape))
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
     n = math.prod(q.shape)
     levels = 2**q.bits - 1
     scale = (q.hi - q.lo) / levels if q.hi > q.lo else 1.0
-    return (q.lo + _unpack(q.packed, q.bits, n).float() * scale).view(q.shape)
+    codes = unpack_codes(q.packed, q.bits, (n,)).long() + 2 ** (q.bits - 1)
+    return (q.lo + codes.float() * scale).view(q.shape)
 
 
 def quantize_signature(signature: Signature, bits: int) -> dict[str, QuantizedTensor]:
