@@ -67,7 +67,7 @@ def corrupted(data: ArrayDataset, corruption: str, severity: int, *, seed: int =
     x = data.x[order]
     parts = [corrupt(x[i: i + chunk], corruption, severity, generator=g) for i in range(0, len(x), chunk)]
     out = torch.cat(parts)
-    return ArrayDataset(out, data.y[order])
+    return ArrayDataset(out, data.y[order], None if data.t is None else data.t[order])
 
 
 def continual_stream(data: ArrayDataset, *, severity: int = 5, corruptions: Sequence[str] = CORRUPTIONS,
