@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.data import digits
-from weightlab.data.tta_streams import continual_stream
-from weightlab.methods.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule, collect_params, configure_model
-from weightlab.methods.cotta_transforms import augment, sample_params
+from weightlab.methods.cotta.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule, collect_params, configure_model
+from weightlab.methods.cotta.streams import continual_stream
+from weightlab.methods.cotta.transforms import augment, sample_params
 from weightlab.models import SmallCNN
 from weightlab.train import TrainConfig, predict, train
 from weightlab.utils import derive_seed

@@ -18,7 +18,7 @@ import time
 import torch
 
 from weightlab.data import ArrayDataset, Experience
-from weightlab.methods.hypernet import (
+from weightlab.methods.hypernet.hypernetworks import (
     ChunkedMLPHyperNet,
     HnetRegConfig,
     HyperModel,

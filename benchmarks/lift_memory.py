@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from weightlab.methods.lift import LiftConfig, prepare
+from weightlab.methods.lift.model import LiftConfig, prepare
 from weightlab.report.tables import markdown_table
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightlab.methods.attacks import PGD
+from weightlab.methods.adversarial.attacks import PGD
 from weightlab.models import SmallCNN
 
 

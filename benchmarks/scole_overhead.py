@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from weightlab.data import digits
+from weightlab.data.scenarios import SCoLeStream
 from weightlab.experiments.scole import SCoLeExperimentConfig, generator_config, run_variant
-from weightlab.methods.scole import GroupMasking, SCoLeStream
+from weightlab.methods.scole.strategies import GroupMasking
 from weightlab.models import MLP
 from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, per_class_accuracy, predict, train

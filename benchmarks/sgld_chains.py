@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/sgld_chains.py [--chains 16] [--steps 200]
 
-Both sides run the same SGLD update (weightlab.methods.sgld.SGLD) on a 20-64-64-2 tanh MLP with batch 64:
+Both sides run the same SGLD update (weightlab.methods.universality.sgld.SGLD) on a 20-64-64-2 tanh MLP with batch 64:
 the baseline keeps K ``nn.Sequential`` chains with one optimizer each and loops over them every step; the
 batched side keeps the weights stacked as ``(K, in, out)`` tensors (``StackedMLP``, one ``baddbmm`` per layer)
 with one optimizer. The script checks that both produce the same parameters given the same noise, then prints
@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from weightlab.methods.sgld import SGLD, SGLDConfig
-from weightlab.methods.sgld_chains import StackedMLP, chain_nll
+from weightlab.methods.universality.sgld import SGLD, SGLDConfig
+from weightlab.methods.universality.sgld_chains import StackedMLP, chain_nll
 
 
 def make_data(steps: int, batch: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ def _mlp_case(callback_of) -> dict:  # noqa: ANN001 - callable(model) -> Callbac
 
 
 def _replay():
-    from weightlab.methods.replay import Replay, ReplayBuffer
+    from weightlab.methods.continual.replay import Replay, ReplayBuffer
 
     buffer = ReplayBuffer(8)
     buffer.update(_digits_like(), generator=torch.Generator().manual_seed(0))
@@ -51,50 +51,50 @@ def _replay():
 
 
 def _adversarial():
-    from weightlab.methods.attacks import PGD, AdversarialTraining
+    from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
 
     return _mlp_case(lambda m: AdversarialTraining(PGD(eps=0.1, steps=1)))
 
 
 def _done():
-    from weightlab.methods.attacks import PGD
-    from weightlab.methods.done import DONE, DONEConfig
+    from weightlab.methods.adversarial.attacks import PGD
+    from weightlab.methods.done.dro import DONE, DONEConfig
 
     return _mlp_case(lambda m: DONE(DONEConfig(), PGD(eps=0.1, steps=1)))
 
 
 def _ewc():
-    from weightlab.methods.ewc import EWC, EWCConfig
+    from weightlab.methods.continual.ewc import EWC, EWCConfig
 
     return _mlp_case(lambda m: EWC(m, EWCConfig(fisher_samples=8)))
 
 
 def _kd():
-    from weightlab.methods.weight_aligning import KnowledgeDistillation
+    from weightlab.methods.weight_aligning.aligning import KnowledgeDistillation
 
     return _mlp_case(lambda m: KnowledgeDistillation(copy.deepcopy(m), 2))
 
 
 def _clip():
-    from weightlab.methods.weight_aligning import ClipHeadWeights
+    from weightlab.methods.weight_aligning.aligning import ClipHeadWeights
 
     return _mlp_case(lambda m: ClipHeadWeights(m.head))
 
 
 def _align():
-    from weightlab.methods.weight_aligning import AlignHead
+    from weightlab.methods.weight_aligning.aligning import AlignHead
 
     return _mlp_case(lambda m: AlignHead(m.head, 2))
 
 
 def _group_masking():
-    from weightlab.methods.scole import GroupMasking
+    from weightlab.methods.scole.strategies import GroupMasking
 
     return _mlp_case(lambda m: GroupMasking())
 
 
 def _collect_samples():
-    from weightlab.methods.sgld import CollectSamples
+    from weightlab.methods.universality.sgld import CollectSamples
 
     return _mlp_case(lambda m: CollectSamples())
 
@@ -107,7 +107,7 @@ def _tensorboard(tmp_path):
 
 
 def _binary(which: str):
-    from weightlab.methods.binary_cl import (
+    from weightlab.methods.binary_cl.variational import (
         BetaAnnealing,
         ConsolidateField,
         VariationalBinaryMLP,
@@ -124,7 +124,7 @@ def _binary(which: str):
 
 
 def _hypernet():
-    from weightlab.methods.hypernet import HyperModel, MLPHyperNet, OutputRegularizer
+    from weightlab.methods.hypernet.hypernetworks import HyperModel, MLPHyperNet, OutputRegularizer
 
     target = MLP(64, 4, hidden=(4,))
     model = HyperModel(target, MLPHyperNet(sum(p.numel() for p in target.parameters())))

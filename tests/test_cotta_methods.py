@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods import cotta as cotta_mod
-from weightlab.methods.cotta import (
+from weightlab.methods.cotta import cotta as cotta_mod
+from weightlab.methods.cotta.cotta import (
     CoTTA,
     CoTTAConfig,
     anchor_threshold_rule,
@@ -19,9 +19,9 @@ from weightlab.methods.cotta import (
     soft_cross_entropy,
     stochastic_restore_,
 )
-from weightlab.methods.cotta_transforms import AugmentParams, _hsv_to_rgb, _rgb_to_hsv, augment, sample_params
-from weightlab.methods.tent import BNAdapt, Tent, TentConfig, configure_model, softmax_entropy
-from weightlab.methods.tent import collect_params as tent_params
+from weightlab.methods.cotta.tent import BNAdapt, Tent, TentConfig, configure_model, softmax_entropy
+from weightlab.methods.cotta.tent import collect_params as tent_params
+from weightlab.methods.cotta.transforms import AugmentParams, _hsv_to_rgb, _rgb_to_hsv, augment, sample_params
 from weightlab.models import MLP, SmallCNN
 
 

@@ -13,7 +13,9 @@ from weightlab.cli import main
 from weightlab.data import digits
 from weightlab.data.arrays import ArrayDataset
 from weightlab.data.corruptions import CORRUPTIONS
-from weightlab.data.tta_streams import (
+from weightlab.errors import WeightlabError
+from weightlab.experiments.cotta import CoTTAExperimentConfig, make_adapter, run_stream, source_model
+from weightlab.methods.cotta.streams import (
     cifar10c_stream,
     continual_stream,
     corrupted,
@@ -21,8 +23,6 @@ from weightlab.data.tta_streams import (
     gradual_stream,
     repeated,
 )
-from weightlab.errors import WeightlabError
-from weightlab.experiments.cotta import CoTTAExperimentConfig, make_adapter, run_stream, source_model
 from weightlab.runs import RunContext
 
 

@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 
 from weightlab.data import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
-from weightlab.methods.replay import Replay, ReplayBuffer
+from weightlab.methods.continual.replay import Replay, ReplayBuffer
 from weightlab.models import MLP, ExpandableHead, MultiHead, SmallCNN, TinyViT, resnet18_cifar, resnet32_cifar
 from weightlab.train import Callback, TrainConfig, accuracy, per_class_accuracy, train
 from weightlab.train.callbacks import HOOKS, overriding
@@ -197,7 +197,7 @@ def test_replay_buffer_is_class_balanced(digits8):
     buffer.update(train_set.subset(torch.nonzero((train_set.y >= 2) & (train_set.y < 4)).flatten()), generator=gen)
     assert torch.bincount(buffer.y).tolist() == [5, 5, 5, 5]
     restored = ReplayBuffer(20)
-    restored.load(buffer.state())
+    restored.load_state_dict(buffer.state_dict())
     assert torch.equal(restored.x, buffer.x)
 
 
@@ -226,7 +226,7 @@ def test_replay_share_counts_every_class_ever_seen():
         buffer.update(ArrayDataset(torch.rand(4, 1), torch.full((4,), c)), generator=gen)
     assert len(buffer) == 0 and buffer.seen.tolist() == [0, 1, 2]
     restored = ReplayBuffer(2)
-    restored.load(buffer.state())
+    restored.load_state_dict(buffer.state_dict())
     assert restored.seen.tolist() == [0, 1, 2]
 
 

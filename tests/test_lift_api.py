@@ -1,4 +1,4 @@
-"""LIFT's API (methods/lift.py): prepare, weightlab and plain loops, extract_delta, merge_and_unload."""
+"""LIFT's API (methods/lift/model.py): prepare, weightlab and plain loops, extract_delta, merge_and_unload."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift import LiftConfig, extract_delta, find_targets, merge_and_unload, prepare
+from weightlab.methods.lift.model import LiftConfig, extract_delta, find_targets, merge_and_unload, prepare
 from weightlab.train import TrainConfig, train
 from weightlab.weights.io import load_tensors, save_tensors
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightlab.methods.lift import LiftConfig, extract_delta, prepare
+from weightlab.methods.lift.model import LiftConfig, extract_delta, prepare
 
 
 def tiny_bert():  # noqa: ANN201

@@ -1,11 +1,11 @@
-"""SparseAdamW (methods/lift_optim.py): AdamW on masked entries, O(k) state, freed gradients, refresh."""
+"""SparseAdamW (methods/lift/optimizer.py): AdamW on masked entries, O(k) state, freed gradients, refresh."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from weightlab.methods.lift_optim import SparseAdamW
+from weightlab.methods.lift.optimizer import SparseAdamW
 
 
 def fixed(*index_lists: list[int]):  # noqa: ANN201
@@ -169,7 +169,7 @@ def test_state_dict_round_trip_keeps_integer_indices_for_half_precision_weights(
 
 
 def test_refresh_schedule_survives_a_state_dict_round_trip():
-    from weightlab.methods.lift import LiftConfig, prepare
+    from weightlab.methods.lift.model import LiftConfig, prepare
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     opt = prepare(model, LiftConfig(rank=2, density=0.25, refresh_every=5, target_modules=("0",))).optimizer
@@ -186,7 +186,7 @@ def test_refresh_schedule_survives_a_state_dict_round_trip():
 
 
 def test_masked_gradient_linear_under_bf16_autocast():
-    from weightlab.methods.lift import LiftConfig, prepare
+    from weightlab.methods.lift.model import LiftConfig, prepare
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     lift = prepare(model, LiftConfig(rank=2, density=0.25, sparse_grad=True, target_modules=("0", "2")))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.mixture import (
+from weightlab.methods.universality.mixture import (
     BayesMixture,
     StreamingMixture,
     cumulative_log_marginal,

@@ -10,8 +10,14 @@ from torch import nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.methods.sgld import SGLD, CollectSamples, SGLDConfig, cyclical_step_size, polynomial_step_size
-from weightlab.methods.sgld_chains import StackedMLP, chain_log_probs, chain_nll, ensemble_log_proba
+from weightlab.methods.universality.sgld import (
+    SGLD,
+    CollectSamples,
+    SGLDConfig,
+    cyclical_step_size,
+    polynomial_step_size,
+)
+from weightlab.methods.universality.sgld_chains import StackedMLP, chain_log_probs, chain_nll, ensemble_log_proba
 from weightlab.train import TrainConfig, train
 
 

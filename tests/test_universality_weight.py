@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.hypothesis_weight import (
+from weightlab.methods.universality.hypothesis_weight import (
     expected_divergence,
     fisher_information,
     laplace_log_inv_weight,
@@ -19,8 +19,8 @@ from weightlab.methods.hypothesis_weight import (
     resolvability_bound,
     unit_ball_log_volume,
 )
-from weightlab.methods.mixture import cumulative_log_marginal, regret
-from weightlab.methods.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
+from weightlab.methods.universality.mixture import cumulative_log_marginal, regret
+from weightlab.methods.universality.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
 
 
 def test_expected_divergence_known_answer() -> None:

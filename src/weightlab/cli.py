@@ -135,15 +135,22 @@ def show_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
         console.print("plots: " + ", ".join(str(p) for p in plots))
 
 
-# Modules that add commands to `app` (e.g. merge / compress / extract) with a `register(app)` function.
-COMMAND_MODULES: tuple[str, ...] = ("weightlab.methods.merging.cli",)
+# Modules that add commands to `app` (e.g. merge / compress / extract) with a `register(app)` function are
+# declared as entry points in the group ``weightlab.commands`` (pyproject.toml), so the CLI names none of them.
+COMMANDS_GROUP = "weightlab.commands"
+_extended = False
 
 
 def _register_extensions() -> None:
     import importlib
+    from importlib.metadata import entry_points
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(app)
+    global _extended
+    if _extended:
+        return
+    _extended = True
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        importlib.import_module(ep.value).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

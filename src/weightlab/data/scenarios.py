@@ -146,3 +146,143 @@ def domain_incremental(train: ArrayDataset, test: ArrayDataset, n_tasks: int, *,
 def cumulative(stream: Stream, upto: int) -> ArrayDataset:
     """The union of the training data of experiences ``0..upto`` (the joint-training baseline)."""
     return concat([e.train for e in stream[: upto + 1]])
+
+
+# ---------------------------------------------------------------------------------------------- SCoLe
+# Paper key ``scole`` (Lesort et al., CoLLAs 2023; official code ``sampling.py``): ``T`` tasks of ``C`` classes
+# drawn without replacement from ``N`` with a (possibly imbalanced) distribution; re-occurrence is implicit;
+# the ``forgetting`` variant samples only the first half of the classes after ``T/2``.
+
+
+@dataclass(frozen=True)
+class SCoLeConfig:
+    """The SCoLe generator (paper key ``scole``; defaults: 10 classes, 2 per task, 500 tasks as in the paper).
+
+    Args:
+        entropy_decrease: ``k`` of the imbalanced distribution (0: uniform).
+        prob_reduction: after a class is drawn its probability is divided by this (0: off).
+        forgetting: after ``T/2`` only the first ``N // 2`` classes are sampled (uniformly).
+    """
+
+    num_classes: int = 10
+    classes_per_task: int = 2
+    n_tasks: int = 500
+    entropy_decrease: float = 0.0
+    prob_reduction: float = 0.0
+    forgetting: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise WeightlabError(f"SCoLe needs num_classes ≥ 2, got {self.num_classes}")
+        if not 1 <= self.classes_per_task <= self.num_classes:
+            raise WeightlabError(
+                f"classes_per_task must be in 1..{self.num_classes}, got {self.classes_per_task}"
+            )
+        if self.forgetting and self.classes_per_task > self.num_classes // 2:
+            raise WeightlabError(
+                f"the forgetting variant samples {self.classes_per_task} classes from the first "
+                f"{self.num_classes // 2}: use classes_per_task ≤ {self.num_classes // 2}"
+            )
+        if self.n_tasks < 1:
+            raise WeightlabError(f"n_tasks must be ≥ 1, got {self.n_tasks}")
+        if self.entropy_decrease < 0 or self.prob_reduction < 0:
+            raise WeightlabError(
+                f"entropy_decrease and prob_reduction must be ≥ 0, got {self.entropy_decrease} "
+                f"and {self.prob_reduction}"
+            )
+
+
+def class_probabilities(
+    num_classes: int, *, entropy_decrease: float = 0.0, seed: int = 0, factor: float | None = None
+) -> Tensor:
+    """The class distribution ``(N,)``: uniform for ``k = 0``; else ``p_i = 1/N − (i/N)·f`` normalised, raised
+    to
+    the power ``k``, normalised again and shuffled with ``seed`` (``f`` = 0.05, or 0.01 when N = 100)."""
+    p = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    if entropy_decrease == 0:
+        return p
+    f = factor if factor is not None else (0.01 if num_classes == 100 else 0.05)
+    p = p - torch.arange(num_classes, dtype=torch.float64) / num_classes * f
+    if (p <= 0).any():
+        raise WeightlabError(f"factor {f} makes some class probabilities ≤ 0 for {num_classes} classes")
+    p = p / p.sum()
+    p = p**entropy_decrease / (p**entropy_decrease).sum()
+    return p[torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))]
+
+
+def scole_tasks(config: SCoLeConfig) -> list[tuple[int, ...]]:
+    """The classes of every task (sorted within a task), seeded by ``config.seed``."""
+    gen = torch.Generator().manual_seed(config.seed)
+    p = class_probabilities(config.num_classes, entropy_decrease=config.entropy_decrease, seed=config.seed)
+    tasks = []
+    for task_id in range(config.n_tasks):
+        if config.forgetting and task_id > config.n_tasks / 2:
+            drawn = torch.randperm(config.num_classes // 2, generator=gen)[: config.classes_per_task]
+        else:
+            drawn = torch.multinomial(p, config.classes_per_task, replacement=False, generator=gen)
+            if config.prob_reduction:
+                p[drawn] /= config.prob_reduction
+                p = p / p.sum()
+        tasks.append(tuple(sorted(drawn.tolist())))
+    return tasks
+
+
+def class_frequencies(tasks: Sequence[tuple[int, ...]], num_classes: int) -> Tensor:
+    """Fraction of tasks in which each class occurs ``(num_classes,)``."""
+    counts = torch.zeros(num_classes)
+    for classes in tasks:
+        counts[list(classes)] += 1
+    return counts / max(len(tasks), 1)
+
+
+class SCoLeStream(Sequence[Experience]):
+    """The SCoLe schedule as a lazy sequence of experiences over ``train``/``test``.
+
+    Each class's training indices are split once (seeded) into train and validation parts
+    (``val_fraction``, as the official code's 10% split); ``stream[i]`` gathers the task's classes.
+    ``full_test`` is the test set of all classes (what knowledge accumulation is measured on).
+    """
+
+    def __init__(
+        self, train: ArrayDataset, test: ArrayDataset, config: SCoLeConfig, *, val_fraction: float = 0.1
+    ) -> None:
+        missing = sorted(set(range(config.num_classes)) - set(train.classes))
+        if missing:
+            raise WeightlabError(
+                f"SCoLe with {config.num_classes} classes needs labels 0..{config.num_classes - 1}"
+                f" in the training data; missing {missing}"
+            )
+        self.config = config
+        self.tasks = scole_tasks(config)
+        keep_cls = torch.arange(config.num_classes)
+        self.train_data = train.subset(torch.nonzero(torch.isin(train.y, keep_cls)).flatten())
+        self.full_test = test.subset(torch.nonzero(torch.isin(test.y, keep_cls)).flatten())
+        keep, held = stratified_split(
+            self.train_data.y, val_fraction, generator=torch.Generator().manual_seed(config.seed)
+        )
+        y = self.train_data.y
+        self._train_idx = [keep[y[keep] == c] for c in range(config.num_classes)]
+        self._val_idx = [held[y[held] == c] for c in range(config.num_classes)]
+        ty = self.full_test.y
+        self._test_idx = [torch.nonzero(ty == c).flatten() for c in range(config.num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> Experience:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"task {i} out of range for a stream of {len(self)} tasks")
+        i = i % len(self)
+        classes = self.tasks[i]
+
+        def gather(data: ArrayDataset, parts: list[Tensor]) -> ArrayDataset:
+            return data.subset(torch.cat([parts[c] for c in classes]))
+
+        return Experience(
+            gather(self.train_data, self._train_idx),
+            gather(self.full_test, self._test_idx),
+            gather(self.train_data, self._val_idx),
+            classes,
+            i,
+        )

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift import LiftConfig, prepare
+from weightlab.methods.lift.model import LiftConfig, prepare
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import seed_everything
 

@@ -11,7 +11,7 @@ from torch import nn
 from weightlab.data.arrays import ArrayDataset, stratified_split
 from weightlab.data.digits import digits
 from weightlab.errors import WeightlabError
-from weightlab.methods.attacks import PGD, adversarial_predict, tail_metrics
+from weightlab.methods.adversarial.attacks import PGD, adversarial_predict, tail_metrics
 from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import accuracy, per_class_accuracy
 from weightlab.train.loop import TrainConfig, train

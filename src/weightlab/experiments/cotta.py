@@ -19,11 +19,11 @@ from torch import nn
 
 from weightlab.data import digits
 from weightlab.data.corruptions import CORRUPTIONS
-from weightlab.data.tta_streams import Domain, continual_stream, repeated
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule
-from weightlab.methods.tent import BNAdapt, Tent, TentConfig
+from weightlab.methods.cotta.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule
+from weightlab.methods.cotta.streams import Domain, continual_stream, repeated
+from weightlab.methods.cotta.tent import BNAdapt, Tent, TentConfig
 from weightlab.models import SmallCNN
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm

@@ -17,8 +17,8 @@ import numpy as np
 
 from weightlab.experiments._robust import digit_splits, imbalanced, robust_summary, train_adversarially
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.attacks import PGD, AdversarialTraining
-from weightlab.methods.done import DONE, DONEConfig
+from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.methods.done.dro import DONE, DONEConfig
 from weightlab.models import SmallCNN
 from weightlab.report import plots
 from weightlab.report.tables import pm

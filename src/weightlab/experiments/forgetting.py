@@ -15,7 +15,7 @@ import torch
 
 from weightlab.data import class_incremental, cumulative, digits
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.replay import Replay, ReplayBuffer
+from weightlab.methods.continual.replay import Replay, ReplayBuffer
 from weightlab.models import MLP
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
@@ -60,11 +60,11 @@ def run_method(config: ForgettingConfig, ctx: RunContext, method: str, seed: int
         return accuracy_row(model, tests)
 
     def state() -> dict[str, torch.Tensor]:
-        return {**{f"model.{k}": v for k, v in model.state_dict().items()}, **buffer.state()}
+        return {**{f"model.{k}": v for k, v in model.state_dict().items()}, **buffer.state_dict()}
 
     def load(tensors: dict[str, torch.Tensor]) -> None:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        buffer.load(tensors)
+        buffer.load_state_dict(tensors)
 
     return ctx.stream(f"{method}/seed{seed}", config.n_tasks, step, state, load)
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.lift import LiftConfig, find_targets, prepare
+from weightlab.methods.lift.model import LiftConfig, find_targets, prepare
 from weightlab.models.vit import Block
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm

@@ -26,8 +26,8 @@ from weightlab.experiments._robust import (
     train_adversarially,
 )
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.attacks import PGD, AdversarialTraining, adversarial_dataset
-from weightlab.methods.rift import (
+from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining, adversarial_dataset
+from weightlab.methods.rift.rift import (
     DEFAULT_ALPHAS,
     RiFT,
     RiFTConfig,

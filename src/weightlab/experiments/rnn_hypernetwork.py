@@ -25,8 +25,8 @@ from weightlab.data import digits, domain_incremental, task_incremental
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.experiments.variational_binary_cl import save_mean_heatmaps
-from weightlab.methods.ewc import EWC, EWCConfig
-from weightlab.methods.hypernet import (
+from weightlab.methods.continual.ewc import EWC, EWCConfig
+from weightlab.methods.hypernet.hypernetworks import (
     ChunkedMLPHyperNet,
     HnetRegConfig,
     HyperModel,
@@ -161,7 +161,7 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
         if hyper:
             tensors.update({f"importance.{j}": v for j, v in enumerate(reg.importance)})
             tensors["grown"] = torch.tensor(grown[0])
-        return {**tensors, **ewc.state()} if method == "ewc" else tensors
+        return {**tensors, **ewc.state_dict()} if method == "ewc" else tensors
 
     def load(tensors: dict[str, torch.Tensor]) -> None:
         if hyper:
@@ -171,7 +171,7 @@ def run_method(config: RnnHypernetConfig, ctx: RunContext, scenario: str, method
             ]
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if method == "ewc":
-            ewc.load(tensors)
+            ewc.load_state_dict(tensors)
 
     R = ctx.stream(f"{scenario}/{method}/seed{seed}", config.n_tasks, step, state, load)
     return {"R": R, "trainable": count_parameters(model), "target": n_target}
@@ -245,7 +245,7 @@ def run(config: RnnHypernetConfig, ctx: RunContext) -> Results:
         save_mean_heatmaps(ctx, runs, prefix=f"{scenario} / ")
         data[scenario] = runs
     notes = [
-        "The RNN hypernetwork has no public code; see the assumptions in weightlab.methods.hypernet and "
+        "The RNN hypernetwork has no public code; see the assumptions in weightlab.methods.hypernet.hypernetworks and "
         "docs/continual.md. rnn-hnet-grow adds Fisher-weighted regularisation and growth (our reading)."
     ]
     return Results(tables=tables, claims=claims, notes=notes, data={**data, "seeds": seeds})

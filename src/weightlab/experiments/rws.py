@@ -20,7 +20,7 @@ import torch
 
 from weightlab.experiments._robust import corrupted_sets, digit_splits
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.rws import (
+from weightlab.methods.rws.signatures import (
     dequantize_signature,
     extract_signature,
     patch,

@@ -20,16 +20,10 @@ import numpy as np
 import torch
 
 from weightlab.data import concat, digits
+from weightlab.data.scenarios import SCoLeConfig, SCoLeStream, class_frequencies
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.scole import (
-    FrequencyReplay,
-    GroupMasking,
-    SCoLeConfig,
-    SCoLeStream,
-    TaskOptimizer,
-    class_frequencies,
-)
+from weightlab.methods.scole.strategies import FrequencyReplay, GroupMasking, TaskOptimizer
 from weightlab.models import MLP
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
@@ -127,14 +121,14 @@ def run_variant(
 
     def state() -> dict[str, torch.Tensor]:
         out = {f"model.{k}": t for k, t in model.state_dict().items()}
-        out.update(optimizer.state())
-        return out | (memory.state() if memory is not None else {})
+        out.update(optimizer.state_dict())
+        return out | (memory.state_dict() if memory is not None else {})
 
     def load(tensors: dict[str, torch.Tensor]) -> None:
         model.load_state_dict({k[6:]: t for k, t in tensors.items() if k.startswith("model.")})
-        optimizer.load(tensors)
+        optimizer.load_state_dict(tensors)
         if memory is not None:
-            memory.load(tensors)
+            memory.load_state_dict(tensors)
 
     key, every = f"{variant}/seed{seed}", config.checkpoint_every
     rows = ctx.stream(key, config.n_tasks, step, state, load, every=every)

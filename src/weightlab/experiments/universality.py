@@ -28,17 +28,17 @@ import torch.nn.functional as F
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.hypothesis_weight import (
+from weightlab.methods.universality.hypothesis_weight import (
     expected_divergence,
     fisher_information,
     laplace_log_inv_weight,
     log_weight,
     resolvability_bound,
 )
-from weightlab.methods.mixture import StreamingMixture
-from weightlab.methods.sgld import SGLD, CollectSamples, SGLDConfig
-from weightlab.methods.sgld_chains import StackedMLP, chain_nll, ensemble_log_proba
-from weightlab.methods.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
+from weightlab.methods.universality.mixture import StreamingMixture
+from weightlab.methods.universality.sgld import SGLD, CollectSamples, SGLDConfig
+from weightlab.methods.universality.sgld_chains import StackedMLP, chain_nll, ensemble_log_proba
+from weightlab.methods.universality.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import RunContext

@@ -22,7 +22,8 @@ import torch
 from weightlab.data import ArrayDataset, digits, domain_incremental
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.binary_cl import (
+from weightlab.methods.binary_cl.metaplasticity import BinaryMLP, MetaplasticAdam, MetaplasticityConfig
+from weightlab.methods.binary_cl.variational import (
     BetaAnnealing,
     ProbitPerceptron,
     VariationalBinaryMLP,
@@ -36,8 +37,7 @@ from weightlab.methods.binary_cl import (
     related_teacher,
     teacher_data,
 )
-from weightlab.methods.ewc import EWC, EWCConfig
-from weightlab.methods.metaplasticity import BinaryMLP, MetaplasticAdam, MetaplasticityConfig
+from weightlab.methods.continual.ewc import EWC, EWCConfig
 from weightlab.models import MLP
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
@@ -156,12 +156,12 @@ def run_method(config: VariationalBinaryConfig, ctx: RunContext, method: str, se
 
     def state() -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        return {**tensors, **ewc.state()} if method == "ewc" else tensors
+        return {**tensors, **ewc.state_dict()} if method == "ewc" else tensors
 
     def load(tensors: dict[str, torch.Tensor]) -> None:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if method == "ewc":
-            ewc.load(tensors)
+            ewc.load_state_dict(tensors)
 
     R = ctx.stream(f"{method}/seed{seed}", config.n_tasks, step, state, load)
     if variational:

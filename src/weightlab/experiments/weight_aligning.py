@@ -25,7 +25,7 @@ from weightlab.data import ArrayDataset, class_incremental, class_order, concat,
 from weightlab.data.local import load_cifar, load_mnist
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import Claim, Results, experiment
-from weightlab.methods.weight_aligning import ClassIncrementalLearner, WAConfig
+from weightlab.methods.weight_aligning.aligning import ClassIncrementalLearner, WAConfig
 from weightlab.models import MLP, ExpandableHead, resnet32_cifar
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
@@ -148,7 +148,7 @@ def run_method(
             *record.norms_after.tolist(),
         ]
 
-    return ctx.stream(f"{method}/steps{steps}/seed{seed}", steps, step, learner.state, learner.load)
+    return ctx.stream(f"{method}/steps{steps}/seed{seed}", steps, step, learner.state_dict, learner.load_state_dict)
 
 
 def unpack(rows: list[list[float]], steps: int) -> dict[str, list]:

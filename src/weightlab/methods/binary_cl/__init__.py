@@ -1,0 +1,63 @@
+"""Paper key ``variational-binary-cl``: variational continual learning of binary networks in field space, and its
+metaplastic baseline.
+"""
+
+from weightlab.methods.binary_cl.metaplasticity import (
+    BinaryLinear,
+    BinaryMLP,
+    MetaplasticAdam,
+    MetaplasticityConfig,
+    meta_factor,
+    sign_ste,
+)
+from weightlab.methods.binary_cl.variational import (
+    MODES,
+    BetaAnnealing,
+    ConsolidateField,
+    ProbitPerceptron,
+    VariationalBinaryLinear,
+    VariationalBinaryMLP,
+    VariationalConfig,
+    VariationalFieldAdam,
+    annealed_beta,
+    binary_kl,
+    binary_layers,
+    binary_teacher,
+    field_moments,
+    forward_mode,
+    generalization_error,
+    overlaps,
+    related_teacher,
+    sample_binary,
+    set_beta,
+    teacher_data,
+)
+
+__all__ = [
+    "BetaAnnealing",
+    "BinaryLinear",
+    "BinaryMLP",
+    "ConsolidateField",
+    "MODES",
+    "MetaplasticAdam",
+    "MetaplasticityConfig",
+    "ProbitPerceptron",
+    "VariationalBinaryLinear",
+    "VariationalBinaryMLP",
+    "VariationalConfig",
+    "VariationalFieldAdam",
+    "annealed_beta",
+    "binary_kl",
+    "binary_layers",
+    "binary_teacher",
+    "field_moments",
+    "forward_mode",
+    "generalization_error",
+    "meta_factor",
+    "overlaps",
+    "related_teacher",
+    "sample_binary",
+    "set_beta",
+    "sign_ste",
+    "teacher_data",
+]

@@ -1,0 +1,110 @@
+"""DONE: doubly robust instance-reweighted adversarial training (paper key ``done``; Sow et al., ICLR 2024).
+
+The instance weights solve a KL-regularised DRO problem over the batch's adversarial losses ``ℓ``:
+
+    max_{w ∈ Δ_n} Σ_i w_i ℓ_i − r·KL(w ‖ uniform)   ⇒   w* = softmax(ℓ / r)
+
+so the gradient of the DRO objective ``r·log mean_i exp(ℓ_i / r)`` is ``Σ_i w*_i ∇ℓ_i``: weighted adversarial
+training with detached weights (r → ∞ gives plain AT, r → 0 the max loss). The compositional variant (the
+paper's CID, without its implicit second-order term) replaces the batch normaliser ``mean_i exp(ℓ_i / r)`` by
+an SCGD running estimate ``u_t = (1 − β)·u_{t−1} + β·mean_batch exp(ℓ / r)`` tracked across batches, giving
+weights ``exp(ℓ_i / r) / (n·u_t)`` that sum to ≈ 1. Everything is done in log space.
+
+    train(model, data, cfg, callbacks=[DONE(DONEConfig(r=1.0), PGD(eps=0.2, steps=3))])
+
+Not implemented (see ``docs/robustness.md``): the log-barrier lower level and the implicit gradient
+``∂δ*/∂θ`` (Hessian-vector products); the attack is plain PGD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightlab.errors import WeightlabError
+from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+
+
+def dro_weights(losses: Tensor, r: float) -> Tensor:
+    """KL-DRO weights in closed form: ``softmax(ℓ / r)`` ``(B,)`` of per-sample losses ``(B,)``."""
+    if not r > 0:
+        raise WeightlabError(f"DRO temperature r must be > 0, got {r}")
+    losses = losses.detach().float()
+    if math.isinf(r):
+        return torch.full_like(losses, 1.0 / losses.numel())
+    return torch.softmax(losses / r, dim=0)
+
+
+def dro_objective(losses: Tensor, r: float) -> Tensor:
+    """The DRO value ``r·log mean_i exp(ℓ_i / r)`` (its gradient is ``Σ w*_i ∇ℓ_i``)."""
+    return r * (torch.logsumexp(losses / r, dim=0) - math.log(losses.numel()))
+
+
+class RunningNormaliser:
+    """SCGD estimate of ``E[exp(ℓ / r)]`` across batches, kept as ``log u`` (the compositional variant)."""
+
+    def __init__(self, r: float, beta: float) -> None:
+        if not 0 < beta <= 1:
+            raise WeightlabError(f"normaliser momentum beta must be in (0, 1], got {beta}")
+        self.r, self.beta = r, beta
+        self.log_u: Tensor | None = None
+
+    def weights(self, losses: Tensor) -> Tensor:
+        """Update ``u`` with this batch and return ``exp(ℓ_i / r) / (n·u_t)`` ``(B,)``."""
+        scaled = losses.detach().float() / self.r  # (B,)
+        log_mean = torch.logsumexp(scaled, 0) - math.log(scaled.numel())
+        if self.log_u is None:
+            self.log_u = log_mean
+        else:
+            self.log_u = torch.logaddexp(
+                self.log_u + math.log1p(-self.beta) if self.beta < 1 else torch.tensor(-math.inf),
+                log_mean + math.log(self.beta),
+            )
+        return torch.exp(scaled - self.log_u) / scaled.numel()
+
+
+@dataclass(frozen=True)
+class DONEConfig:
+    """DONE settings (paper key ``done``).
+
+    Args:
+        r: KL-regularisation strength (temperature of the weights); ``inf`` gives uniform weights (plain AT).
+        beta: momentum of the running normaliser; None uses the exact per-batch closed form.
+        shuffle: a control — the DONE weights of each batch are randomly permuted over its samples, so the
+            weight distribution is kept but the link to each sample's loss is cut.
+    """
+
+    r: float = 1.0
+    beta: float | None = None
+    shuffle: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.r > 0:
+            raise WeightlabError(f"DONE r must be > 0 (or inf), got {self.r}")
+        if self.beta is not None and not 0 < self.beta <= 1:
+            raise WeightlabError(f"DONE beta must be in (0, 1] or None, got {self.beta}")
+
+
+class DONE(AdversarialTraining):
+    """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback)."""
+
+    def __init__(self, config: DONEConfig, attack: PGD) -> None:
+        super().__init__(attack)
+        self.config = config
+        self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)
+
+    def on_experience_start(self, state) -> None:  # noqa: ANN001 - LoopState
+        if self.normaliser is not None:
+            self.normaliser.log_u = None
+
+    def sample_weights(self, state, batch, losses: Tensor) -> Tensor:  # noqa: ANN001
+        if self.normaliser is None or math.isinf(self.config.r):
+            weights = dro_weights(losses, self.config.r)
+        else:
+            weights = self.normaliser.weights(losses)
+        if self.config.shuffle:
+            weights = weights[torch.randperm(weights.numel(), generator=state.generator).to(weights.device)]
+        return weights.to(losses.dtype)

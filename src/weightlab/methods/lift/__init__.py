@@ -1,0 +1,37 @@
+"""Paper key ``lift``: Low-rank Informed Sparse Fine-Tuning (``prepare`` → handle, the sparse AdamW optimizer)."""
+
+from weightlab.methods.lift.model import (
+    DEFAULT_EXCLUDE,
+    MASKS,
+    SUPPORTED_DTYPES,
+    Lift,
+    LiftConfig,
+    extract_delta,
+    find_targets,
+    make_selector,
+    merge_and_unload,
+    prepare,
+)
+from weightlab.methods.lift.optimizer import (
+    SparseAdamW,
+    index_dtype,
+    masked_grad_linear,
+    moment_dtype,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "Lift",
+    "LiftConfig",
+    "MASKS",
+    "SUPPORTED_DTYPES",
+    "SparseAdamW",
+    "extract_delta",
+    "find_targets",
+    "index_dtype",
+    "make_selector",
+    "masked_grad_linear",
+    "merge_and_unload",
+    "moment_dtype",
+    "prepare",
+]

@@ -1,0 +1,101 @@
+"""DONE: closed-form KL-DRO weights, the running normaliser, the callback and the experiment's direction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightlab.cli import main
+from weightlab.errors import WeightlabError
+from weightlab.experiments.done import DoneConfig, run_one
+from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.methods.done.dro import DONE, DONEConfig, RunningNormaliser, dro_objective, dro_weights
+from weightlab.models import SmallCNN
+from weightlab.train import TrainConfig, train
+
+
+def test_dro_weights_known_answer() -> None:
+    losses = torch.tensor([0.0, math.log(2.0), math.log(5.0)])
+    assert torch.allclose(dro_weights(losses, 1.0), torch.tensor([1 / 8, 2 / 8, 5 / 8]))
+    assert torch.allclose(dro_weights(losses, math.inf), torch.full((3,), 1 / 3))
+    assert dro_weights(losses, 1e-4).argmax().item() == 2  # r → 0: the max loss
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0, 20), min_size=2, max_size=16), st.floats(0.05, 50))
+def test_dro_weights_are_a_distribution_that_keeps_the_loss_order(values, r) -> None:
+    losses = torch.tensor(values)
+    w = dro_weights(losses, r)
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
+    i, j = losses.argmax(), losses.argmin()
+    assert w[i] >= w[j]
+
+
+def test_gradient_of_dro_objective_is_the_weighted_loss_gradient() -> None:
+    losses = torch.tensor([0.3, 1.2, 2.5], requires_grad=True)
+    (grad,) = torch.autograd.grad(dro_objective(losses, 0.7), losses)
+    assert torch.allclose(grad, dro_weights(losses, 0.7))
+
+
+def test_running_normaliser_known_answer() -> None:
+    norm = RunningNormaliser(r=1.0, beta=0.5)
+    first = torch.tensor([0.0, math.log(3.0)])  # mean exp = 2
+    assert torch.allclose(norm.weights(first), dro_weights(first, 1.0))
+    second = torch.tensor([math.log(4.0), math.log(8.0)])  # mean exp = 6 → u = 0.5·2 + 0.5·6 = 4
+    assert torch.allclose(norm.weights(second), torch.tensor([4 / (2 * 4), 8 / (2 * 4)]))
+    assert norm.log_u.item() == pytest.approx(math.log(4.0))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(WeightlabError, match="DONE r must be > 0 .*got -1"):
+        DONEConfig(r=-1)
+    with pytest.raises(WeightlabError, match=r"beta must be in \(0, 1\] or None, got 1.5"):
+        DONEConfig(beta=1.5)
+    with pytest.raises(WeightlabError, match="r must be > 0, got 0"):
+        dro_weights(torch.ones(2), 0)
+
+
+def _train(digits8, cb) -> SmallCNN:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = SmallCNN(10, width=4)
+    train(model, digits8[0], TrainConfig(max_steps=4, batch_size=32, lr=0.05, seed=0), callbacks=[cb])
+    return model
+
+
+def test_infinite_r_is_plain_adversarial_training(digits8) -> None:
+    attack = PGD(eps=0.1, steps=2)
+    at = _train(digits8, AdversarialTraining(attack))
+    uniform = _train(digits8, DONE(DONEConfig(r=math.inf), attack))
+    for a, b in zip(at.state_dict().values(), uniform.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_shuffle_control_permutes_the_weights() -> None:
+    class State:
+        generator = torch.Generator().manual_seed(0)
+
+    losses = torch.tensor([0.1, 0.5, 2.0, 3.0])
+    shuffled = DONE(DONEConfig(r=0.5, shuffle=True), PGD()).sample_weights(State(), None, losses)
+    plain = dro_weights(losses, 0.5)
+    assert torch.allclose(shuffled.sort().values, plain.sort().values) and not torch.allclose(
+        shuffled, plain
+    )
+
+
+def test_bad_cli_input_exits_2(tmp_path, capsys) -> None:
+    args = ["run", "done", "--profile", "smoke", "--set"]
+    assert main([*args, "methods=ATT", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown method or dataset 'ATT'" in capsys.readouterr().err
+    assert main([*args, "eps=-0.1", "--out", str(tmp_path / "e")]) == 2
+    assert "eps must be a finite number ≥ 0, got -0.1" in capsys.readouterr().err
+
+
+def test_done_raises_tail_robust_accuracy_on_imbalanced_digits() -> None:
+    config = DoneConfig(width=8, at_epochs=4, eval_steps=5, imbalance=10.0)
+    at = run_one(config, "imbalanced", "AT", 0)
+    done = run_one(config, "imbalanced", "DONE", 0)
+    assert done["robust_tail30"] > at["robust_tail30"]
