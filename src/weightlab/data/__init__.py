@@ -1,6 +1,7 @@
 """Data: the embedded digits, local real datasets, and continual-learning scenarios."""
 
 from weightlab.data.arrays import ArrayDataset, Batch, concat, stratified_split
+from weightlab.data.datasets import DatasetSpec, dataset_spec, load_dataset, register_dataset
 from weightlab.data.digits import digits, random_affine, resize
 from weightlab.data.local import load_cifar, load_cifar10c, load_image_folder, load_mnist
 from weightlab.data.scenarios import (
@@ -16,7 +17,28 @@ from weightlab.data.scenarios import (
 )
 
 __all__ = [
-    "ArrayDataset", "Batch", "Experience", "Stream", "class_incremental", "class_order", "concat", "cumulative",
-    "digits", "domain_incremental", "load_cifar", "load_cifar10c", "load_image_folder", "load_mnist",
-    "permute_pixels", "random_affine", "resize", "rotate", "stratified_split", "task_incremental",
+    "ArrayDataset",
+    "Batch",
+    "DatasetSpec",
+    "Experience",
+    "Stream",
+    "class_incremental",
+    "class_order",
+    "concat",
+    "cumulative",
+    "dataset_spec",
+    "digits",
+    "domain_incremental",
+    "load_cifar",
+    "load_cifar10c",
+    "load_dataset",
+    "load_image_folder",
+    "load_mnist",
+    "permute_pixels",
+    "random_affine",
+    "register_dataset",
+    "resize",
+    "rotate",
+    "stratified_split",
+    "task_incremental",
 ]
