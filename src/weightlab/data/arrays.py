@@ -141,7 +141,7 @@ def to_batch(item: object) -> Batch:
         item = (item["x"], item["y"], item["t"]) if "t" in item else (item["x"], item["y"])
     if isinstance(item, tuple | list) and len(item) in (2, 3) and all(isinstance(v, Tensor) for v in item):
         x, y, *t = item
-        return Batch(x, y.long(), t[0].long() if t else None)
+        return Batch(x, y, t[0] if t else None)
     got = type(item).__name__ + (f" of {len(item)}" if isinstance(item, tuple | list | dict) else "")
     raise WeightlabError(f"expected batches of (x, y) or (x, y, t) tensors, got a {got}")
 

@@ -246,14 +246,15 @@ class Lift:
 
         return save_pretrained(self, path)
 
-    def trainer_kwargs(self, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    def trainer_kwargs(self, *, callbacks: Sequence[Callback] = (), experience: Any = None) -> dict[str, Any]:
         """Keyword arguments for ``transformers.Trainer``: ``optimizers=(self.optimizer, None)`` and a callback
         that checks the optimizer is stepped, reports the true trainable count, moves the Trainer's gradient
-        clipping onto LIFT's gathered gradients, and runs weightlab ``callbacks`` (see
-        :mod:`weightlab.integrations.hf`)."""
+        clipping onto LIFT's gathered gradients, and runs weightlab ``callbacks`` (with ``experience`` as
+        their ``state.experience``; see :mod:`weightlab.integrations.hf`)."""
         from weightlab.integrations.hf import WeightlabCallback
 
-        return {"optimizers": (self.optimizer, None), "callbacks": [WeightlabCallback(*callbacks, lift=self)]}
+        callback = WeightlabCallback(*callbacks, lift=self, experience=experience)
+        return {"optimizers": (self.optimizer, None), "callbacks": [callback]}
 
 
 def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:  # noqa: ANN001
