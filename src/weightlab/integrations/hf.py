@@ -36,6 +36,7 @@ import logging
 from typing import Any
 
 import torch
+import transformers
 from transformers import TrainerCallback
 
 from weightlab.errors import WeightlabError
@@ -65,6 +66,10 @@ class WeightlabCallback(TrainerCallback):
     """
 
     def __init__(self, *callbacks: Callback, lift: Lift | None = None, experience: Any = None) -> None:
+        missing = [e for e in ("on_pre_optimizer_step", "on_optimizer_step") if not hasattr(TrainerCallback, e)]
+        if missing:
+            raise WeightlabError(f"this transformers ({transformers.__version__}) has no TrainerCallback."
+                                 f"{missing[0]}, which WeightlabCallback needs: upgrade transformers")
         for hook in BATCH_HOOKS:
             users = overriding(list(callbacks), hook)
             if users:
