@@ -70,7 +70,7 @@ def main() -> None:
     print(f"{'variant':42s} {'ms/step':>9s} {'× FP':>7s} {'size (KiB)':>11s} {'size ÷ float':>13s}")
     fp_time = None
     for name, (config, callbacks_for) in variants.items():
-        model = copy.deepcopy(base) if config is None else prepare(copy.deepcopy(base), config)
+        model = copy.deepcopy(base) if config is None else prepare(copy.deepcopy(base), config).model
         seconds = time_steps(model, data, steps=args.steps, batch_size=args.batch_size, repeats=args.repeats,
                              callbacks_for=callbacks_for)
         fp_time = fp_time or seconds

@@ -140,7 +140,7 @@ def _quant(which: str):
     from weightlab.methods.quant.cga import ConfidenceGuidedAnnealing
     from weightlab.methods.quant.oscillation import OscillationTracker
 
-    model = prepare(TinyViT(4, image_size=8, patch_size=4, dim=8, depth=1, num_heads=2), QuantConfig(bits_w=2))
+    model = prepare(TinyViT(4, image_size=8, patch_size=4, dim=8, depth=1, num_heads=2), QuantConfig(bits_w=2)).model
     callback = OscillationTracker(model) if which == "osc" else ConfidenceGuidedAnnealing(model)
     data = _digits_like()
     return {"model": model, "data": data, "callback": callback,

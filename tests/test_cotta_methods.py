@@ -22,7 +22,7 @@ from weightlab.methods.cotta.cotta import (
 from weightlab.methods.cotta.tent import BNAdapt, Tent, TentConfig, configure_model, softmax_entropy
 from weightlab.methods.cotta.tent import collect_params as tent_params
 from weightlab.methods.cotta.transforms import AugmentParams, _hsv_to_rgb, _rgb_to_hsv, augment, sample_params
-from weightlab.models import MLP, SmallCNN
+from weightlab.models import MLP, SmallCNN, TinyViT
 
 
 def cnn(seed: int = 0) -> SmallCNN:
@@ -112,11 +112,91 @@ def test_bn_adapt_uses_batch_statistics() -> None:
 
 
 @pytest.mark.parametrize("build", [lambda m: Tent(m), lambda m: BNAdapt(m)])
-def test_model_without_batchnorm_is_refused(build) -> None:  # noqa: ANN001
-    with pytest.raises(WeightlabError, match="adapts BatchNorm layers, but the model MLP has none"):
+def test_model_without_normalisation_is_refused(build) -> None:  # noqa: ANN001
+    with pytest.raises(WeightlabError, match="adapts normalisation layers, but the model MLP has none"):
         build(MLP(256, 10, hidden=(16,)))
     with pytest.raises(WeightlabError, match="has none"):
         build(SmallCNN(10, width=8, batchnorm=False))
+
+
+def vit(seed: int = 0) -> TinyViT:
+    torch.manual_seed(seed)
+    return TinyViT(10, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2)
+
+
+def test_tent_on_a_vit_adapts_only_the_layernorm_affine_parameters() -> None:
+    tent = Tent(vit(), TentConfig(lr=1e-2))
+    layernorms = {n for n, m in tent.model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert {n.rsplit(".", 1)[0] for n in tent.param_names} == layernorms == {"blocks.0.norm1", "blocks.0.norm2",
+                                                                            "norm"}
+    assert {n for n, p in tent.model.named_parameters() if p.requires_grad} == set(tent.param_names)
+    x = batch()
+    before = {n: p.detach().clone() for n, p in tent.model.named_parameters()}
+    with torch.no_grad():
+        entropy0 = float(softmax_entropy(tent.model(x)).mean())
+    for _ in range(5):
+        tent(x)
+    with torch.no_grad():
+        assert float(softmax_entropy(tent.model(x)).mean()) < entropy0
+    moved = {n for n, p in tent.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(tent.param_names)
+    tent.reset()
+    assert all(torch.equal(p, before[n]) for n, p in tent.model.named_parameters())
+
+
+def test_tent_adapts_groupnorm_and_the_choice_of_layers() -> None:
+    torch.manual_seed(0)
+    gn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    assert Tent(gn).param_names == ["1.weight", "1.bias"]
+    mixed = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Flatten(),
+                          nn.LayerNorm(4 * 14 * 14), nn.Linear(4 * 14 * 14, 10))
+    assert tent_params(mixed)[1] == ["1.weight", "1.bias"]  # auto: BatchNorm when there is any (the reference)
+    assert tent_params(mixed, norm_layers="all")[1] == ["1.weight", "1.bias", "2.weight", "2.bias",
+                                                        "4.weight", "4.bias"]
+    with pytest.raises(WeightlabError, match="adapts BatchNorm layers, but the model TinyViT has none"):
+        Tent(vit(), TentConfig(norm_layers="batchnorm"))
+    with pytest.raises(WeightlabError, match="norm_layers must be one of auto, batchnorm, all"):
+        TentConfig(norm_layers="layer")  # type: ignore[arg-type]
+
+
+def reference_tent_logits(model: nn.Module, batches: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """The official Tent (``DequanWang/tent:tent.py``: configure_model, collect_params, forward_and_adapt),
+    written out here as the reference for BatchNorm models."""
+    model.train()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+              for name, p in m.named_parameters() if name in ("weight", "bias")]
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    out = []
+    for x in batches:
+        logits = model(x)
+        softmax_entropy(logits).mean(0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(logits.detach())
+    return out
+
+
+def test_tent_on_batchnorm_models_is_bit_identical_to_the_reference() -> None:
+    batches = [batch(seed) for seed in range(4)]
+    tent = Tent(cnn(), TentConfig(lr=1e-2))
+    ours = [tent(x) for x in batches]
+    for a, b in zip(ours, reference_tent_logits(cnn(), batches, lr=1e-2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bn_adapt_on_a_layernorm_model_is_the_source_model() -> None:
+    model = vit().eval()
+    x = batch()
+    with torch.no_grad():
+        source = model(x)
+    with pytest.warns(UserWarning, match="TinyViT has no BatchNorm"):
+        adapt = BNAdapt(model)
+    assert torch.equal(adapt(x), source)
 
 
 @pytest.mark.parametrize(

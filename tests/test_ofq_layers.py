@@ -54,7 +54,7 @@ def test_attention_replacement_is_exact_without_quantization(qkr: bool) -> None:
 
 
 def test_qkr_quantizes_the_query_key_product_per_head() -> None:
-    model = prepare(_vit(), QuantConfig(bits_w=2, bits_a=None, qkr=True))
+    model = prepare(_vit(), QuantConfig(bits_w=2, bits_a=None, qkr=True)).model
     attn = model.blocks[0].attn
     assert isinstance(attn, QKRAttention)
     wq, wk = attn.q_weight.detach().reshape(2, 8, 16), attn.k_weight.detach().reshape(2, 8, 16)
@@ -70,7 +70,11 @@ def test_qkr_quantizes_the_query_key_product_per_head() -> None:
 def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None:  # noqa: ANN001
     model = _vit()
     float_bytes = module_bytes(model)
-    prepare(model, config)
+    quant = prepare(model, config)
+    assert quant.model is model and quant.config == config
+    assert all(model.get_submodule(n) is m for n, m in quant.layers.items())
+    quantized = [n for n, m in model.named_modules() if hasattr(m, "integer_codes")]
+    assert all(any(q == n or q.startswith(f"{n}.") for n in quant.layers) for q in quantized)
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert model.head.bits == 8
     x = torch.rand(4, 1, 16, 16)
@@ -78,10 +82,11 @@ def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None: 
     assert model.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
     model.eval()
     fake = model(x)
-    convert(model)
+    assert quant.convert() is model
     assert model.blocks[0].mlp.fc1.int_weight.codes.dtype == torch.int8
     torch.testing.assert_close(model(x), fake)
-    state = packed_state(model)
+    state = quant.packed_state()
+    assert state.keys() == packed_state(model).keys()
     save_tensors(state, tmp_path / "q.safetensors")
     assert state_nbytes(state) < float_bytes / 2
     reloaded = load_packed_state(copy.deepcopy(model), load_tensors(tmp_path / "q.safetensors"))
@@ -105,7 +110,7 @@ def test_prepare_timm_deit() -> None:
 def test_tracker_and_cga_in_the_training_loop() -> None:
     gen = torch.Generator().manual_seed(0)
     data = ArrayDataset(torch.rand(64, 1, 16, 16, generator=gen), torch.randint(0, 10, (64,), generator=gen))
-    model = prepare(_vit(), QuantConfig(bits_w=2, bits_a=2, qkr=True))
+    model = prepare(_vit(), QuantConfig(bits_w=2, bits_a=2, qkr=True)).model
     tracker = OscillationTracker(model, skip=("head",))
     assert "head" not in tracker.modules and "blocks.0.attn" in tracker.modules
     config = TrainConfig(max_steps=6, batch_size=16, lr=0.05, optimizer="adamw", weight_decay=0.5)
@@ -158,9 +163,17 @@ def test_callbacks_and_convert_need_a_prepared_model() -> None:
     with pytest.raises(WeightlabError, match="no quantized layers"):
         convert(_vit())
     with pytest.raises(WeightlabError, match="CGA needs StatsQ-quantized layers"):
-        ConfidenceGuidedAnnealing(prepare(_vit(), QuantConfig(method="lsq")))
+        ConfidenceGuidedAnnealing(prepare(_vit(), QuantConfig(method="lsq")).model)
     with pytest.raises(WeightlabError, match="boundary_range must be in"):
         CGAConfig(boundary_range=0.0)
-    model = prepare(_vit(), QuantConfig())
+    model = prepare(_vit(), QuantConfig()).model
     with pytest.raises(WeightlabError, match="already prepared"):
         prepare(model, QuantConfig())
+
+
+def test_the_package_exports_what_the_readme_promises() -> None:
+    import weightlab.methods.quant as quant
+
+    assert quant.prepare is prepare and quant.convert is convert and quant.QuantConfig is QuantConfig
+    assert {"OscillationTracker", "ConfidenceGuidedAnnealing", "CGAConfig", "packed_state",
+            "Quantized"} <= set(quant.__all__)

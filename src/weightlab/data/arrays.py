@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, default_collate
+
+from weightlab.errors import WeightlabError
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,101 @@ def stratified_split(y: Tensor, fraction: float, *, generator: torch.Generator) 
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+
+
+# ---------------------------------------------------------------------------------------------- any dataset
+# What train, predict/accuracy, the attacks and RiFT accept: an ArrayDataset (batched by tensor indexing), a
+# TensorDataset or Subset of either (viewed as an ArrayDataset, same fast path), any other map-style Dataset
+# of (x, y) / (x, y, t) samples (batched by a DataLoader), or a DataLoader (used as it is).
+
+DataLike = Dataset | DataLoader
+
+
+def array_view(data: object) -> ArrayDataset | None:
+    """``data`` as an :class:`ArrayDataset` without a per-sample copy (an ArrayDataset, a TensorDataset of
+    ``(x, y[, t])`` with integer labels, or a Subset of either); ``None`` for any other dataset."""
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, TensorDataset) and len(data.tensors) in (2, 3):
+        x, y, *t = data.tensors
+        if not (y.dtype.is_floating_point or y.dtype.is_complex) and y.dim() == 1:
+            return ArrayDataset(x, y, t[0] if t else None)
+    if isinstance(data, Subset):
+        inner = array_view(data.dataset)
+        if inner is not None:
+            return inner.subset(list(data.indices))
+    return None
+
+
+def to_batch(item: object) -> Batch:
+    """A :class:`Batch` from what a DataLoader yields: a ``Batch``, or a tuple/list ``(x, y)`` / ``(x, y, t)``
+    of tensors, or a dict with keys ``x``, ``y`` and optionally ``t``."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, dict) and {"x", "y"} <= set(item):
+        item = (item["x"], item["y"], item["t"]) if "t" in item else (item["x"], item["y"])
+    if isinstance(item, tuple | list) and len(item) in (2, 3) and all(isinstance(v, Tensor) for v in item):
+        x, y, *t = item
+        return Batch(x, y, t[0] if t else None)
+    got = type(item).__name__ + (f" of {len(item)}" if isinstance(item, tuple | list | dict) else "")
+    raise WeightlabError(f"expected batches of (x, y) or (x, y, t) tensors, got a {got}")
+
+
+def _check_map_style(data: object) -> None:
+    if isinstance(data, IterableDataset):
+        raise WeightlabError(f"{type(data).__name__} is an IterableDataset; wrap it in a DataLoader "
+                             "(or pass a map-style Dataset)")
+    if not isinstance(data, Dataset | DataLoader):
+        raise WeightlabError(f"expected a torch Dataset or DataLoader, got {type(data).__name__}")
+
+
+def iter_batches(data: DataLike, batch_size: int, *, shuffle: bool = False,
+                 generator: torch.Generator | None = None, drop_last: bool = False) -> Iterator[Batch]:
+    """Mini-batches of any dataset. A DataLoader is iterated as it is (its own batch size, sampler and
+    workers; ``batch_size``, ``shuffle`` and ``drop_last`` do not apply); everything else is batched here,
+    in the same order for the same ``generator`` whatever the dataset type (ArrayDataset, TensorDataset and
+    their Subsets by tensor indexing, other datasets sample by sample)."""
+    _check_map_style(data)
+    if isinstance(data, DataLoader):
+        return (to_batch(b) for b in data)
+    fast = array_view(data)
+    if fast is not None:
+        return fast.batches(batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+    return _collated_batches(data, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+
+
+def _collated_batches(data: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
+                      drop_last: bool) -> Iterator[Batch]:
+    """Batches of a map-style dataset in the order :meth:`ArrayDataset.batches` draws (one ``randperm`` from
+    ``generator``), collated in this process; pass a DataLoader for worker processes."""
+    n = len(data)  # type: ignore[arg-type]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield to_batch(default_collate([data[i] for i in order[start:start + batch_size].tolist()]))
+
+
+def num_batches(data: DataLike, batch_size: int, *, drop_last: bool = False) -> int:
+    """Batches :func:`iter_batches` yields per pass."""
+    _check_map_style(data)
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise WeightlabError(f"the {type(data).__name__} must have a length (over a map-style dataset)") from e
+    if isinstance(data, DataLoader):
+        return n
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def as_array_dataset(data: DataLike, *, batch_size: int = 512) -> ArrayDataset:
+    """``data`` in memory as an :class:`ArrayDataset` (returned as it is when it already is one; a
+    TensorDataset is viewed without a copy). For fixed evaluation sets (adversarial examples, MRC data)."""
+    fast = None if isinstance(data, DataLoader) else array_view(data)
+    if fast is not None:
+        return fast
+    parts = list(iter_batches(data, batch_size))
+    if not parts:
+        raise WeightlabError(f"the {type(data).__name__} holds no samples")
+    has_t = all(b.t is not None for b in parts)
+    return ArrayDataset(torch.cat([b.x for b in parts]), torch.cat([b.y for b in parts]),
+                        torch.cat([b.t for b in parts]) if has_t else None)  # type: ignore[misc]

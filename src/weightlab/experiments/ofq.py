@@ -113,7 +113,7 @@ def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int
     quant = QuantConfig(bits_w=bits, bits_a=bits, method="lsq" if method == "lsq" else "statsq", qkr=qkr)
     run_seed = derive_seed(seed, bits, method)
     seed_everything(run_seed)
-    model = prepare(copy.deepcopy(fp), quant)
+    model = prepare(copy.deepcopy(fp), quant).model
     tracker = OscillationTracker(model, threshold=config.osc_threshold, skip=("head",))
     tc = _train_config(config, steps=config.qat_steps, lr=config.qat_lr, seed=run_seed,
                        description=f"W{bits}A{bits} {method}")

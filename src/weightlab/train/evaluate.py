@@ -6,29 +6,26 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from weightlab import distributed
-from weightlab.data.arrays import ArrayDataset, Batch
+from weightlab.data.arrays import DataLike, array_view, iter_batches, num_batches
 from weightlab.train.loop import ForwardFn, default_forward
 
 
-def _eval_batches(data: Dataset, batch_size: int):  # noqa: ANN202
-    if isinstance(data, ArrayDataset):
-        return data.batches(batch_size)
-    return (Batch(*b) for b in DataLoader(data, batch_size=batch_size))
-
-
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, *, batch_size: int = 512,
+def predict(model: nn.Module, data: DataLike, *, batch_size: int = 512,
             forward: ForwardFn = default_forward) -> tuple[Tensor, Tensor]:
-    """Logits ``(N, classes)`` and targets ``(N,)`` of ``model`` on ``data`` in eval mode (mode restored)."""
+    """Logits ``(N, classes)`` and targets ``(N,)`` of ``model`` on ``data`` in eval mode (mode restored).
+
+    ``data``: an ArrayDataset, a TensorDataset, any map-style dataset of ``(x, y[, t])`` samples, or a
+    DataLoader (iterated as it is)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     logits, targets = [], []
     try:
-        for batch in _eval_batches(data, batch_size):
+        for batch in iter_batches(data, batch_size):
             logits.append(forward(model, batch.to(device)).float().cpu())
             targets.append(batch.y)
     finally:
@@ -36,17 +33,20 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 512,
     return torch.cat(logits), torch.cat(targets)
 
 
-def accuracy(model: nn.Module, data: Dataset, *, batch_size: int = 512, forward: ForwardFn = default_forward) -> float:
-    """Top-1 accuracy in [0, 1]. Under ``torchrun`` each rank scores its shard and the counts are summed."""
-    if len(data) == 0:  # type: ignore[arg-type]
+def accuracy(model: nn.Module, data: DataLike, *, batch_size: int = 512,
+             forward: ForwardFn = default_forward) -> float:
+    """Top-1 accuracy in [0, 1] on any dataset or DataLoader (NaN when it is empty). Under ``torchrun`` each
+    rank scores its shard of a dataset and the counts are summed (every rank scores all of a DataLoader)."""
+    if num_batches(data, batch_size) == 0:
         return float("nan")
-    if distributed.is_distributed():
+    if distributed.is_distributed() and not isinstance(data, DataLoader):
         idx = distributed.shard(torch.arange(len(data)))  # type: ignore[arg-type]
-        data = data.subset(idx) if isinstance(data, ArrayDataset) else Subset(data, idx.tolist())
-    hits, n = 0, len(data)  # type: ignore[arg-type]
-    if n:
+        view = array_view(data)
+        data = view.subset(idx) if view is not None else Subset(data, idx.tolist())
+    hits, n = 0, 0
+    if num_batches(data, batch_size):
         logits, targets = predict(model, data, batch_size=batch_size, forward=forward)
-        hits = (logits.argmax(1) == targets).sum().item()
+        hits, n = (logits.argmax(1) == targets).sum().item(), len(targets)
     counts = torch.tensor([hits, n], dtype=torch.float64)
     correct, total = distributed.all_reduce_sum(counts).tolist()
     return correct / total
@@ -60,6 +60,6 @@ def per_class_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> Ten
     return hits / counts.where(counts > 0, torch.tensor(float("nan")))
 
 
-def accuracy_row(model: nn.Module, tests: Sequence[Dataset], *, forward: ForwardFn = default_forward) -> list[float]:
+def accuracy_row(model: nn.Module, tests: Sequence[DataLike], *, forward: ForwardFn = default_forward) -> list[float]:
     """One row of the accuracy matrix: accuracy on each task's test data."""
     return [accuracy(model, d, forward=forward) for d in tests]

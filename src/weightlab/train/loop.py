@@ -18,10 +18,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from weightlab import distributed
-from weightlab.data.arrays import ArrayDataset, Batch
+from weightlab.data.arrays import Batch, DataLike, array_view, iter_batches, num_batches, to_batch
 from weightlab.errors import WeightlabError
 from weightlab.report.progress import track
 from weightlab.train.callbacks import Callback, overriding
@@ -118,25 +118,33 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(data: Dataset, batch_size: int, generator: torch.Generator):  # noqa: ANN202
-    if distributed.is_distributed():
-        return _sharded_batches(data, batch_size, generator)
-    if isinstance(data, ArrayDataset):
-        return data.batches(batch_size, shuffle=True, generator=generator)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-    return (Batch(*b) for b in loader)
-
-
 def _sharded_batches(data: Dataset, batch_size: int, generator: torch.Generator):  # noqa: ANN202
     """Every rank draws the same global permutation and takes its slice of each full global batch."""
     distributed.check_batch(batch_size)
+    fast = array_view(data)
     order = torch.randperm(len(data), generator=generator)  # type: ignore[arg-type]
     for start in range(0, len(order) - batch_size + 1, batch_size):
         idx = distributed.shard(order[start:start + batch_size])
-        if isinstance(data, ArrayDataset):
-            yield data.batch(idx)
+        if fast is not None:
+            yield fast.batch(idx)
         else:
-            yield Batch(*(torch.stack(parts) for parts in zip(*(data[i] for i in idx.tolist()))))
+            yield to_batch(default_collate([data[i] for i in idx.tolist()]))
+
+
+def _batches(data: DataLike, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    if distributed.is_distributed():
+        return _sharded_batches(data, batch_size, generator)
+    return iter_batches(data, batch_size, shuffle=True, generator=generator)
+
+
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """Clip the global gradient norm to ``max_norm``; returns the norm before clipping. An optimizer that
+    keeps its own gradients (LIFT's :class:`~weightlab.methods.lift.optimizer.SparseAdamW` gathers them and
+    frees the dense ones) clips those, through its ``clip_grad_norm_`` method."""
+    own = getattr(optimizer, "clip_grad_norm_", None)
+    if callable(own):
+        return own(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 _DEFAULT_CALLBACKS: contextvars.ContextVar[tuple[Callback, ...]] = contextvars.ContextVar("callbacks", default=())
@@ -152,15 +160,16 @@ def default_callbacks(*callbacks: Callback) -> Iterator[None]:
         _DEFAULT_CALLBACKS.reset(token)
 
 
-def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
+def train(model: nn.Module, data: DataLike, config: TrainConfig = TrainConfig(), *,
           callbacks: Sequence[Callback] = (), experience: Any = None,
           optimizer: torch.optim.Optimizer | None = None, loss_fn: LossFn = per_sample_cross_entropy,
           forward: ForwardFn = default_forward) -> LoopState:
     """Train ``model`` on ``data`` for ``config.epochs`` epochs (or ``config.max_steps`` steps).
 
     Args:
-        data: an :class:`ArrayDataset` (batched by direct indexing) or any map-style dataset of
-            ``(x, y)`` / ``(x, y, t)`` tuples.
+        data: an :class:`~weightlab.data.ArrayDataset` or a ``TensorDataset`` (batched by direct tensor
+            indexing), any map-style dataset of ``(x, y)`` / ``(x, y, t)`` samples, or a ``DataLoader``
+            (used as it is: its batch size and sampler decide, ``config.batch_size`` does not apply).
         callbacks: method hooks (see :mod:`weightlab.train.callbacks`).
         experience: passed through to callbacks as ``state.experience``.
         optimizer: a ready optimizer (e.g. a sparse one); default: built from ``config``.
@@ -174,17 +183,19 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
     its slice of each global batch of ``config.batch_size`` (incomplete last batches are dropped), and
     callbacks still see the unwrapped model as ``state.model``.
     """
-    if len(data) == 0:  # type: ignore[arg-type]
+    if num_batches(data, config.batch_size) == 0:
         raise WeightlabError("cannot train on an empty dataset")
     device = choose_device(config.device)
     model.to(device)
     optimizer = optimizer or make_optimizer(model.parameters(), config)
     if distributed.is_distributed():
+        if isinstance(data, DataLoader):
+            raise WeightlabError("under torchrun pass train() a Dataset, not a DataLoader (the loop shards it)")
         distributed.check_batch(config.batch_size)
         steps_per_epoch = max(len(data) // config.batch_size, 1)  # type: ignore[arg-type]
         net: nn.Module = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        steps_per_epoch = math.ceil(len(data) / config.batch_size)  # type: ignore[arg-type]
+        steps_per_epoch = num_batches(data, config.batch_size)
         net = model
     total = config.max_steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
@@ -232,7 +243,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), 
             if config.grad_clip is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                clip_gradients(model, optimizer, config.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

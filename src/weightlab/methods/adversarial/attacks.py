@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightlab.data.arrays import ArrayDataset, Batch
+from weightlab.data.arrays import ArrayDataset, Batch, DataLike, array_view, iter_batches
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import predict
@@ -163,21 +163,31 @@ def pgd(
 
 
 def adversarial_dataset(
-    model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256, seed: int = 0
+    model: nn.Module, data: DataLike, attack: PGD, *, batch_size: int = 256, seed: int = 0
 ) -> ArrayDataset:
-    """``data`` with every image replaced by its adversarial example against ``model`` (a fixed set)."""
-    check_images(data.x, name="data.x")
+    """``data`` with every image replaced by its adversarial example against ``model`` (a fixed set).
+
+    ``data`` is any dataset of ``(x, y[, t])`` samples or a DataLoader (in the order it yields)."""
+    view = array_view(data)
+    if view is not None:
+        check_images(view.x, name="data.x")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    parts = [
-        attack(model, b.x.to(device), b.y.to(device), generator=generator, check=False).cpu()
-        for b in data.batches(batch_size)
-    ]
-    return ArrayDataset(torch.cat(parts), data.y, data.t)
+    xs, ys, ts = [], [], []
+    for b in iter_batches(data, batch_size):
+        if view is None:
+            check_images(b.x, name="data.x")
+        xs.append(attack(model, b.x.to(device), b.y.to(device), generator=generator, check=False).cpu())
+        ys.append(b.y)
+        ts.append(b.t)
+    if not xs:
+        raise WeightlabError("cannot attack an empty dataset")
+    t = None if any(v is None for v in ts) else torch.cat(ts)  # type: ignore[arg-type]
+    return ArrayDataset(torch.cat(xs), torch.cat(ys), t)
 
 
 def adversarial_predict(
-    model: nn.Module, data: ArrayDataset, attack: PGD, *, batch_size: int = 256, seed: int = 0
+    model: nn.Module, data: DataLike, attack: PGD, *, batch_size: int = 256, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Logits ``(N, classes)`` of ``model`` on the adversarial examples of ``data``, and targets ``(N,)``."""
     adv = adversarial_dataset(model, data, attack, batch_size=batch_size, seed=seed)

@@ -1,5 +1,7 @@
-"""Paper key ``lift``: Low-rank Informed Sparse Fine-Tuning (``prepare`` → handle, the sparse AdamW optimizer)."""
+"""Paper key ``lift``: Low-rank Informed Sparse Fine-Tuning (``prepare`` → handle, the sparse AdamW optimizer,
+``save_pretrained`` / ``from_pretrained`` adapter folders)."""
 
+from weightlab.methods.lift.adapter import from_pretrained, lift_config
 from weightlab.methods.lift.model import (
     DEFAULT_EXCLUDE,
     MASKS,
@@ -28,7 +30,9 @@ __all__ = [
     "SparseAdamW",
     "extract_delta",
     "find_targets",
+    "from_pretrained",
     "index_dtype",
+    "lift_config",
     "make_selector",
     "masked_grad_linear",
     "merge_and_unload",

@@ -6,10 +6,13 @@ rank-``r`` approximation of the weight, with ``k`` the parameter count of a rank
 ``refresh_every`` steps. Embeddings, norms, biases and the output head stay frozen.
 
     lift = prepare(model, LiftConfig(rank=8, lora_rank=8, refresh_every=100, lr=1e-3))
+    lift.print_trainable_parameters()                                     # the LIFT entries, as PEFT prints
     train(model, data, TrainConfig(epochs=3), optimizer=lift.optimizer)   # the weightlab loop
-    # or: Trainer(model=model, args=args, optimizers=(lift.optimizer, None)) / any plain PyTorch loop
-    delta = extract_delta(model)                                          # {name.weight: (m, n)} update
-    model = merge_and_unload(model)                                       # plain module, hooks removed
+    # or: Trainer(model=model, args=args, **lift.trainer_kwargs()) / any plain PyTorch loop
+    delta = lift.extract_delta()                                          # {name.weight: (m, n)} update
+    lift.save_pretrained("adapter")                                       # config + sparse delta (safetensors)
+    model = lift.merge_and_unload()                                       # plain module, hooks removed
+    model = from_pretrained(fresh_base, "adapter")                        # the same weights, bit for bit
 
 Memory: the optimizer holds O(k) per matrix (indices, two moments) and frees each dense gradient as soon as
 it is gathered (see :mod:`weightlab.methods.lift.optimizer`). ``track_delta`` keeps the original value of every
@@ -18,8 +21,10 @@ entry the masks have touched (another O(k)) so :func:`extract_delta` needs no co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +39,9 @@ from weightlab.weights.lowrank import (
     principal_weight_mask,
     random_mask,
 )
+
+if TYPE_CHECKING:
+    from weightlab.train.callbacks import Callback
 
 MaskKind = Literal["principal", "magnitude", "random", "gradient"]
 MASKS = ("principal", "magnitude", "random", "gradient")
@@ -202,6 +210,52 @@ class Lift:
         sparse = sum(self.config.budget(tuple(m.weight.shape)) for m in self.targets.values())
         return sparse + sum(p.numel() for p in self.saved.values())
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` as PEFT counts them: the entries LIFT trains (not the whole target matrices,
+        which keep ``requires_grad=True`` for autograd) and every parameter of the model."""
+        return self.trainable_entries(), sum(p.numel() for p in self.model.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts of :meth:`get_nb_trainable_parameters` in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def check_stepped(self, what: str) -> None:
+        """Raise if gradients were gathered but the optimizer never stepped (e.g. a Trainer given its own)."""
+        opt = self.optimizer
+        if opt.steps == 0 and opt.unstepped_backward_passes > 0:
+            raise WeightlabError(
+                f"{what}: LIFT's optimizer gathered gradients of {opt.unstepped_backward_passes} backward passes "
+                "but was never stepped, so no LIFT entry changed; step lift.optimizer (with the transformers "
+                "Trainer: Trainer(..., **lift.trainer_kwargs()), i.e. optimizers=(lift.optimizer, None))")
+
+    def extract_delta(self, *, dense: bool = True) -> dict[str, Tensor]:
+        """:func:`extract_delta` of this handle."""
+        return extract_delta(self, dense=dense)
+
+    def merge_and_unload(self) -> nn.Module:
+        """:func:`merge_and_unload` of the model; returns the plain module."""
+        return merge_and_unload(self.model)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the config and the sparse delta to the folder ``path`` like a PEFT adapter (see
+        :mod:`weightlab.methods.lift.adapter`); :func:`~weightlab.methods.lift.adapter.from_pretrained` adds
+        it to a fresh base."""
+        from weightlab.methods.lift.adapter import save_pretrained
+
+        return save_pretrained(self, path)
+
+    def trainer_kwargs(self, *, callbacks: Sequence[Callback] = (), experience: Any = None) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.Trainer``: ``optimizers=(self.optimizer, None)`` and a callback
+        that checks the optimizer is stepped, reports the true trainable count, moves the Trainer's gradient
+        clipping onto LIFT's gathered gradients, and runs weightlab ``callbacks`` (with ``experience`` as
+        their ``state.experience``; see :mod:`weightlab.integrations.hf`)."""
+        from weightlab.integrations.hf import WeightlabCallback
+
+        callback = WeightlabCallback(*callbacks, lift=self, experience=experience)
+        return {"optimizers": (self.optimizer, None), "callbacks": [callback]}
+
 
 def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:  # noqa: ANN001
     return SparseAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
@@ -266,6 +320,7 @@ def extract_delta(obj: nn.Module | Lift, *, dense: bool = True) -> dict[str, Ten
     lift = _handle(obj)
     if not lift.config.track_delta:
         raise WeightlabError("extract_delta needs LiftConfig(track_delta=True)")
+    lift.check_stepped("extract_delta")
     out: dict[str, Tensor] = {}
     for n, m in lift.targets.items():
         name = f"{n}.weight"
@@ -284,6 +339,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Remove LIFT's hooks and restore each parameter's ``requires_grad``; the update is already in the
     weights (LIFT edits them in place), so this returns the same, now plain, module."""
     lift = _handle(model)
+    lift.check_stepped("merge_and_unload")
     lift.optimizer.remove_hooks()
     for m in lift.targets.values():
         if "forward" in m.__dict__:  # sparse_grad

@@ -17,6 +17,7 @@ Parameters in groups with ``sparse=False`` (e.g. a new classifier head) get plai
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.weights.lowrank import carry_over
+
+UNSTEPPED_WARNING = 1000
+"""Warn when this many gradients of one weight were gathered without an optimizer step (a forgotten optimizer)."""
 
 Selector = Callable[[Tensor, Tensor | None], Tensor]
 """``selector(weight, grad_or_None) -> sorted flat indices (k,)``; ``grad`` is given to gradient masks."""
@@ -76,6 +80,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._selectors: dict[nn.Parameter, Selector] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
         self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
+        self._unstepped: dict[nn.Parameter, int] = {}  # gradients gathered since the last step
         self._hooks: list[Any] = []
         for group in self.param_groups:
             if not group["sparse"]:
@@ -154,6 +159,7 @@ class SparseAdamW(torch.optim.Optimizer):
             self._grads[p].add_(out)
         else:
             self._grads[p] = out
+        self._count_unstepped(p)
 
     @torch.no_grad()
     def _gather(self, p: nn.Parameter) -> None:
@@ -173,6 +179,19 @@ class SparseAdamW(torch.optim.Optimizer):
         else:
             self._grads[p] = g
         p.grad = None
+        self._count_unstepped(p)
+
+    def _count_unstepped(self, p: nn.Parameter) -> None:
+        count = self._unstepped[p] = self._unstepped.get(p, 0) + 1
+        if count == UNSTEPPED_WARNING:
+            warnings.warn(f"LIFT's SparseAdamW has gathered {count} gradients of a weight without a step: is it "
+                          "the optimizer being stepped? With the transformers Trainer pass "
+                          "**lift.trainer_kwargs() (optimizers=(lift.optimizer, None))", stacklevel=3)
+
+    @property
+    def unstepped_backward_passes(self) -> int:
+        """Backward passes whose sparse gradients were gathered since the last :meth:`step` (0 after a step)."""
+        return max(self._unstepped.values(), default=0)
 
     # ------------------------------------------------------------------ optimizer protocol
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -205,15 +224,25 @@ class SparseAdamW(torch.optim.Optimizer):
             h.remove()
         self._hooks.clear()
 
-    def _clip_factor(self) -> float:
-        if self.max_grad_norm is None:
-            return 1.0
-        sq = sum(float(g.float().pow(2).sum()) for g in self._grads.values())
-        for group in self.param_groups:
-            if not group["sparse"]:
-                sq += sum(float(p.grad.float().pow(2).sum()) for p in group["params"] if p.grad is not None)
-        norm = math.sqrt(sq)
-        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+    def _gradients(self) -> list[Tensor]:
+        """The gathered ``(k,)`` gradients of the sparse weights and the dense gradients of the other groups."""
+        dense = [p.grad for g in self.param_groups if not g["sparse"] for p in g["params"] if p.grad is not None]
+        return [*self._grads.values(), *dense]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale every gradient this optimizer will apply (the gathered sparse ones, which an outer
+        ``torch.nn.utils.clip_grad_norm_(model.parameters())`` never sees, and the dense ones) so their global
+        ℓ2 norm is at most ``max_norm``, as ``clip_grad_norm_`` does; returns the norm before clipping."""
+        grads = self._gradients()
+        if not grads:
+            return torch.zeros(())
+        device = grads[0].device
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()).to(device) for g in grads]))
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.to(g.device, g.dtype))
+        return norm
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -221,7 +250,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip = self._clip_factor()
+        if self.max_grad_norm is not None:
+            self.clip_grad_norm_(self.max_grad_norm)
+        self._unstepped.clear()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -234,8 +265,6 @@ class SparseAdamW(torch.optim.Optimizer):
                     grad = None
                 if grad is None:
                     continue
-                if clip != 1.0:
-                    grad = grad * clip
                 st = self.state[p]
                 st["step"] += 1
                 t = float(st["step"])

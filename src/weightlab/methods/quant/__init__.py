@@ -1,5 +1,43 @@
 """Low-bit quantization-aware training for vision transformers (paper key ``ofq``).
 
-Import from the modules: :mod:`.api` (``QuantConfig``, ``prepare``, ``convert``), :mod:`.lsq`, :mod:`.statsq`,
-:mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation` and :mod:`.cga`.
+``prepare(model, QuantConfig(...))`` returns a :class:`Quantized` handle (``.model``, ``.config``, ``.layers``,
+``convert()``, ``packed_state()``); the modules hold the pieces: :mod:`.api`, :mod:`.lsq`, :mod:`.statsq`,
+:mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation` (the tracker) and :mod:`.cga` (confidence-guided annealing).
 """
+
+from weightlab.methods.quant.api import (
+    METHODS,
+    QuantConfig,
+    Quantized,
+    attention_modules,
+    convert,
+    load_packed_state,
+    packed_state,
+    prepare,
+    state_nbytes,
+)
+from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config, cga_trainable_mask
+from weightlab.methods.quant.layers import QuantAttention, QuantLinear
+from weightlab.methods.quant.oscillation import OscillationTracker, oscillation_step
+from weightlab.methods.quant.qkr import QKRAttention
+
+__all__ = [
+    "CGAConfig",
+    "ConfidenceGuidedAnnealing",
+    "METHODS",
+    "OscillationTracker",
+    "QKRAttention",
+    "QuantAttention",
+    "QuantConfig",
+    "QuantLinear",
+    "Quantized",
+    "attention_modules",
+    "cga_train_config",
+    "cga_trainable_mask",
+    "convert",
+    "load_packed_state",
+    "oscillation_step",
+    "packed_state",
+    "prepare",
+    "state_nbytes",
+]

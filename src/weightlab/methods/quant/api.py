@@ -1,9 +1,13 @@
 """``prepare`` a ViT for quantization-aware training, ``convert`` it to integer weights (paper key ``ofq``).
 
-    model = prepare(TinyViT(10), QuantConfig(bits_w=2, bits_a=2, method="statsq", qkr=True))
+    quant = prepare(TinyViT(10), QuantConfig(bits_w=2, bits_a=2, method="statsq", qkr=True))
+    model = quant.model                 # the same module, prepared in place
     train(model, data, ..., callbacks=[OscillationTracker(model)])
-    convert(model)                      # int8 codes + per-row scales, in place
-    save_tensors(packed_state(model), "vit-w2a2.safetensors")   # codes bit-packed to 2 bits
+    quant.convert()                     # int8 codes + per-row scales, in place; returns the model
+    save_tensors(quant.packed_state(), "vit-w2a2.safetensors")   # codes bit-packed to 2 bits
+
+``prepare`` returns a :class:`Quantized` handle, as LIFT's ``prepare`` returns a ``Lift``: both have ``.model``
+and ``.config``; LIFT's has ``.optimizer`` and ``merge_and_unload()``, this one ``convert()``.
 
 Works on any model whose attention follows timm's names (``attn.qkv`` fused, ``attn.proj``, ``num_heads``):
 weightlab's :class:`~weightlab.models.TinyViT` and timm's ViT/DeiT. Every other ``nn.Linear`` (``mlp.fc1``,
@@ -78,8 +82,33 @@ def attention_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_attention(m)]
 
 
-def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
-    """Replace ``model``'s attention and Linear layers by fake-quantized ones, in place; returns ``model``.
+class Quantized:
+    """What :func:`prepare` returns: the prepared ``model``, its ``config`` and the replaced ``layers`` by name.
+
+    ``convert()`` turns the fake-quantized weights into integer codes (in place) and returns the model;
+    ``packed_state()`` is then the bit-packed state dict to save.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.config = config
+        self.layers = layers
+
+    def convert(self) -> nn.Module:
+        """:func:`convert` the model; returns it."""
+        return convert(self.model)
+
+    def packed_state(self) -> dict[str, Tensor]:
+        """:func:`packed_state` of the converted model."""
+        return packed_state(self.model)
+
+    def __repr__(self) -> str:
+        return f"Quantized({type(self.model).__name__}, {len(self.layers)} layers, {self.config})"
+
+
+def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> Quantized:
+    """Replace ``model``'s attention and Linear layers by fake-quantized ones, in place; returns the
+    :class:`Quantized` handle (``.model`` is ``model``).
 
     Call it before building the optimizer: QKR creates new ``W_q``, ``W_k`` and ``v`` parameters.
 
@@ -102,13 +131,15 @@ def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
             f"(Linear layers: {', '.join(linears) or 'none'}; "
             f"layer types: {_found(model)})")
     options = {"bits_w": config.bits_w, "bits_a": config.bits_a, "method": config.method}
+    layers: dict[str, nn.Module] = {}
     for name in attentions:
         attn = model.get_submodule(name)
         if config.qkr:
-            _set_module(model, name, QKRAttention(attn, **options))
+            layers[name] = QKRAttention(attn, **options)
         elif config.bits_a is not None:
-            _set_module(model, name, QuantAttention(attn, **options))
-    replaced = 0
+            layers[name] = QuantAttention(attn, **options)
+        if name in layers:
+            _set_module(model, name, layers[name])
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or skipped(name):
             continue
@@ -119,16 +150,11 @@ def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
         else:
             layer = QuantLinear(module, **options)
         _set_module(model, name, layer)
-        replaced += 1
-    if replaced == 0 and not attentions:
+        layers[name] = layer
+    if not layers and not attentions:
         raise WeightlabError(f"{type(model).__name__} has no nn.Linear layers to quantize "
                              f"(layer types found: {_found(model)})")
-    return model
-
-
-def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with quantized weights (``QuantLinear`` and ``QKRAttention``), by name."""
-    return {n: m for n, m in model.named_modules() if hasattr(m, "integer_codes")}
+    return Quantized(model, config, layers)
 
 
 def convert(model: nn.Module) -> nn.Module:

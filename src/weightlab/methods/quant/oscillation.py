@@ -42,7 +42,10 @@ class _Track:
 class OscillationTracker(Callback):
     """Callback: tracks the integer codes of every quantized weight of ``model`` after each optimizer step.
 
-    Keeps its state across several :func:`~weightlab.train.train` calls (e.g. QAT then CGA).
+    The codes are first read when the tracker is built, and read again at the start of the first
+    :func:`~weightlab.train.train` call if no step has been tracked yet; in a loop of your own, build it
+    before the first step and call ``after_step(None)`` after every ``optimizer.step()``. It keeps its state
+    across several ``train`` calls (e.g. QAT then CGA).
     ``history`` holds ``(step, fraction oscillating, fraction of codes changed)`` every ``record_every``
     steps;
     ``skip`` holds ``fnmatch`` patterns of module names not to track (e.g. an 8-bit ``head``).
@@ -65,16 +68,22 @@ class OscillationTracker(Callback):
         self.flips = 0
         self.oscillations = 0
         self.history: list[tuple[int, float, float]] = []
+        self._snapshot()
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
+    def _snapshot(self, *, refresh: bool = False) -> None:
+        """Read the current codes of the modules not tracked yet (of all of them with ``refresh``)."""
         for name, module in self.modules.items():
-            if name not in self.tracks:
+            if refresh or name not in self.tracks:
                 codes = module.integer_codes()
                 self.tracks[name] = _Track(codes, torch.zeros_like(codes), torch.zeros_like(codes))
+
+    def on_experience_start(self, state) -> None:  # noqa: ANN001
+        self._snapshot(refresh=self.steps == 0)
 
     def after_step(self, state) -> None:  # noqa: ANN001
         self.steps += 1
         changed = 0
+        self._snapshot()
         for name, module in self.modules.items():
             track = self.tracks[name]
             codes = module.integer_codes()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightlab.data.arrays import ArrayDataset
+from weightlab.data.arrays import ArrayDataset, DataLike, as_array_dataset
 from weightlab.errors import WeightlabError, closest
 from weightlab.methods.adversarial.attacks import PGD, adversarial_dataset, adversarial_predict, check_images, eval_mode
 from weightlab.train.evaluate import accuracy
@@ -63,7 +63,7 @@ def _mean_loss(model: nn.Module, data: ArrayDataset, batch_size: int) -> float:
 
 def module_robust_criticality(
     model: nn.Module,
-    adversarial_data: ArrayDataset,
+    adversarial_data: DataLike,
     *,
     modules: Sequence[str] | None = None,
     radius: float = 0.1,
@@ -75,7 +75,8 @@ def module_robust_criticality(
 
     Args:
         model: the adversarially trained model (not modified; each module is perturbed on a copy).
-        adversarial_data: a fixed set of adversarial examples of ``model`` (:func:`adversarial_dataset`).
+        adversarial_data: a fixed set of adversarial examples of ``model`` (:func:`adversarial_dataset`): any
+            dataset of ``(x, y)`` samples or a DataLoader (read once into memory).
         modules: which modules to measure (default: all of :func:`weight_modules`).
         radius: ε of the relative ℓ2 ball (0.1 in the paper).
         epochs: gradient-ascent epochs over ``adversarial_data`` (10).
@@ -88,6 +89,7 @@ def module_robust_criticality(
         raise WeightlabError(f"MRC radius must be > 0, got {radius}")
     if epochs < 1:
         raise WeightlabError(f"MRC epochs must be ≥ 1, got {epochs}")
+    adversarial_data = as_array_dataset(adversarial_data)
     check_images(adversarial_data.x, name="adversarial_data.x")
     names = list(modules) if modules is not None else weight_modules(model)
     for name in names:
@@ -183,7 +185,7 @@ class RiFTConfig:
 Evaluator = Callable[[nn.Module], tuple[float, float]]
 
 
-def robust_evaluator(data: ArrayDataset, attack: PGD, *, seed: int = 0) -> Evaluator:
+def robust_evaluator(data: DataLike, attack: PGD, *, seed: int = 0) -> Evaluator:
     """``model -> (clean accuracy, robust accuracy under attack)`` on ``data``."""
 
     def evaluate(model: nn.Module) -> tuple[float, float]:
@@ -230,15 +232,16 @@ class RiFT:
     def fit(
         self,
         model: nn.Module,
-        train_data: ArrayDataset,
-        val_data: ArrayDataset,
+        train_data: DataLike,
+        val_data: DataLike,
         attack: PGD,
         *,
-        adversarial_data: ArrayDataset | None = None,
+        adversarial_data: DataLike | None = None,
         seed: int = 0,
     ) -> RiFT:
         """Measure MRC on ``adversarial_data`` (default: ``attack`` on ``val_data``), fine-tune the least
-        critical module on clean ``train_data``, and pick α on ``val_data``."""
+        critical module on clean ``train_data``, and pick α on ``val_data`` (each any dataset of
+        ``(x, y)`` samples or a DataLoader)."""
         cfg = self.config
         for name in ([cfg.module] if cfg.module else []) + list(cfg.candidates or ()):
             check_module(model, name)
@@ -263,7 +266,7 @@ class RiFT:
         return self
 
 
-def finetune(model: nn.Module, data: ArrayDataset, module: str | None, config: TrainConfig) -> nn.Module:
+def finetune(model: nn.Module, data: DataLike, module: str | None, config: TrainConfig) -> nn.Module:
     """A copy of ``model`` fine-tuned on clean ``data`` with only ``module`` trainable (None: all layers)."""
     tuned = copy.deepcopy(model)
     freeze_except(tuned, module)
