@@ -57,14 +57,14 @@ def list_cmd() -> None:
 def _preparers() -> dict[str, tuple[Callable[[], list[str]], bool]]:
     """name → (prepare function, optional) for every dataset and model that can be prepared."""
     from weightlab import registry
-    from weightlab.data.datasets import dataset_spec
+    from weightlab.data.datasets import dataset_location, dataset_spec
     from weightlab.models.pretrained import pretrained_spec
 
     out: dict[str, tuple[Callable[[], list[str]], bool]] = {}
     for name in registry.names("dataset"):
         spec = dataset_spec(name)
-        if spec.prepare is not None:
-            out[name] = (spec.prepare, False)
+        out[name] = (spec.prepare or (lambda n=name: [f"{n}: nothing to prepare ({dataset_location(n).source})"]),
+                     False)
     for name in registry.names("pretrained"):
         spec = pretrained_spec(name)
         out[name] = (spec.prepare, spec.optional)
