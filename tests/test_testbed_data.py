@@ -268,6 +268,23 @@ def test_torchvision_layout_and_uncompressed_files(tmp_path, data_home, monkeypa
     assert torch.equal(test.x[:, 0].mul(255).round().byte(), torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
 
 
+def test_fashion_download_goes_through_torchvision_into_the_data_home(tmp_path, data_home, monkeypatch):
+    made = {}
+
+    class FakeFashionMNIST:  # stands in for torchvision's class: writes what its download() writes
+        def __init__(self, root: str, *, train: bool, download: bool) -> None:
+            assert download
+            made["arrays"] = write_fashion(Path(root) / "FashionMNIST" / "raw", monkeypatch)
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", FakeFashionMNIST)
+    with pytest.raises(MissingDataError, match="allow a download with WEIGHTLAB_ALLOW_DOWNLOAD=1"):
+        load_fashion_mnist("test")
+    assert not made
+    test = load_fashion_mnist("test", download=True)
+    assert torch.equal(test.y, torch.from_numpy(made["arrays"]["t10k-labels-idx1-ubyte"]).long())
+    assert dataset_provenance("fashion-mnist")["source"] == str(data_home / "fashion-mnist")  # found there now
+
+
 # ------------------------------------------------------------------------------------------ MNIST-5k
 
 

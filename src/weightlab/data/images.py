@@ -14,6 +14,7 @@ See :mod:`weightlab.data.sources` for the resolution order, the sha256 checks an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -92,8 +93,6 @@ def to_images(pixels: Tensor, size: int | None) -> Tensor:
 
 
 def _read_checked(path: Path, name: str, expected: dict[str, str], how: str) -> tuple[bytes, str]:
-    import hashlib
-
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     check_sha256(f"{str(path)!r}", digest, expected[name], how)
@@ -113,7 +112,7 @@ def _fashion_system() -> list[tuple[Path, str]]:
     return [(folder, what) for folder in folders]
 
 
-def _fashion_download(dest: Path) -> None:  # pragma: no cover - needs the internet
+def _fashion_download(dest: Path) -> None:
     from torchvision.datasets import FashionMNIST
 
     FashionMNIST(str(dest), train=True, download=True)
