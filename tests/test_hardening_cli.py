@@ -120,14 +120,26 @@ def test_show_on_a_file_that_is_not_utf8(tmp_path: Path, capsys) -> None:  # noq
 @pytest.mark.parametrize(("content", "match"), [
     ("{not json", "is not valid UTF-8 JSON"),
     ("[1, 2]", "holds a JSON list; expected an object"),
-    ('{"tables": {}}', "claims missing or not a list"),
-    ('{"claims": [{"text": "t"}]}', "every claim must be an object with text, measured and held"),
+    ('{"tables": {}}', "expected claims: a list of objects with text, measured and held"),
+    ('{"claims": [{"text": "t"}]}', "expected claims: a list of objects with text, measured and held"),
 ])
 def test_report_on_a_malformed_results_file(tmp_path: Path, capsys, content: str, match: str) -> None:  # noqa: ANN001
     run = tmp_path / "runs" / "x" / "run1"
     run.mkdir(parents=True)
     (run / "results.json").write_text(content)
     fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, match)
+    assert not (tmp_path / "site").exists()
+
+
+def test_report_on_a_malformed_config_or_sweep(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    run = tmp_path / "runs" / "run1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text('{"claims": []}')
+    (run / "config.yaml").write_bytes(b"experiment: [unclosed")
+    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid UTF-8 YAML")
+    (run / "config.yaml").write_text("experiment: x")
+    (tmp_path / "runs" / "sweep.json").write_text('{"cells": {}}')
+    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "not a weightlab sweep.json")
     assert not (tmp_path / "site").exists()
 
 

@@ -156,30 +156,32 @@ def report_cmd(
 
 
 def check_report_inputs(runs_dir: Path) -> None:
-    """Refuse, before a site is written, a ``results.json`` / ``sweep.json`` / ``config.yaml`` under
-    ``runs_dir`` that is not the JSON (YAML) object the report reads (one line naming the file)."""
+    """Refuse, before a site is written, a ``results.json``, ``config.yaml`` or ``sweep.json`` under
+    ``runs_dir`` that is not what the report reads (a one-line :class:`FormatError` naming the file)."""
     import yaml
 
-    needs = {"results.json": {"claims": list}, "sweep.json": {"cells": list, "aggregate": list}}
-    for name, keys in needs.items():
-        for path in sorted(Path(runs_dir).rglob(name)) if Path(runs_dir).is_dir() else []:
-            value = read_json(path)
-            wrong = [k for k, kind in keys.items() if not isinstance(value.get(k), kind)]
-            if wrong:
-                raise FormatError(f"{str(path)!r} is not a weightlab {name}: {', '.join(wrong)} missing or not a "
-                                  f"{', '.join(keys[k].__name__ for k in wrong)}")
-            if name == "results.json" and not all(
-                    isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("measured"), dict)
-                    and isinstance(c.get("held"), bool) for c in value["claims"]):
-                raise FormatError(f"{str(path)!r}: every claim must be an object with text, measured and held")
-            config = path.parent / "config.yaml"
-            if name == "results.json" and config.is_file():
-                try:
-                    loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
-                except (yaml.YAMLError, ValueError) as exc:
-                    raise FormatError(f"{str(config)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
-                if not isinstance(loaded, dict):
-                    raise FormatError(f"{str(config)!r} is not a YAML mapping")
+    root = Path(runs_dir)
+    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
+        claims = read_json(path).get("claims")
+        if not isinstance(claims, list) or not all(_is_claim(c) for c in claims):
+            raise FormatError(f"{str(path)!r} is not a weightlab results.json; expected claims: a list of objects "
+                              "with text, measured and held")
+        config = path.parent / "config.yaml"
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        except (yaml.YAMLError, ValueError) as exc:
+            raise FormatError(f"{str(config)!r} is not valid UTF-8 YAML ({_one_line(str(exc))})") from None
+        if not isinstance(loaded, dict):
+            raise FormatError(f"{str(config)!r} is not a YAML mapping")
+    for path in sorted(root.rglob("sweep.json")) if root.is_dir() else []:
+        info = read_json(path)
+        if not isinstance(info.get("cells"), list) or not isinstance(info.get("aggregate"), list):
+            raise FormatError(f"{str(path)!r} is not a weightlab sweep.json; expected lists cells and aggregate")
+
+
+def _is_claim(c: object) -> bool:
+    return (isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("measured"), dict)
+            and isinstance(c.get("held"), bool))
 
 
 def read_json(path: Path) -> dict[str, Any]:
