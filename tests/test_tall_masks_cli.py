@@ -183,7 +183,7 @@ def test_compress_extract_round_trip_file_and_folder(tmp_path: Path) -> None:
             == 0
         )
         manifest = merging.read_manifest(store)
-        assert manifest["tasks"] == ["a", "b", "c"] and manifest["version"] == 1
+        assert manifest["tasks"] == ["a", "b", "c"] and manifest["version"] == 2
         taus = merging.task_vectors(base, fts)
         tau = merging.ties_merge(taus, density=0.2, reduce="sum", scope="global")
         masks = merging.tall_masks(taus, tau, 0.3)

@@ -1,22 +1,31 @@
 """The ``weightlab`` command line.
 
-Bad input (an unknown experiment, an unknown ``--set`` key, a value of the wrong type, an existing output
-folder, an unreadable file, ...) ends with a one-line ``error: ...`` on stderr and exit status 2.
+Exit status: 0 done; 1 an experiment failed (a traceback: a bug); 2 bad input — an unknown experiment or
+option, a value of the wrong type, an existing output folder, an unreadable file, a path that leaves its
+folder, an operating-system error (read-only folder, name too long, ...) — always one ``error: ...`` line on
+stderr, whichever typer is installed; 130 / 143 interrupted by SIGINT / SIGTERM (``interrupted`` on stderr,
+with the ``--resume`` command for ``run``; temporary files are removed on the way out). Warnings about valid
+but suspicious input are one ``warning: ...`` line each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import shutil
+import signal
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from weightlab.errors import WeightlabError
+from weightlab.errors import FormatError, WeightlabError, WeightlabWarning
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="weightlab: find, protect, merge, patch and quantize what a network knows in its weights.")
@@ -74,9 +83,12 @@ def run_cmd(
     main_rank = distributed.is_main()
     summary = []
     for n in names:
+        _interrupt["hint"] = "continue with: " + resume_command(n, profile=profile, seed=seed, out=out,
+                                                                sets=set_ or [], log=log, quiet=quiet)
         with display(enabled=not quiet and main_rank):
             path, results = run_experiment(n, profile=profile, seed=seed, out=out, overrides=overrides,
                                            resume=resume, log=log)
+        _interrupt["hint"] = None
         if not main_rank:
             continue
         rows = claim_rows(results.claims)
@@ -88,6 +100,19 @@ def run_cmd(
         write_text_atomic(Path("runs") / f"summary-{profile}.md", "# Claims\n\n" + text)
         console.print(Markdown(text))
         console.print(f"[bold green]summary:[/] {Path('runs') / f'summary-{profile}.md'}")
+
+
+def resume_command(name: str, *, profile: str, seed: int | None, out: Path | None, sets: list[str],
+                   log: str | None, quiet: bool) -> str:
+    """The command line that continues an interrupted ``weightlab run`` of experiment ``name``."""
+    parts = ["weightlab", "run", name, "--profile", profile]
+    parts += ["--seed", str(seed)] if seed is not None else []
+    parts += ["--out", str(out)] if out is not None else []
+    for item in sets:
+        parts += ["--set", item]
+    parts += ["--log", log] if log else []
+    parts += ["--quiet"] if quiet else []
+    return shlex.join([*parts, "--resume"])
 
 
 @app.command("sweep")
@@ -119,8 +144,57 @@ def report_cmd(
     """Write a static HTML report (open OUT/index.html in a browser; no server needed)."""
     from weightlab.report.html import build_site
 
-    index = build_site(runs_dir, out)
+    check_report_inputs(runs_dir)
+    created = not out.exists()
+    try:
+        index = build_site(runs_dir, out)
+    except BaseException:
+        if created:  # leave no half-written site behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     console.print(f"[bold green]report:[/] {index} (open it in a browser)")
+
+
+def check_report_inputs(runs_dir: Path) -> None:
+    """Refuse, before a site is written, a ``results.json``, ``config.yaml`` or ``sweep.json`` under
+    ``runs_dir`` that is not what the report reads (a one-line :class:`FormatError` naming the file)."""
+    import yaml
+
+    root = Path(runs_dir)
+    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
+        claims = read_json(path).get("claims")
+        if not isinstance(claims, list) or not all(_is_claim(c) for c in claims):
+            raise FormatError(f"{str(path)!r} is not a weightlab results.json; expected claims: a list of objects "
+                              "with text, measured and held")
+        config = path.parent / "config.yaml"
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        except (yaml.YAMLError, ValueError) as exc:
+            raise FormatError(f"{str(config)!r} is not valid UTF-8 YAML ({_one_line(str(exc))})") from None
+        if not isinstance(loaded, dict):
+            raise FormatError(f"{str(config)!r} is not a YAML mapping")
+    for path in sorted(root.rglob("sweep.json")) if root.is_dir() else []:
+        info = read_json(path)
+        if not isinstance(info.get("cells"), list) or not isinstance(info.get("aggregate"), list):
+            raise FormatError(f"{str(path)!r} is not a weightlab sweep.json; expected lists cells and aggregate")
+
+
+def _is_claim(c: object) -> bool:
+    return (isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("measured"), dict)
+            and isinstance(c.get("held"), bool))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a UTF-8 file, or a :class:`FormatError` naming the file and the problem."""
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise FormatError(f"{str(path)!r} is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
 @app.command("show")
@@ -129,7 +203,12 @@ def show_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
     md = run_dir / "results.md"
     if not md.is_file():
         raise WeightlabError(f"{str(run_dir)!r} is not a finished run directory (no results.md)")
-    console.print(Markdown(md.read_text()))
+    try:
+        text = md.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{str(md)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start})") from None
+    console.print(Markdown(text))
     plots = sorted((run_dir / "plots").glob("*.png"))
     if plots:
         console.print("plots: " + ", ".join(str(p) for p in plots))
@@ -153,23 +232,96 @@ def _register_extensions() -> None:
         importlib.import_module(ep.value).register(app)
 
 
+# What the exception classes of typer's click are called depends on the version: click's own up to typer
+# 0.2x, typer._click's (vendored) after. Take them from typer's public names, and click's if it is installed.
+def _exception_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    usage = {next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")}
+    exits, aborts = {typer.Exit}, {typer.Abort}
+    with contextlib.suppress(ImportError):
+        import click
+
+        usage.add(click.ClickException)
+        exits.add(click.exceptions.Exit)
+        aborts.add(click.exceptions.Abort)
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+USAGE_ERRORS, EXITS, ABORTS = _exception_classes()
+_interrupt: dict[str, Any] = {"signal": None, "hint": None}
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (so every ``finally`` and temporary-file cleanup runs);
+    the signal is remembered for the exit status, and signals that follow the first one are ignored."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if _interrupt["signal"] is None:
+            _interrupt["signal"] = signum
+            raise KeyboardInterrupt
+
+    _interrupt.update(signal=None, hint=None)
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not in the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    if issubclass(category, WeightlabWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _interrupted() -> int:
+    signum = _interrupt["signal"] or signal.SIGINT
+    hint = f"; {_interrupt['hint']}" if _interrupt["hint"] else ""
+    print(f"interrupted{hint}", file=sys.stderr)
+    return 128 + int(signum)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (the console script exits with it)."""
-    _register_extensions()
-    try:
-        app(args=argv, standalone_mode=False, prog_name="weightlab")
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    except WeightlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    args = sys.argv[1:] if argv is None else list(argv)
+    with _signals_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("always", WeightlabWarning)
+        warnings.showwarning = _show_warning
+        try:
+            _register_extensions()
+            if not args:  # the help, and the status of a usage error, on every typer and click
+                app(args=["--help"], standalone_mode=False, prog_name="weightlab")
+                return 2
+            status = app(args=args, standalone_mode=False, prog_name="weightlab")
+        except EXITS as exc:
+            status = exc.exit_code
+        except USAGE_ERRORS as exc:
+            message = _one_line(exc.format_message())
+            if message:  # (a NoArgsIsHelpError has printed the help already)
+                print(f"error: {message}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, *ABORTS):
+            return _interrupted()
+        except WeightlabError as exc:
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            where = f" {str(exc.filename)!r}" if exc.filename else ""
+            print(f"error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        if _interrupt["signal"] is not None or status == 130:  # typer ≥ 0.2x turns Ctrl-C into Exit(130)
+            return _interrupted()
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from torch import Tensor
 
 from weightlab import distributed
-from weightlab.errors import WeightlabError
+from weightlab.errors import FormatError, WeightlabError
 from weightlab.report.progress import track
 from weightlab.weights.io import load_tensors, read_metadata, save_tensors
 
@@ -55,7 +55,30 @@ class RunContext:
 
     def load_state(self, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         path = self._path(key)
-        return load_tensors(path), json.loads(read_metadata(path).get("weightlab", "{}"))
+        tensors, meta = load_tensors(path), read_metadata(path).get("weightlab")
+        try:
+            meta = json.loads(meta) if meta is not None else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise FormatError(f"checkpoint {str(path)!r} has no weightlab metadata (a JSON object); it was not "
+                              "written by this run")
+        return tensors, meta
+
+    def restore(self, key: str, load: Callable[[dict[str, Tensor]], None]) -> dict[str, Any]:
+        """Load the state under ``key`` with ``load(tensors)``; returns its metadata.
+
+        A checkpoint whose tensors ``load`` refuses (wrong keys or shapes: another run's, an older version's)
+        is a :class:`FormatError` naming the file, not a traceback.
+        """
+        tensors, meta = self.load_state(key)
+        try:
+            load(tensors)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise FormatError(f"checkpoint {str(self._path(key))!r} does not fit this run ({why}); delete it to "
+                              "recompute from the previous one, or start a new run") from None
+        return meta
 
     def drop_state(self, key: str) -> None:
         distributed.barrier()  # every rank has read what it needs before rank 0 deletes
@@ -89,8 +112,10 @@ class RunContext:
         rows: list[list[float]] = []
         start, last = 0, None
         if done:
-            tensors, meta = self.load_state(f"{key}/exp{done[-1]}")
-            load(tensors)
+            meta = self.restore(f"{key}/exp{done[-1]}", load)
+            if not isinstance(meta.get("rows"), list) or len(meta["rows"]) != done[-1] + 1:
+                raise FormatError(f"checkpoint {str(self._path(f'{key}/exp{done[-1]}'))!r} does not hold the "
+                                  f"{done[-1] + 1} accuracy rows of experiences 0..{done[-1]}")
             rows, start, last = meta["rows"], done[-1] + 1, done[-1]
         for i in track(range(start, n), f"{key}", total=n - start):
             rows.append(step(i))

@@ -131,7 +131,10 @@ def run_sweep(experiment: str, grid: dict[str, list[str]], *, seeds: int = 1, pr
               log: str | None = None, root: Path = Path("runs")) -> tuple[Path, list[dict[str, Any]]]:
     """Run every cell of ``grid`` × ``seeds``; returns the sweep folder and the aggregate rows."""
     from weightlab.experiments.base import get
+    from weightlab.report.tensorboard import LOGGERS
 
+    if log is not None and log not in LOGGERS:  # every cell would fail: refuse before the first one
+        raise WeightlabError(f"unknown --log {log!r}; expected one of {', '.join(LOGGERS)}")
     spec = get(experiment)
     valid = sorted(f.name for f in dataclasses.fields(spec.config) if f.name not in {"seed", "seeds"})
     for key in grid:
