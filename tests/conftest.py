@@ -36,7 +36,7 @@ def digits16() -> tuple[ArrayDataset, ArrayDataset]:
 
 
 @pytest.fixture
-def stream5(digits8):  # noqa: ANN001, ANN201
+def stream5(digits8):
     return class_incremental(*digits8, 5, seed=0)
 
 
@@ -56,7 +56,7 @@ def tiny_vit() -> TinyViT:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """In CI nothing may be skipped: a missing optional extra or browser is a failure, not a silent skip."""
     outcome = yield
     report = outcome.get_result()

@@ -35,7 +35,7 @@ def _digits_like(n: int = 16, size: int = 8, classes: int = 4, *, task: int | No
     return ArrayDataset(torch.rand(n, 1, size, size, generator=gen), y, t)
 
 
-def _mlp_case(callback_of) -> dict:  # noqa: ANN001 - callable(model) -> Callback
+def _mlp_case(callback_of) -> dict:
     model = MLP(64, 4, hidden=(8,))
     data = _digits_like()
     return {"model": model, "data": data, "callback": callback_of(model),

@@ -24,7 +24,7 @@ from weightlab.runs import RunContext
 from weightlab.train import TrainConfig, accuracy, train
 
 
-def _task0_after_two_tasks(make, seed: int = 0) -> float:  # noqa: ANN001
+def _task0_after_two_tasks(make, seed: int = 0) -> float:
     stream = domain_incremental(digits("train"), digits("test"), 2, seed=3)
     torch.manual_seed(seed)
     model, opt_for = make()
@@ -37,7 +37,7 @@ def _task0_after_two_tasks(make, seed: int = 0) -> float:  # noqa: ANN001
 
 
 def test_metaplasticity_forgets_less_than_plain_binary_training() -> None:
-    def make(m: float):  # noqa: ANN202
+    def make(m: float):
         return lambda: (BinaryMLP(64, 10, (64, 64)),
                         lambda model, i: (MetaplasticAdam(model, MetaplasticityConfig(m=m)), []))
 
@@ -46,8 +46,8 @@ def test_metaplasticity_forgets_less_than_plain_binary_training() -> None:
 
 
 def test_previous_task_prior_forgets_less_than_no_prior() -> None:
-    def make(kl_weight: float | None):  # noqa: ANN202
-        def opt_for(model, i):  # noqa: ANN001, ANN202
+    def make(kl_weight: float | None):
+        def opt_for(model, i):
             vc = VariationalConfig(prior="task", kl_weight=kl_weight)
             opt = VariationalFieldAdam(binary_layers(model), vc,
                                        kl_weight=vc.resolved_kl_weight(n_train=1300, batch_size=64))
@@ -63,13 +63,13 @@ def test_previous_task_prior_forgets_less_than_no_prior() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["variational-binary-cl", "rnn-hypernetwork"])
-def test_smoke_profile_runs_and_reports_claims(name: str, tmp_path) -> None:  # noqa: ANN001
+def test_smoke_profile_runs_and_reports_claims(name: str, tmp_path) -> None:
     assert main(["run", name, "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["claims"] and all(isinstance(c["held"], bool) for c in results["claims"])
 
 
-def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:
     assert main(["run", "variational-binary-cl", "--set", "methods=bogus", "--out", str(tmp_path / "a")]) == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "scenarios=rotated", "--out", str(tmp_path / "b")]) == 2
@@ -81,14 +81,14 @@ def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:  # noqa
     assert "meta_values must be ≥ 0" in capsys.readouterr().err
 
 
-def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, monkeypatch) -> None:
     """Growth and importance weights survive an interruption after the first experience."""
     sets = {"seeds": "1", "steps": "5", "n_tasks": "2", "scenarios": "split", "methods": "rnn-hnet-grow",
             "fisher_samples": "8"}
     _, reference = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "ref", overrides=sets)
     original = RunContext.save_state
 
-    def crash_after_first(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def crash_after_first(self, *args, **kwargs):
         if self.saves == 1:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)

@@ -112,7 +112,7 @@ def test_bn_adapt_uses_batch_statistics() -> None:
 
 
 @pytest.mark.parametrize("build", [lambda m: Tent(m), lambda m: BNAdapt(m)])
-def test_model_without_batchnorm_is_refused(build) -> None:  # noqa: ANN001
+def test_model_without_batchnorm_is_refused(build) -> None:
     with pytest.raises(WeightlabError, match="adapts BatchNorm layers, but the model MLP has none"):
         build(MLP(256, 10, hidden=(16,)))
     with pytest.raises(WeightlabError, match="has none"):

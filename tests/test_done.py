@@ -59,7 +59,7 @@ def test_config_errors() -> None:
         dro_weights(torch.ones(2), 0)
 
 
-def _train(digits8, cb) -> SmallCNN:  # noqa: ANN001
+def _train(digits8, cb) -> SmallCNN:
     torch.manual_seed(0)
     model = SmallCNN(10, width=4)
     train(model, digits8[0], TrainConfig(max_steps=4, batch_size=32, lr=0.05, seed=0), callbacks=[cb])

@@ -8,7 +8,7 @@ import torch
 from weightlab.methods.lift.model import LiftConfig, extract_delta, prepare
 
 
-def tiny_bert():  # noqa: ANN201
+def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -24,7 +24,7 @@ def toy_examples(n: int = 64) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
 
 
-def test_hf_model_targets_exclude_the_classifier_and_trainer_trains_it(tmp_path) -> None:  # noqa: ANN001
+def test_hf_model_targets_exclude_the_classifier_and_trainer_trains_it(tmp_path) -> None:
     from transformers import Trainer, TrainingArguments
 
     model = tiny_bert()

@@ -8,7 +8,7 @@ from torch import nn
 from weightlab.methods.lift.optimizer import SparseAdamW
 
 
-def fixed(*index_lists: list[int]):  # noqa: ANN201
+def fixed(*index_lists: list[int]):
     """A selector returning the given index lists one after the other (the last one repeats)."""
     calls = iter(index_lists)
     last = [None]

@@ -67,7 +67,7 @@ def test_qkr_quantizes_the_query_key_product_per_head() -> None:
 
 @pytest.mark.parametrize("config", [QuantConfig(method="lsq"), QuantConfig(),
                                     QuantConfig(bits_w=4, bits_a=None), QuantConfig(qkr=True, bits_w=3)])
-def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None:  # noqa: ANN001
+def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None:
     model = _vit()
     float_bytes = module_bytes(model)
     prepare(model, config)

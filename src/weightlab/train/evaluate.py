@@ -13,7 +13,7 @@ from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.train.loop import ForwardFn, default_forward
 
 
-def _eval_batches(data: Dataset, batch_size: int):  # noqa: ANN202
+def _eval_batches(data: Dataset, batch_size: int):
     if isinstance(data, ArrayDataset):
         return data.batches(batch_size)
     return (Batch(*b) for b in DataLoader(data, batch_size=batch_size))

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import predict
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 Norm = Literal["linf", "l2"]
 
@@ -212,6 +215,6 @@ class AdversarialTraining(Callback):
     def __init__(self, attack: PGD) -> None:
         self.attack = attack
 
-    def on_batch(self, state, batch: Batch) -> Batch:  # noqa: ANN001 - LoopState
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         x_adv = self.attack(state.model, batch.x, batch.y, generator=state.generator, check=False)
         return Batch(x_adv, batch.y, batch.t)

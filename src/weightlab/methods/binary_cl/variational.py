@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.data.arrays import Batch
+    from weightlab.train.loop import LoopState
 
 Mode = Literal["meanfield", "mean", "sample"]
 MODES = ("meanfield", "mean", "sample")
@@ -234,7 +238,7 @@ class VariationalFieldAdam(torch.optim.Optimizer):
             self.state[layer.field]["prior"] = layer.field.detach().clone()
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:  # noqa: ANN001 - torch signature
+    def step(self, closure: Callable[[], float] | None = None) -> None:
         group = self.param_groups[0]
         b1, b2 = group["betas"]
         for layer in self.layers:
@@ -262,7 +266,7 @@ class BetaAnnealing(Callback):
         self.n_tasks, self.epochs, self.beta_max = n_tasks, epochs, beta_max
         self.beta = annealed_beta(0, 0, n_tasks=n_tasks, epochs=epochs, beta_max=beta_max)
 
-    def on_batch(self, state, batch):  # noqa: ANN001, ANN201
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         task = getattr(state.experience, "task_id", 0)
         self.beta = annealed_beta(
             task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.beta_max
@@ -278,7 +282,7 @@ class ConsolidateField(Callback):
     def __init__(self, optimizer: VariationalFieldAdam) -> None:
         self.optimizer = optimizer
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         self.optimizer.consolidate()
 
 

@@ -14,6 +14,7 @@ running sum over tasks; the anchor θ* becomes the current weights. Training the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import ForwardFn, LossFn, default_forward, per_sample_cross_entropy
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,13 @@ class EWC(Callback):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         if not self.fisher or self.config.lam == 0:
             return loss
         params = dict(self.model.named_parameters())
         return loss + self.config.lam * ewc_penalty(params, self.anchor, self.fisher).to(loss.device)
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         data: Dataset | None = getattr(state.experience, "train", None)
         if not isinstance(data, ArrayDataset):
             raise WeightlabError(

@@ -10,6 +10,7 @@ each class (iCaRL's reduction).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from torch import Tensor
 from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 Selector = Callable[[ArrayDataset, int], Tensor]
 """``selector(data_of_one_class, m) -> (≤ m,)`` indices into the data, best first."""
@@ -129,14 +133,14 @@ class Replay(Callback):
         self.buffer = buffer
         self.batch_size = batch_size
 
-    def on_batch(self, state, batch: Batch) -> Batch:  # noqa: ANN001
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         if len(self.buffer) == 0:
             return batch
         mem = self.buffer.sample(self.batch_size or len(batch), generator=state.generator).to(state.device)
         t = None if batch.t is None or mem.t is None else torch.cat([batch.t, mem.t])
         return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), t)
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         if state.experience is None:
             raise WeightlabError("Replay needs train(..., experience=exp) to know what to memorise")
         self.buffer.update(state.experience.train, generator=state.generator)

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+
+if TYPE_CHECKING:
+    from weightlab.data.arrays import Batch
+    from weightlab.train.loop import LoopState
 
 
 def dro_weights(losses: Tensor, r: float) -> Tensor:
@@ -96,11 +101,11 @@ class DONE(AdversarialTraining):
         self.config = config
         self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001 - LoopState
+    def on_experience_start(self, state: LoopState) -> None:
         if self.normaliser is not None:
             self.normaliser.log_u = None
 
-    def sample_weights(self, state, batch, losses: Tensor) -> Tensor:  # noqa: ANN001
+    def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor:
         if self.normaliser is None or math.isinf(self.config.r):
             weights = dro_weights(losses, self.config.r)
         else:

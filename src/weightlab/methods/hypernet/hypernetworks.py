@@ -34,6 +34,7 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,9 @@ from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import per_sample_cross_entropy
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 def param_shapes(module: nn.Module) -> dict[str, torch.Size]:
@@ -227,7 +231,7 @@ class HyperModel(nn.Module):
     def target(self) -> nn.Module:
         return self._target[0]
 
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def _apply(self, fn, *args, **kwargs):
         self._target[0]._apply(fn, *args, **kwargs)  # ``.to(device)`` moves the target's buffers too
         return super()._apply(fn, *args, **kwargs)
 
@@ -287,12 +291,12 @@ class OutputRegularizer(Callback):
         self.targets: Tensor | None = None  # (t, P)
         self.importance: list[Tensor] = []  # one (P,) per finished task, mean 1
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
+    def on_experience_start(self, state: LoopState) -> None:
         task = int(getattr(state.experience, "task_id", 0))
         with torch.no_grad():
             self.targets = self.model.hnet(list(range(task))).detach() if task > 0 else None
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         if self.targets is None or self.config.beta == 0:
             return loss
         ids = list(range(self.targets.shape[0]))
@@ -304,7 +308,7 @@ class OutputRegularizer(Callback):
             self.model.hnet, self.targets[ids], ids, importance=imp
         )
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         if not self.config.importance:
             return
         task = int(getattr(state.experience, "task_id", 0))

@@ -203,7 +203,7 @@ class Lift:
         return sparse + sum(p.numel() for p in self.saved.values())
 
 
-def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:  # noqa: ANN001
+def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:
     return SparseAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, refresh_every=config.refresh_every,
                        needs_grad=config.mask == "gradient",

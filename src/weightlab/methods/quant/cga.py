@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ from weightlab.methods.quant.layers import QuantLinear
 from weightlab.methods.quant.statsq import StatsQuantizer, statsq_position
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import TrainConfig
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 def cga_trainable_mask(weight: Tensor, bits: int, boundary_range: float) -> Tensor:
@@ -75,7 +79,7 @@ class ConfidenceGuidedAnnealing(Callback):
         self.trainable_fraction: list[float] = []
 
     @torch.no_grad()
-    def after_backward(self, state) -> None:  # noqa: ANN001
+    def after_backward(self, state: LoopState) -> None:
         trainable = total = 0
         for name, layer in self.layers.items():
             weight = layer.weight
@@ -88,7 +92,7 @@ class ConfidenceGuidedAnnealing(Callback):
         self.trainable_fraction.append(trainable / max(total, 1))
 
     @torch.no_grad()
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         for name, (frozen, saved) in self._frozen.items():
             weight = self.layers[name].weight
             weight.copy_(torch.where(frozen, saved, weight))

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 def oscillation_step(prev_codes: Tensor, codes: Tensor, prev_direction: Tensor, ema: Tensor, *,
@@ -66,13 +70,13 @@ class OscillationTracker(Callback):
         self.oscillations = 0
         self.history: list[tuple[int, float, float]] = []
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
+    def on_experience_start(self, state: LoopState) -> None:
         for name, module in self.modules.items():
             if name not in self.tracks:
                 codes = module.integer_codes()
                 self.tracks[name] = _Track(codes, torch.zeros_like(codes), torch.zeros_like(codes))
 
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         self.steps += 1
         changed = 0
         for name, module in self.modules.items():

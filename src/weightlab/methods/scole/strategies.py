@@ -11,6 +11,7 @@ Continual-Learning, ``utils_training.py``, ``replay.py``). The stream generator 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import TrainConfig, make_optimizer
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 # ---------------------------------------------------------------------------------------------- strategies
 
@@ -31,7 +35,7 @@ class GroupMasking(Callback):
     device.
     """
 
-    def transform_logits(self, state, batch: Batch, logits: Tensor) -> Tensor:  # noqa: ANN001
+    def transform_logits(self, state: LoopState, batch: Batch, logits: Tensor) -> Tensor:
         present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         present[batch.y] = True  # (classes,)
         fill = -1e9 if logits.dtype in (torch.float32, torch.float64) else torch.finfo(logits.dtype).min

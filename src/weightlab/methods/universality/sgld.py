@@ -31,13 +31,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 def polynomial_step_size(t: int, *, a: float, b: float, gamma: float) -> float:
@@ -154,7 +157,7 @@ class SGLD(torch.optim.Optimizer):
         return self.config.temperature > 0 and not self.in_exploration(t)
 
     @torch.no_grad()
-    def step(self, closure=None, *, noise: Sequence[Tensor | None] | None = None):  # noqa: ANN001, ANN201
+    def step(self, closure=None, *, noise: Sequence[Tensor | None] | None = None):
         """One SGLD step. ``noise`` optionally gives the standard-normal draws ``ξ``, one per parameter with
         a gradient, in parameter order (for tests that compare batched and sequential chains)."""
         loss = None
@@ -221,7 +224,7 @@ class CollectSamples(Callback):
         self.every, self.burn_in = every, burn_in
         self.samples: list[dict[str, Tensor]] = []
 
-    def after_step(self, state) -> None:  # noqa: ANN001 - LoopState
+    def after_step(self, state: LoopState) -> None:
         done = state.step  # steps completed
         if done <= self.burn_in or (done - self.burn_in) % self.every:
             return

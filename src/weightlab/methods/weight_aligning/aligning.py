@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.models.heads import ExpandableHead
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import TrainConfig, train
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 Selection = Literal["herding", "random"]
 
@@ -154,10 +157,10 @@ class KnowledgeDistillation(Callback):
             raise WeightlabError(f"KnowledgeDistillation needs n_old ≥ 1 old classes, got {n_old}")
         self.teacher, self.n_old, self.temperature, self.weight = teacher, n_old, temperature, weight
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
+    def on_experience_start(self, state: LoopState) -> None:
         self.teacher.to(state.device).eval()
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         with torch.no_grad():
             old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
         lam = self.weight if self.weight is not None else self.n_old / logits.shape[1]
@@ -170,7 +173,7 @@ class ClipHeadWeights(Callback):
     def __init__(self, head: nn.Module, *, minimum: float = 0.0) -> None:
         self.head, self.minimum = head, minimum
 
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         with torch.no_grad():
             self.head.weight.clamp_(min=self.minimum)
 
@@ -186,7 +189,7 @@ class AlignHead(Callback):
         self.gamma = float("nan")
         self.norms_before = self.norms_after = torch.zeros(0)
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         self.norms_before = row_norms(self.head.weight).cpu()
         self.gamma, aligned = weight_align(self.head, self.n_old, align_bias=self.align_bias)
         with torch.no_grad():
