@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from weightlab.data import ArrayDataset, class_incremental, digits
-from weightlab.models import MLP, SmallCNN, TinyViT
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,29 +29,9 @@ def digits8() -> tuple[ArrayDataset, ArrayDataset]:
     return digits("train"), digits("test")
 
 
-@pytest.fixture(scope="session")
-def digits16() -> tuple[ArrayDataset, ArrayDataset]:
-    return digits("train", size=16), digits("test", size=16)
-
-
 @pytest.fixture
 def stream5(digits8):
     return class_incremental(*digits8, 5, seed=0)
-
-
-@pytest.fixture
-def tiny_mlp() -> MLP:
-    return MLP(64, 10, hidden=(32,))
-
-
-@pytest.fixture
-def tiny_cnn() -> SmallCNN:
-    return SmallCNN(10, width=8)
-
-
-@pytest.fixture
-def tiny_vit() -> TinyViT:
-    return TinyViT(10, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -126,11 +126,6 @@ def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
     return model
 
 
-def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with quantized weights (``QuantLinear`` and ``QKRAttention``), by name."""
-    return {n: m for n, m in model.named_modules() if hasattr(m, "integer_codes")}
-
-
 def convert(model: nn.Module) -> nn.Module:
     """Replace every fake-quantized weight by int8 codes and per-row scales (in place); returns ``model``.
 
