@@ -209,10 +209,13 @@ class AdversarialTraining(Callback):
     """Adversarial training (Madry et al.): every mini-batch is replaced by its adversarial examples.
 
     The attack runs in eval mode (see :class:`PGD`) and draws its random start from the loop's generator,
-    so a run is deterministic for a given seed.
+    so a run is deterministic for a given seed. It acts on ``state.model``, so it holds no model.
+
+    Args:
+        attack: the frozen attack settings (its config; Madry et al.'s ℓ∞ PGD by default).
     """
 
-    def __init__(self, attack: PGD) -> None:
+    def __init__(self, attack: PGD = PGD()) -> None:
         self.attack = attack
 
     def on_batch(self, state: LoopState, batch: Batch) -> Batch:

@@ -259,17 +259,27 @@ class VariationalFieldAdam(torch.optim.Optimizer):
 
 
 class BetaAnnealing(Callback):
-    """Set β of every binary layer from :func:`annealed_beta` at each batch (task = experience's task_id)."""
+    """Set β of every binary layer from :func:`annealed_beta` at each batch (task = experience's task_id).
 
-    def __init__(self, model: nn.Module, *, n_tasks: int, epochs: int, beta_max: float = 10.0) -> None:
+    Args:
+        model: the network whose :class:`VariationalBinaryLinear` layers are annealed.
+        config: the field-space settings; the schedule's asymptote is ``config.beta_max``.
+        n_tasks, epochs: the length of the schedule (tasks × epochs per task).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: VariationalConfig = VariationalConfig(), *, n_tasks: int, epochs: int
+    ) -> None:
+        if n_tasks < 1 or epochs < 1:
+            raise WeightlabError(f"BetaAnnealing needs n_tasks ≥ 1 and epochs ≥ 1, got {n_tasks}, {epochs}")
         self.layers = binary_layers(model)
-        self.n_tasks, self.epochs, self.beta_max = n_tasks, epochs, beta_max
-        self.beta = annealed_beta(0, 0, n_tasks=n_tasks, epochs=epochs, beta_max=beta_max)
+        self.config, self.n_tasks, self.epochs = config, n_tasks, epochs
+        self.beta = annealed_beta(0, 0, n_tasks=n_tasks, epochs=epochs, beta_max=config.beta_max)
 
     def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         task = getattr(state.experience, "task_id", 0)
         self.beta = annealed_beta(
-            task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.beta_max
+            task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.config.beta_max
         )
         for layer in self.layers:
             layer.beta = self.beta

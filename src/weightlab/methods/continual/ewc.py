@@ -14,7 +14,6 @@ running sum over tasks; the anchor θ* becomes the current weights. Training the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +22,7 @@ from torch.utils.data import Dataset
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import ForwardFn, LossFn, default_forward, per_sample_cross_entropy
-
-if TYPE_CHECKING:
-    from weightlab.train.loop import LoopState
+from weightlab.train.loop import ForwardFn, LoopState, LossFn, default_forward, per_sample_cross_entropy
 
 
 @dataclass(frozen=True)

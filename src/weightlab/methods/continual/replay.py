@@ -10,6 +10,7 @@ each class (iCaRL's reduction).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,22 +122,33 @@ class ReplayBuffer:
         self.seen = tensors.get(f"{prefix}.seen", torch.unique(self.y) if self.y is not None else self.seen)
 
 
+@dataclass(frozen=True)
+class ReplayConfig:
+    """``batch_size``: replayed samples appended to each batch (None: as many as the incoming batch)."""
+
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise WeightlabError(f"replay batch_size must be ≥ 1 or None, got {self.batch_size}")
+
+
 class Replay(Callback):
-    """Append ``batch_size`` replayed samples to every batch; add the experience to memory at its end.
+    """Append replayed samples to every batch; add the experience to memory at its end.
 
     Args:
         buffer: the memory (shared across experiences).
-        batch_size: replayed samples per batch (default: as many as the incoming batch).
+        config: how many samples to replay per batch.
     """
 
-    def __init__(self, buffer: ReplayBuffer, *, batch_size: int | None = None) -> None:
+    def __init__(self, buffer: ReplayBuffer, config: ReplayConfig = ReplayConfig()) -> None:
         self.buffer = buffer
-        self.batch_size = batch_size
+        self.config = config
 
     def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         if len(self.buffer) == 0:
             return batch
-        mem = self.buffer.sample(self.batch_size or len(batch), generator=state.generator).to(state.device)
+        mem = self.buffer.sample(self.config.batch_size or len(batch), generator=state.generator).to(state.device)
         t = None if batch.t is None or mem.t is None else torch.cat([batch.t, mem.t])
         return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), t)
 

@@ -10,7 +10,7 @@ paper's CID, without its implicit second-order term) replaces the batch normalis
 an SCGD running estimate ``u_t = (1 − β)·u_{t−1} + β·mean_batch exp(ℓ / r)`` tracked across batches, giving
 weights ``exp(ℓ_i / r) / (n·u_t)`` that sum to ≈ 1. Everything is done in log space.
 
-    train(model, data, cfg, callbacks=[DONE(DONEConfig(r=1.0), PGD(eps=0.2, steps=3))])
+    train(model, data, cfg, callbacks=[DONE(PGD(eps=0.2, steps=3), DONEConfig(r=1.0))])
 
 Not implemented (see ``docs/robustness.md``): the log-barrier lower level and the implicit gradient
 ``∂δ*/∂θ`` (Hessian-vector products); the attack is plain PGD.
@@ -94,9 +94,14 @@ class DONEConfig:
 
 
 class DONE(AdversarialTraining):
-    """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback)."""
+    """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback).
 
-    def __init__(self, config: DONEConfig, attack: PGD) -> None:
+    Args:
+        attack: the attack of :class:`~weightlab.methods.adversarial.AdversarialTraining`.
+        config: the DRO settings.
+    """
+
+    def __init__(self, attack: PGD = PGD(), config: DONEConfig = DONEConfig()) -> None:
         super().__init__(attack)
         self.config = config
         self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)

@@ -34,7 +34,6 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -43,10 +42,7 @@ from torch.func import functional_call
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import per_sample_cross_entropy
-
-if TYPE_CHECKING:
-    from weightlab.train.loop import LoopState
+from weightlab.train.loop import LoopState, per_sample_cross_entropy
 
 
 def param_shapes(module: nn.Module) -> dict[str, torch.Size]:

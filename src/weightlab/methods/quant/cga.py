@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +18,7 @@ from weightlab.errors import WeightlabError
 from weightlab.methods.quant.layers import QuantLinear
 from weightlab.methods.quant.statsq import StatsQuantizer, statsq_position
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import TrainConfig
-
-if TYPE_CHECKING:
-    from weightlab.train.loop import LoopState
+from weightlab.train.loop import LoopState, TrainConfig
 
 
 def cga_trainable_mask(weight: Tensor, bits: int, boundary_range: float) -> Tensor:

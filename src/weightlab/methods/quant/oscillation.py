@@ -36,6 +36,31 @@ def oscillation_step(prev_codes: Tensor, codes: Tensor, prev_direction: Tensor, 
     return direction, ema, oscillated
 
 
+@dataclass(frozen=True)
+class OscillationConfig:
+    """How oscillation is measured (Nagel et al. 2022's momentum 0.01; threshold 0.005 as in ``ofq``).
+
+    Args:
+        momentum: ``m`` of the oscillation-frequency EMA.
+        threshold: a weight oscillates when its EMA exceeds this.
+        record_every: append to ``history`` every this many steps.
+        skip: ``fnmatch`` patterns of module names not to track (e.g. an 8-bit ``head``).
+    """
+
+    momentum: float = 0.01
+    threshold: float = 0.005
+    record_every: int = 1
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.momentum <= 1:
+            raise WeightlabError(f"oscillation momentum must be in (0, 1], got {self.momentum}")
+        if not 0 <= self.threshold < 1:
+            raise WeightlabError(f"oscillation threshold must be in [0, 1), got {self.threshold}")
+        if self.record_every < 1:
+            raise WeightlabError(f"oscillation record_every must be ≥ 1, got {self.record_every}")
+
+
 @dataclass
 class _Track:
     codes: Tensor
@@ -47,23 +72,17 @@ class OscillationTracker(Callback):
     """Callback: tracks the integer codes of every quantized weight of ``model`` after each optimizer step.
 
     Keeps its state across several :func:`~weightlab.train.train` calls (e.g. QAT then CGA).
-    ``history`` holds ``(step, fraction oscillating, fraction of codes changed)`` every ``record_every``
-    steps;
-    ``skip`` holds ``fnmatch`` patterns of module names not to track (e.g. an 8-bit ``head``).
+    ``history`` holds ``(step, fraction oscillating, fraction of codes changed)`` every
+    ``config.record_every`` steps.
     """
 
-    def __init__(self, model: nn.Module, *, momentum: float = 0.01, threshold: float = 0.005,
-                 record_every: int = 1, skip: tuple[str, ...] = ()) -> None:
-        if not 0 < momentum <= 1:
-            raise WeightlabError(f"oscillation momentum must be in (0, 1], got {momentum}")
-        if not 0 <= threshold < 1:
-            raise WeightlabError(f"oscillation threshold must be in [0, 1), got {threshold}")
+    def __init__(self, model: nn.Module, config: OscillationConfig = OscillationConfig()) -> None:
         self.modules = {n: m for n, m in model.named_modules() if hasattr(m, "integer_codes")
-                        and not any(fnmatch.fnmatchcase(n, p) for p in skip)}
+                        and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)}
         if not self.modules:
             raise WeightlabError(f"{type(model).__name__} has no quantized layers to track; "
                                  "call prepare() first")
-        self.momentum, self.threshold, self.record_every = momentum, threshold, record_every
+        self.config = config
         self.tracks: dict[str, _Track] = {}
         self.steps = 0
         self.flips = 0
@@ -84,11 +103,11 @@ class OscillationTracker(Callback):
             codes = module.integer_codes()
             changed += int((codes != track.codes).sum())
             track.direction, track.ema, oscillated = oscillation_step(
-                track.codes, codes, track.direction, track.ema, momentum=self.momentum)
+                track.codes, codes, track.direction, track.ema, momentum=self.config.momentum)
             track.codes = codes
             self.oscillations += int(oscillated.sum())
         self.flips += changed
-        if self.steps % self.record_every == 0:
+        if self.steps % self.config.record_every == 0:
             self.history.append((self.steps, self.oscillating_fraction(), changed / self.num_weights()))
 
     def num_weights(self) -> int:
@@ -98,7 +117,7 @@ class OscillationTracker(Callback):
         """Fraction of tracked weights whose oscillation EMA exceeds the threshold."""
         if not self.tracks:
             return 0.0
-        return sum(int((t.ema > self.threshold).sum()) for t in self.tracks.values()) / self.num_weights()
+        return sum(int((t.ema > self.config.threshold).sum()) for t in self.tracks.values()) / self.num_weights()
 
     def mean_frequency(self) -> float:
         """Mean oscillation EMA over all tracked weights (threshold-free)."""

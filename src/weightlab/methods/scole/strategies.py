@@ -11,7 +11,6 @@ Continual-Learning, ``utils_training.py``, ``replay.py``). The stream generator 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +18,7 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import TrainConfig, make_optimizer
-
-if TYPE_CHECKING:
-    from weightlab.train.loop import LoopState
+from weightlab.train.loop import LoopState, TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------------------------------------- strategies
 

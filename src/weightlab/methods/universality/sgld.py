@@ -18,7 +18,7 @@ which is what the one training loop produces; ``num_data`` (N) and ``prior_std``
 prior) turn it into ``∇U`` inside the step. So SGLD is used with the ordinary loop:
 
     opt = SGLD(model.parameters(), SGLDConfig(num_data=len(data), prior_std=1.0, lr=1e-3))
-    samples = CollectSamples(every=10, burn_in=200)
+    samples = CollectSamples(CollectConfig(every=10, burn_in=200))
     train(model, data, TrainConfig(max_steps=1000), optimizer=opt, callbacks=[samples])
 
 The step size comes from :class:`SGLDConfig` alone: ``TrainConfig.lr`` and ``TrainConfig.schedule`` do not
@@ -206,27 +206,38 @@ class SGLD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
+@dataclass(frozen=True)
+class CollectConfig:
+    """Thinning of the posterior samples: one every ``every`` steps after the first ``burn_in`` steps."""
+
+    every: int = 1
+    burn_in: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise WeightlabError(f"every must be ≥ 1, got {self.every}")
+        if self.burn_in < 0:
+            raise WeightlabError(f"burn_in must be ≥ 0, got {self.burn_in}")
+
+
 class CollectSamples(Callback):
     """Keep copies of the model's parameters during training: the posterior samples of one run.
 
     A sample is taken after every ``every``-th step once ``burn_in`` steps are done; with a cyclical
-    :class:`SGLD` schedule only after steps of the sampling stage (not the exploration stage).
+    :class:`SGLD` schedule only after steps of the sampling stage (not the exploration stage). It reads
+    ``state.model``, so it holds no model.
 
     Attributes:
         samples: list of ``{name: tensor}`` snapshots.
     """
 
-    def __init__(self, *, every: int = 1, burn_in: int = 0) -> None:
-        if every < 1:
-            raise WeightlabError(f"every must be ≥ 1, got {every}")
-        if burn_in < 0:
-            raise WeightlabError(f"burn_in must be ≥ 0, got {burn_in}")
-        self.every, self.burn_in = every, burn_in
+    def __init__(self, config: CollectConfig = CollectConfig()) -> None:
+        self.config = config
         self.samples: list[dict[str, Tensor]] = []
 
     def after_step(self, state: LoopState) -> None:
-        done = state.step  # steps completed
-        if done <= self.burn_in or (done - self.burn_in) % self.every:
+        done, c = state.step, self.config  # steps completed
+        if done <= c.burn_in or (done - c.burn_in) % c.every:
             return
         opt = state.optimizer
         if isinstance(opt, SGLD) and opt.in_exploration(opt.steps - 1):
