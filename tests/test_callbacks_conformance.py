@@ -4,12 +4,12 @@ Each case trains the same seeded model on the same two experiences twice, once w
 without it, and compares what the loop did: the batches it trained on, the loss of every step and the final
 weights. A method callback must change at least one of them (a callback that trains exactly as no callback
 does is broken, however well it runs); an observer (``OBSERVERS``) must change none of them and must have
-recorded something. A new Callback subclass fails ``test_every_callback_is_covered`` until it gets a case here.
+recorded something. A new Callback subclass fails ``test_every_callback_is_covered_and_methods_are_registered``
+until it gets a case here, and one under ``weightlab.methods`` also until it is registered (kind ``"method"``).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import weightlab.methods
+from weightlab import registry
 from weightlab.data import ArrayDataset, Batch, Experience
 from weightlab.models import MLP, TinyViT
 from weightlab.train import Callback, LoopState, TrainConfig, train
@@ -28,7 +29,7 @@ from weightlab.train import Callback, LoopState, TrainConfig, train
 STEPS = 3  # per experience; EWC and the hypernetwork regulariser act from the second step of the second one
 
 
-def _all_callbacks() -> set[str]:
+def _all_callbacks() -> set[type]:
     for module in pkgutil.walk_packages(weightlab.methods.__path__, "weightlab.methods."):
         importlib.import_module(module.name)
     importlib.import_module("weightlab.report.tensorboard")
@@ -36,7 +37,7 @@ def _all_callbacks() -> set[str]:
     def subclasses(cls: type) -> list[type]:
         return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
 
-    return {c.__name__ for c in subclasses(Callback) if c.__module__.startswith("weightlab.")}
+    return {c for c in subclasses(Callback) if c.__module__.startswith("weightlab.")}
 
 
 def _data(n: int = 16, size: int = 8, classes: int = 4, *, seed: int = 0) -> ArrayDataset:
@@ -127,8 +128,10 @@ def _tensorboard(tmp_path: Path) -> Case:
     from weightlab.report.tensorboard import TensorBoardLogger
 
     def wrote_events(cb: Callback) -> bool:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         cb.close()
-        return any(tmp_path.glob("events.out.tfevents.*"))
+        return len(EventAccumulator(str(tmp_path)).Reload().Scalars("train/loss")) == 2 * STEPS
 
     return _mlp(lambda m: TensorBoardLogger(tmp_path, every=1), observed=wrote_events)
 
@@ -208,9 +211,9 @@ class Recorder(Callback):
 
 @dataclass
 class Run:
+    case: Case
     recorder: Recorder
     weights: dict[str, Tensor]
-    callback: Callback
 
 
 def _run(name: str, tmp_path: Path, *, with_callback: bool) -> Run:
@@ -220,11 +223,11 @@ def _run(name: str, tmp_path: Path, *, with_callback: bool) -> Run:
     recorder = Recorder()
     callbacks = [case.callback, recorder] if with_callback else [recorder]
     config = TrainConfig(batch_size=8, max_steps=STEPS, lr=0.01, optimizer="adam", seed=0, device="cpu")
-    for exp in case.experiences:
+    for exp in case.experiences:  # a case's optimizer (if any) carries over, as the callbacks do
         state = train(case.model, exp.train, config, callbacks=callbacks, experience=exp, optimizer=case.optimizer)
         assert state.step == STEPS
     weights = {k: v.detach().clone() for k, v in case.model.state_dict().items()}
-    return Run(recorder, weights, case.callback)
+    return Run(case, recorder, weights)
 
 
 def _differences(a: Run, b: Run) -> set[str]:
@@ -241,9 +244,14 @@ def _differences(a: Run, b: Run) -> set[str]:
     return out
 
 
-def test_every_callback_is_covered():
-    assert _all_callbacks() == set(CASES)
+def test_every_callback_is_covered_and_methods_are_registered():
+    callbacks = _all_callbacks()
+    assert {c.__name__ for c in callbacks} == set(CASES)
     assert OBSERVERS <= set(CASES)
+    registered = {registry.get("method", name) for name in registry.names("method")}
+    unregistered = {c.__name__ for c in callbacks if c.__module__.startswith("weightlab.methods.")} - {
+        c.__name__ for c in registered if isinstance(c, type)}
+    assert unregistered == set(), "register them: @register('method', name) beside their code"
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - OBSERVERS))
@@ -260,8 +268,8 @@ def test_observer_records_without_changing_training(name, tmp_path):
     with_cb = _run(name, tmp_path, with_callback=True)
     without = _run(name, tmp_path / "without", with_callback=False)
     assert _differences(with_cb, without) == set()
-    observed = CASES[name](tmp_path / "probe").observed
-    assert observed is not None and observed(with_cb.callback)
+    observed = with_cb.case.observed
+    assert observed is not None and observed(with_cb.case.callback)
 
 
 def test_differences_sees_a_single_changed_weight(tmp_path):
@@ -273,4 +281,5 @@ def test_differences_sees_a_single_changed_weight(tmp_path):
     b.weights[key] = b.weights[key].clone()
     b.weights[key].view(-1)[0] += 1e-6
     assert _differences(a, b) == {"weights"}
-    assert copy.copy(a.recorder.losses) == b.recorder.losses
+    b.recorder.losses[-1] += 1.0
+    assert _differences(a, b) == {"weights", "losses"}

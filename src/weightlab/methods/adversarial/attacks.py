@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import predict
 
@@ -205,6 +206,7 @@ def tail_metrics(per_class: Tensor, *, tail_fraction: float = 0.3) -> dict[str, 
     }
 
 
+@register("method", "adversarial-training")
 class AdversarialTraining(Callback):
     """Adversarial training (Madry et al.): every mini-batch is replaced by its adversarial examples.
 

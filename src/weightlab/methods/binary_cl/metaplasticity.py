@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 
 
 class _SignSTE(torch.autograd.Function):
@@ -96,6 +97,7 @@ class MetaplasticityConfig:
             raise WeightlabError(f"lr must be > 0, got {self.lr}")
 
 
+@register("method", "metaplasticity")
 class MetaplasticAdam(torch.optim.Optimizer):
     """Adam whose step on the hidden weights of binary layers is damped towards sign flips (``Adam_meta``).
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ class VariationalConfig:
         return 1.0 / max(batch_size if self.prior == "step" else n_train, 1)
 
 
+@register("method", "variational-binary-cl")
 class VariationalFieldAdam(torch.optim.Optimizer):
     """Adam over the fields with the KL-to-prior gradient ``kl_weight·β²σ²(θ − θ_prior)`` added first.
 
@@ -258,6 +260,7 @@ class VariationalFieldAdam(torch.optim.Optimizer):
             st["last_delta"] = delta
 
 
+@register("method", "beta-annealing")
 class BetaAnnealing(Callback):
     """Set β of every binary layer from :func:`annealed_beta` at each batch (task = experience's task_id).
 
@@ -286,6 +289,7 @@ class BetaAnnealing(Callback):
         return batch
 
 
+@register("method", "consolidate-field")
 class ConsolidateField(Callback):
     """At the end of each experience, make the fields the prior of the next one (``prior="task"``)."""
 

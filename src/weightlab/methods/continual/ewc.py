@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import ForwardFn, LoopState, LossFn, default_forward, per_sample_cross_entropy
 
@@ -78,6 +79,7 @@ def ewc_penalty(params: dict[str, Tensor], anchor: dict[str, Tensor], fisher: di
     return total
 
 
+@register("method", "ewc")
 class EWC(Callback):
     """The EWC penalty through the ``loss`` hook; Fisher and anchor updated at each experience's end.
 

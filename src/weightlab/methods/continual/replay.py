@@ -18,6 +18,7 @@ from torch import Tensor
 
 from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class ReplayConfig:
             raise WeightlabError(f"replay batch_size must be ≥ 1 or None, got {self.batch_size}")
 
 
+@register("method", "replay")
 class Replay(Callback):
     """Append replayed samples to every batch; add the experience to memory at its end.
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -147,6 +148,7 @@ class Adapter(nn.Module, metaclass=abc.ABCMeta):
         self.optimizer.load_state_dict(self._optimizer_state)
 
 
+@register("method", "tent")
 class Tent(Adapter):
     """Tent: entropy minimisation on the BatchNorm affine parameters, one update per test batch.
 
@@ -176,6 +178,7 @@ class Tent(Adapter):
         return logits.detach()
 
 
+@register("method", "bn-adapt")
 class BNAdapt(nn.Module):
     """BN-adapt ("Norm" in the CoTTA code): BatchNorm normalises with each test batch's statistics.
 

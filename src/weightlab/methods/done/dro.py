@@ -27,6 +27,7 @@ from torch import Tensor
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.registry import register
 
 if TYPE_CHECKING:
     from weightlab.data.arrays import Batch
@@ -93,6 +94,7 @@ class DONEConfig:
             raise WeightlabError(f"DONE beta must be in (0, 1] or None, got {self.beta}")
 
 
+@register("method", "done")
 class DONE(AdversarialTraining):
     """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback).
 

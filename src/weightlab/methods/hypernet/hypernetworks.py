@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import LoopState, per_sample_cross_entropy
 
@@ -109,6 +110,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@register("method", "mlp-hypernetwork")
 class MLPHyperNet(HyperNetwork):
     """The full hypernetwork: ``e_t → MLP(hidden) → P`` weights at once."""
 
@@ -145,6 +147,7 @@ class _Chunked(HyperNetwork):
         """``(T, K, E + C)`` chunk inputs to ``(T, K, chunk_size)`` chunks."""
 
 
+@register("method", "chunked-mlp-hypernetwork")
 class ChunkedMLPHyperNet(_Chunked):
     """One MLP maps ``[e_t; c_k]`` to chunk ``k`` (hypnettorch's ``ChunkedHMLP``); chunks are independent."""
 
@@ -164,6 +167,7 @@ class ChunkedMLPHyperNet(_Chunked):
         return self.net(inputs)
 
 
+@register("method", "rnn-hypernetwork")
 class LSTMHyperNet(_Chunked):
     """The RNN hypernetwork: an LSTM over the chunks; chunk ``k`` is read out from hidden state ``h_k``."""
 
@@ -278,6 +282,7 @@ class HnetRegConfig:
             raise WeightlabError(f"n_sampled must be ≥ 1 or None, got {self.n_sampled}")
 
 
+@register("method", "output-regularizer")
 class OutputRegularizer(Callback):
     """The output regulariser as a callback: targets ``h(e_j*, θ*)`` of tasks ``j < t`` are frozen at the
     start of task ``t`` (``state.experience.task_id``), and ``β·R`` is added to every step's loss."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.lift.optimizer import Selector, SparseAdamW, masked_grad_linear
+from weightlab.registry import register
 from weightlab.weights.lowrank import (
     density_budget,
     gradient_mask,
@@ -292,3 +293,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         p.requires_grad_(lift._requires_grad.get(n, True))
     del model._weightlab_lift
     return model
+
+
+register("method", "lift")(prepare)  # LIFT's entry: prepare(model, LiftConfig()) returns the Lift handle

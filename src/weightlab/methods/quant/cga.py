@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from weightlab.errors import WeightlabError
 from weightlab.methods.quant.layers import QuantLinear
 from weightlab.methods.quant.statsq import StatsQuantizer, statsq_position
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import LoopState, TrainConfig
 
@@ -56,6 +57,7 @@ def cga_train_config(base: TrainConfig, config: CGAConfig) -> TrainConfig:
                                max_steps=None, description=f"{base.description} CGA")
 
 
+@register("method", "cga")
 class ConfidenceGuidedAnnealing(Callback):
     """Callback: freezes the confident weights of every StatsQ :class:`~.layers.QuantLinear` in each step.
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class _Track:
     ema: Tensor
 
 
+@register("method", "oscillation-tracker")
 class OscillationTracker(Callback):
     """Callback: tracks the integer codes of every quantized weight of ``model`` after each optimizer step.
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class SGLDConfig:
                 raise WeightlabError(f"explore_fraction must lie in [0, 1), got {self.explore_fraction}")
 
 
+@register("method", "sgld")
 class SGLD(torch.optim.Optimizer):
     """SGLD / pSGLD / cyclical SGLD over ``params`` (see the module docstring for the update).
 
@@ -220,6 +222,7 @@ class CollectConfig:
             raise WeightlabError(f"burn_in must be ≥ 0, got {self.burn_in}")
 
 
+@register("method", "collect-samples")
 class CollectSamples(Callback):
     """Keep copies of the model's parameters during training: the posterior samples of one run.
 

@@ -31,6 +31,7 @@ from weightlab.errors import WeightlabError
 from weightlab.methods.continual.exemplars import HerdingSelector, NearestMeanClassifier
 from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.models.heads import ExpandableHead
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import LoopState, TrainConfig, train
 
@@ -177,6 +178,7 @@ class WAConfig:
 # ---------------------------------------------------------------------------------------------- callbacks
 
 
+@register("method", "knowledge-distillation")
 class KnowledgeDistillation(Callback):
     """``L = (1 − λ)·L_CE + λ·kd_loss(o[:, :n_old], teacher(x)[:, :n_old])`` with ``λ = n_old / n_total``
     (PyCIL's ``kd_lambda``, from the logits' width).
@@ -202,6 +204,7 @@ class KnowledgeDistillation(Callback):
         return (1 - lam) * loss + lam * kd_loss(logits[:, : self.n_old], old, temperature=self.config.temperature)
 
 
+@register("method", "clip-head-weights")
 class ClipHeadWeights(Callback):
     """Clip the head's weights to ``≥ 0`` after every optimizer step (WA's optional weight clipping)."""
 
@@ -213,6 +216,7 @@ class ClipHeadWeights(Callback):
             self.head.weight.clamp_(min=0.0)
 
 
+@register("method", "align-head")
 class AlignHead(Callback):
     """Weight Aligning after training: scale the new rows of ``model.head`` by γ (in place).
 
@@ -249,6 +253,7 @@ class StepRecord:
     norms_after: Tensor | None = None
 
 
+@register("method", "weight-aligning")
 class ClassIncrementalLearner:
     """Class-incremental training with an expanding head: WA, KD + replay, replay or finetune (by ``config``).
 
