@@ -1,84 +1,30 @@
-"""End-to-end directions at tiny scale, and the two experiments through the CLI."""
+"""The ``rnn-hypernetwork`` experiment: the CLI, resuming, the parameter-matched baseline."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from weightlab.cli import main
-from weightlab.data import digits, domain_incremental
 from weightlab.experiments.base import run_experiment
 from weightlab.experiments.rnn_hypernetwork import RnnHypernetConfig, make_hnet
-from weightlab.methods.binary_cl.metaplasticity import BinaryMLP, MetaplasticAdam, MetaplasticityConfig
-from weightlab.methods.binary_cl.variational import (
-    BetaAnnealing,
-    VariationalBinaryMLP,
-    VariationalConfig,
-    VariationalFieldAdam,
-    binary_layers,
-)
 from weightlab.methods.hypernet.hypernetworks import ChunkedMLPHyperNet, count_parameters
 from weightlab.runs import RunContext
-from weightlab.train import TrainConfig, accuracy, train
-
-
-def _task0_after_two_tasks(make, seed: int = 0) -> float:
-    stream = domain_incremental(digits("train"), digits("test"), 2, seed=3)
-    torch.manual_seed(seed)
-    model, opt_for = make()
-    for i, exp in enumerate(stream):
-        opt, callbacks = opt_for(model, i)
-        train(model, exp.train, TrainConfig(epochs=3, batch_size=64, seed=i), optimizer=opt,
-              callbacks=callbacks, experience=exp)
-    torch.manual_seed(99)
-    return accuracy(model, stream[0].test)
-
-
-def test_metaplasticity_forgets_less_than_plain_binary_training() -> None:
-    def make(m: float):
-        return lambda: (BinaryMLP(64, 10, (64, 64)),
-                        lambda model, i: (MetaplasticAdam(model, MetaplasticityConfig(m=m)), []))
-
-    plain, meta = _task0_after_two_tasks(make(0.0)), _task0_after_two_tasks(make(20.0))
-    assert meta > plain + 0.1
-
-
-def test_previous_task_prior_forgets_less_than_no_prior() -> None:
-    def make(kl_weight: float | None):
-        def opt_for(model, i):
-            vc = VariationalConfig(prior="task", kl_weight=kl_weight)
-            opt = VariationalFieldAdam(binary_layers(model), vc,
-                                       kl_weight=vc.resolved_kl_weight(n_train=1300, batch_size=64))
-            if i:
-                opt.consolidate()
-            return opt, [BetaAnnealing(model, n_tasks=2, epochs=3)]
-
-        return lambda: (VariationalBinaryMLP(64, 10, (64, 64)), opt_for)
-
-    no_prior, prior = _task0_after_two_tasks(make(0.0)), _task0_after_two_tasks(make(None))
-    assert prior > no_prior + 0.05
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["variational-binary-cl", "rnn-hypernetwork"])
-def test_smoke_profile_runs_and_reports_claims(name: str, tmp_path) -> None:
-    assert main(["run", name, "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
+def test_smoke_profile_runs_and_reports_claims(tmp_path) -> None:
+    assert main(["run", "rnn-hypernetwork", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["claims"] and all(isinstance(c["held"], bool) for c in results["claims"])
 
 
 def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:
-    assert main(["run", "variational-binary-cl", "--set", "methods=bogus", "--out", str(tmp_path / "a")]) == 2
-    assert "unknown method 'bogus'" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "scenarios=rotated", "--out", str(tmp_path / "b")]) == 2
     assert "unknown scenario 'rotated'" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "n_tasks=3", "--out", str(tmp_path / "c")]) == 2
     assert "n_tasks must be ≥ 2 and divide the 10 classes, got 3" in capsys.readouterr().err
-    argv = ["run", "variational-binary-cl", "--set", "meta_values=-1", "--out", str(tmp_path / "d")]
-    assert main(argv) == 2
-    assert "meta_values must be ≥ 0" in capsys.readouterr().err
 
 
 def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, monkeypatch) -> None:
