@@ -29,6 +29,11 @@ def digits8() -> tuple[ArrayDataset, ArrayDataset]:
     return digits("train"), digits("test")
 
 
+@pytest.fixture(scope="session")
+def digits16() -> tuple[ArrayDataset, ArrayDataset]:
+    return digits("train", size=16), digits("test", size=16)
+
+
 @pytest.fixture
 def stream5(digits8):
     return class_incremental(*digits8, 5, seed=0)
