@@ -1,8 +1,7 @@
-"""The ``rnn-hypernetwork`` experiment: the CLI, resuming, the parameter-matched baseline."""
+"""The ``rnn-hypernetwork`` experiment: bad CLI values, resuming, the parameter-matched baseline (its smoke run:
+tests/test_foundation_conformance.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -11,13 +10,6 @@ from weightlab.experiments.base import run_experiment
 from weightlab.experiments.rnn_hypernetwork import RnnHypernetConfig, make_hnet
 from weightlab.methods.hypernet.hypernetworks import ChunkedMLPHyperNet, count_parameters
 from weightlab.runs import RunContext
-
-
-@pytest.mark.slow
-def test_smoke_profile_runs_and_reports_claims(tmp_path) -> None:
-    assert main(["run", "rnn-hypernetwork", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["claims"] and all(isinstance(c["held"], bool) for c in results["claims"])
 
 
 def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:

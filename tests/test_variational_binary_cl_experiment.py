@@ -1,19 +1,8 @@
-"""The ``variational-binary-cl`` experiment through the CLI."""
+"""The ``variational-binary-cl`` experiment through the CLI (its smoke run: tests/test_foundation_conformance.py)."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 from weightlab.cli import main
-
-
-@pytest.mark.slow
-def test_smoke_profile_runs_and_reports_claims(tmp_path) -> None:
-    assert main(["run", "variational-binary-cl", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["claims"] and all(isinstance(c["held"], bool) for c in results["claims"])
 
 
 def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:
