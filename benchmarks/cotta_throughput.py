@@ -83,7 +83,7 @@ class ReferenceCoTTA:
         return outputs_ema
 
 
-def run(adapter, batches: list[Tensor]) -> tuple[Tensor, float, float]:  # noqa: ANN001
+def run(adapter, batches: list[Tensor]) -> tuple[Tensor, float, float]:
     """Outputs, wall seconds and process CPU seconds (steadier than wall time on a shared machine)."""
     start, cpu = time.perf_counter(), time.process_time()
     outs = [adapter(x).detach() for x in batches]

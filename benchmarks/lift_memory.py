@@ -33,7 +33,7 @@ def stack(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def nbytes(tensors) -> int:  # noqa: ANN001
+def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -42,7 +42,7 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
     x = torch.randn(args.batch, args.width, device=device)
     live = {"peak": 0}
 
-    def track(extra) -> None:  # noqa: ANN001
+    def track(extra) -> None:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         live["peak"] = max(live["peak"], nbytes(grads) + nbytes(extra()))
 

@@ -26,7 +26,7 @@ from weightlab.train import TrainConfig, train
 
 
 def time_steps(model: torch.nn.Module, data: ArrayDataset, *, steps: int, batch_size: int, repeats: int,
-               callbacks_for=None) -> float:  # noqa: ANN001
+               callbacks_for=None) -> float:
     """Best-of-``repeats`` seconds per training step (one warm-up step first)."""
     config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-4, optimizer="adamw", amp=False)
     callbacks = callbacks_for(model) if callbacks_for else []

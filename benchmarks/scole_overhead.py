@@ -103,7 +103,7 @@ class TimedContext(RunContext):
         super().__init__(directory)
         self.stamps = [clock()]
 
-    def save_state(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def save_state(self, *args, **kwargs) -> None:
         super().save_state(*args, **kwargs)
         self.stamps.append(clock())
 

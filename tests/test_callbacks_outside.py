@@ -140,13 +140,13 @@ def trainer_examples(config: TrainConfig) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) -> None:  # noqa: ANN001
+def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) -> None:
     from transformers import Trainer, TrainingArguments
 
     from weightlab.integrations.hf import WeightlabCallback
 
     class Sequential(Trainer):
-        def _get_train_sampler(self, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+        def _get_train_sampler(self, *args, **kw):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=CONFIG.max_steps, report_to=[],
@@ -160,7 +160,7 @@ def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) 
     assert args.max_grad_norm == CONFIG.grad_clip  # taken over for the run, then restored
 
 
-def test_the_trainer_adapter_gives_the_weights_of_the_loop(tmp_path) -> None:  # noqa: ANN001
+def test_the_trainer_adapter_gives_the_weights_of_the_loop(tmp_path) -> None:
     pytest.importorskip("transformers")
     base = quantized()
     ewc = consolidated_ewc(base)

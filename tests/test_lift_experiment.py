@@ -17,7 +17,7 @@ from weightlab.runs import RunContext
 from weightlab.train import accuracy
 
 
-def test_lift_keeps_more_source_knowledge_than_full_fine_tuning(tmp_path) -> None:  # noqa: ANN001
+def test_lift_keeps_more_source_knowledge_than_full_fine_tuning(tmp_path) -> None:
     # seeded tiny version of the paper's claim: after fine-tuning on (a+b+c) mod 7, LIFT (8% of each matrix)
     # still solves the source tasks far better than full fine-tuning, and it has learned the target
     cfg = LiftExperimentConfig(modulus=7, dim=48, depth=2, pretrain_epochs=80, epochs=20, target_fraction=0.4,
@@ -34,7 +34,7 @@ def test_lift_keeps_more_source_knowledge_than_full_fine_tuning(tmp_path) -> Non
     assert accuracy(full, test) > before + 0.1
 
 
-def test_smoke_profile_writes_every_method_and_the_claims(tmp_path) -> None:  # noqa: ANN001
+def test_smoke_profile_writes_every_method_and_the_claims(tmp_path) -> None:
     out, results = run_experiment("lift", profile="smoke", out=tmp_path / "run")
     table = next(iter(results.tables.values()))
     assert [r["method"] for r in table] == ["full", "lift", "lift_randomized", "magnitude", "random"]
@@ -46,7 +46,7 @@ def test_smoke_profile_writes_every_method_and_the_claims(tmp_path) -> None:  # 
     assert (out / "plots" / "target_vs_source.png").is_file()
 
 
-def test_cli_rejects_bad_config_with_exit_status_2(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_cli_rejects_bad_config_with_exit_status_2(tmp_path, capsys) -> None:
     smoke = ["run", "lift", "--profile", "smoke", "--out", str(tmp_path / "a"), "--set"]
     assert main([*smoke, "methods=lift,dora"]) == 2
     assert "unknown methods ['dora']" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from weightlab.cli import main
 from weightlab.experiments.base import run_experiment
 
 
-def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:  # noqa: ANN001
+def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:
     out = tmp_path / "ofq"
     assert main(["run", "ofq", "--profile", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -34,7 +34,7 @@ def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:  
     # lowers oscillation (see docs/quantization.md). The quick profile's claims are checked by the slow test.
 
 
-def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys) -> None:
     assert main(["run", "ofq", "--profile", "smoke", "--set", "bits=9", "--out", str(tmp_path / "a")]) == 2
     assert "ofq bits must be an integer from 1 to 8, got 9" in capsys.readouterr().err
     bad_method = ["--set", "methods=lsq,pact", "--out", str(tmp_path / "b")]
@@ -43,7 +43,7 @@ def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys) -> None:  # noqa: AN
 
 
 @pytest.mark.slow
-def test_quick_profile_accuracy_claims(tmp_path) -> None:  # noqa: ANN001
+def test_quick_profile_accuracy_claims(tmp_path) -> None:
     _, results = run_experiment("ofq", profile="quick", out=tmp_path / "quick")
     held = {c.text: c.held for c in results.claims}
     assert held["at 2 bits StatsQ + QKR + CGA is more accurate than LSQ"]

@@ -84,7 +84,7 @@ def test_generator_errors() -> None:
         SCoLeStream(train, train, SCoLeConfig(num_classes=5))
 
 
-def test_stream_experiences(digits8) -> None:  # noqa: ANN001
+def test_stream_experiences(digits8) -> None:
     stream = SCoLeStream(*digits8, SCoLeConfig(n_tasks=30, seed=1))
     assert len(stream) == 30 and len(stream.full_test) == len(digits8[1])
     for i in (0, 17, -1):
@@ -149,7 +149,7 @@ def test_frequency_replay_selection_and_memory() -> None:
     assert int((mem.x[1] != before).sum()) == renewed
 
 
-def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:  # noqa: ANN001
+def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:
     with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1 task, got 0"):
         run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")
     with pytest.raises(WeightlabError, match=r"checkpoint interval must be ≥ 1 experience, got 0"):
@@ -178,11 +178,11 @@ RESUME = {"n_tasks": "12", "variants": "adam-mask-keep,imbalanced-mask-freq-repl
           "checkpoint_every": "3"}
 
 
-def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> None:
     run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "whole")
     original = RunContext.save_state
 
-    def interrupt(self: RunContext, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def interrupt(self: RunContext, *args, **kwargs) -> None:
         # 4 checkpoints per variant (tasks 2, 5, 8, 11): stop at the replay variant's task-8 checkpoint, so
         # the resumed run restarts from task 5 and repeats tasks 6-8
         if self.saves == 6:
@@ -194,7 +194,7 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> Non
         run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut")
     resumed_saves = []
 
-    def count(self: RunContext, key: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def count(self: RunContext, key: str, *args, **kwargs) -> None:
         resumed_saves.append(key)
         original(self, key, *args, **kwargs)
 
@@ -206,7 +206,7 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> Non
     assert a == b
 
 
-def test_direction_knowledge_accumulation_and_masking(tmp_path) -> None:  # noqa: ANN001
+def test_direction_knowledge_accumulation_and_masking(tmp_path) -> None:
     _, res = run_experiment(
         "scole",
         profile="smoke",

@@ -37,7 +37,7 @@ def test_smoke_claims_hold_in_direction(smoke: dict) -> None:
     assert methods["SGLD ensemble K=16"]["kl"] < methods["SGLD ensemble K=1"]["kl"]
 
 
-def test_bad_config_values_are_rejected(tmp_path) -> None:  # noqa: ANN001
+def test_bad_config_values_are_rejected(tmp_path) -> None:
     with pytest.raises(WeightlabError, match="hidden_sizes must lie in 1..5"):
         UniversalityConfig(hidden_sizes=(7,))
     with pytest.raises(WeightlabError, match="chains must be positive"):

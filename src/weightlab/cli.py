@@ -59,12 +59,12 @@ def list_cmd() -> None:
 def run_cmd(
     name: Annotated[str, typer.Argument(help="experiment name, or 'all'")],
     profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
-    seed: Annotated[int | None, typer.Option(help="base seed")] = None,  # noqa: UP007
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME/...)")] = None,  # noqa: UP007
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option(help="base seed")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME/...)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    log: Annotated[str | None, typer.Option(help="also log to: tensorboard")] = None,  # noqa: UP007
+    log: Annotated[str | None, typer.Option(help="also log to: tensorboard")] = None,
 ) -> None:
     """Run an experiment (or all of them) and write its run directory (works under torchrun too)."""
     from weightlab import distributed, registry
@@ -118,14 +118,14 @@ def resume_command(name: str, *, profile: str, seed: int | None, out: Path | Non
 @app.command("sweep")
 def sweep_cmd(
     name: Annotated[str, typer.Argument(help="experiment name")],
-    grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,  # noqa: UP007
+    grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per grid point")] = 1,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
     profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
     workers: Annotated[int, typer.Option(help="parallel local worker processes")] = 2,
-    ray: Annotated[str | None, typer.Option(help="Ray address (host:port) or 'auto' for a local instance")] = None,  # noqa: UP007
-    out: Annotated[Path | None, typer.Option(help="sweep folder (re-use it to resume)")] = None,  # noqa: UP007
-    log: Annotated[str | None, typer.Option(help="also log every cell to: tensorboard")] = None,  # noqa: UP007
+    ray: Annotated[str | None, typer.Option(help="Ray address (host:port) or 'auto' for a local instance")] = None,
+    out: Annotated[Path | None, typer.Option(help="sweep folder (re-use it to resume)")] = None,
+    log: Annotated[str | None, typer.Option(help="also log every cell to: tensorboard")] = None,
 ) -> None:
     """Run a grid of config values × seeds; every cell is an ordinary run directory."""
     from weightlab.sweep import parse_grid, run_sweep

@@ -88,7 +88,7 @@ def run_cell(experiment: str, profile: str, cell: Cell, root: str, log: str | No
         _, results = run_experiment(experiment, profile=profile, seed=cell.seed, out=out, overrides=overrides,
                                     resume=(out / "config.yaml").is_file(), log=log)
         return {**record, "status": "ok", "claims": results.to_json()["claims"]}
-    except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the others go on (Ctrl-C still stops)
+    except Exception as exc:  # a failing cell is reported, the others go on (Ctrl-C still stops)
         return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=5)}
 

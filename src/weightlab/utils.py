@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import random
 import types
 import typing
@@ -43,10 +42,6 @@ def choose_device(device: str = "auto") -> torch.device:
     except RuntimeError as exc:
         raise WeightlabError(f"device {device!r} is not a valid torch device "
                              "(expected auto, cpu, cuda, cuda:N)") from exc
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
 
 
 # ---------------------------------------------------------------------------------------------- config

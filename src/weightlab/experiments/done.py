@@ -53,10 +53,10 @@ def callback(config: DoneConfig, method: str, attack: PGD) -> Callback:
     if method == "AT":
         return AdversarialTraining(attack)
     if method == "DONE":
-        return DONE(DONEConfig(r=config.r), attack)
+        return DONE(attack, DONEConfig(r=config.r))
     if method == "DONE (running normaliser)":
-        return DONE(DONEConfig(r=config.r, beta=config.beta), attack)
-    return DONE(DONEConfig(r=config.r, shuffle=True), attack)
+        return DONE(attack, DONEConfig(r=config.r, beta=config.beta))
+    return DONE(attack, DONEConfig(r=config.r, shuffle=True))
 
 
 def run_one(config: DoneConfig, dataset: str, method: str, seed: int) -> dict[str, float]:

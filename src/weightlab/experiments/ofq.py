@@ -25,7 +25,7 @@ from weightlab.experiments.base import Claim, Results, experiment
 from weightlab.methods.quant.api import QuantConfig, prepare
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config
 from weightlab.methods.quant.lsq import check_bits, lsq_range
-from weightlab.methods.quant.oscillation import OscillationTracker
+from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker
 from weightlab.models import TinyViT
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
@@ -114,7 +114,7 @@ def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int
     run_seed = derive_seed(seed, bits, method)
     seed_everything(run_seed)
     model = prepare(copy.deepcopy(fp), quant).model
-    tracker = OscillationTracker(model, threshold=config.osc_threshold, skip=("head",))
+    tracker = OscillationTracker(model, OscillationConfig(threshold=config.osc_threshold, skip=("head",)))
     tc = _train_config(config, steps=config.qat_steps, lr=config.qat_lr, seed=run_seed,
                        description=f"W{bits}A{bits} {method}")
     train(model, train_set, tc, callbacks=[tracker])

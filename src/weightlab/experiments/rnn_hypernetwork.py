@@ -78,7 +78,7 @@ class RnnHypernetConfig:
             raise WeightlabError(f"n_tasks must be ≥ 2 and divide the 10 classes, got {self.n_tasks}")
 
 
-def make_stream(config: RnnHypernetConfig, scenario: str, seed: int):  # noqa: ANN201
+def make_stream(config: RnnHypernetConfig, scenario: str, seed: int):
     train_set, test_set = digits("train", size=config.image_size), digits("test", size=config.image_size)
     if scenario == "split":
         return task_incremental(train_set, test_set, config.n_tasks, seed=seed), 10 // config.n_tasks

@@ -56,7 +56,7 @@ class RwsConfig:
     bits: tuple[int, ...] = (8, 4)
 
 
-def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:  # noqa: ANN001
+def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:
     train(
         model,
         data,
@@ -88,7 +88,7 @@ def run_seed(config: RwsConfig, seed: int) -> dict:
     s_pre, s_clean = pre.state_dict(), clean.state_dict()
     before = {k: v.clone() for k, v in s_clean.items()}
 
-    def patched_acc(model: torch.nn.Module, sigs: list, data) -> float:  # noqa: ANN001
+    def patched_acc(model: torch.nn.Module, sigs: list, data) -> float:
         handle = patch(model, sigs)
         try:
             return accuracy(model, data)

@@ -345,7 +345,7 @@ def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
     return Results(tables=tables, claims=claims, data=data, notes=notes)
 
 
-def _histogram(hist: np.ndarray):  # noqa: ANN202
+def _histogram(hist: np.ndarray):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.4))

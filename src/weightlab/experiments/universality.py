@@ -36,7 +36,7 @@ from weightlab.methods.universality.hypothesis_weight import (
     resolvability_bound,
 )
 from weightlab.methods.universality.mixture import StreamingMixture
-from weightlab.methods.universality.sgld import SGLD, CollectSamples, SGLDConfig
+from weightlab.methods.universality.sgld import SGLD, CollectConfig, CollectSamples, SGLDConfig
 from weightlab.methods.universality.sgld_chains import StackedMLP, chain_nll, ensemble_log_proba
 from weightlab.methods.universality.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
 from weightlab.report import plots
@@ -178,7 +178,7 @@ def run_chains(config: UniversalityConfig, data: ArrayDataset, seed: int, *,
                       gamma=config.sgld_gamma, temperature=temperature)
     opt = SGLD(chains.parameters(), sgld, generator=_gen(seed, "noise", temperature))
     every = max(1, config.sgld_steps // (2 * config.samples_per_chain))
-    collect = CollectSamples(every=every, burn_in=config.sgld_steps - every * config.samples_per_chain)
+    collect = CollectSamples(CollectConfig(every=every, burn_in=config.sgld_steps - every * config.samples_per_chain))
     tc = TrainConfig(max_steps=config.sgld_steps, batch_size=config.batch_size, device="cpu",
                      seed=derive_seed(seed, "batches"), description=f"SGLD T={temperature}")
     train(chains, data, tc, optimizer=opt, loss_fn=chain_nll, callbacks=[collect])

@@ -142,7 +142,7 @@ def run_method(config: VariationalBinaryConfig, ctx: RunContext, method: str, se
             if i > 0:
                 opt.consolidate()  # the fields at the end of task i−1 are the prior of task i
             callbacks.append(
-                BetaAnnealing(model, n_tasks=config.n_tasks, epochs=config.epochs, beta_max=config.beta_max)
+                BetaAnnealing(model, vc, n_tasks=config.n_tasks, epochs=config.epochs)
             )
         elif method == "ewc":
             opt = torch.optim.Adam(model.parameters(), lr=config.lr_ewc)

@@ -199,7 +199,7 @@ def summarise(runs: list[dict[str, list]], steps: int) -> dict[str, list[float]]
     return out
 
 
-def norms_figure(run: dict[str, list], steps: int, method: str):  # noqa: ANN201
+def norms_figure(run: dict[str, list], steps: int, method: str):
     """The paper's figure: FC row norms of the last step before and after aligning (old vs new classes)."""
     before, after = np.asarray(run["norms_before"][-1]), np.asarray(run["norms_after"][-1])
     n_old = len(before) - len(before) // steps

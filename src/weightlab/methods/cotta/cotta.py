@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from weightlab.errors import WeightlabError
 from weightlab.methods.cotta.tent import Adapter, make_tta_optimizer, use_batch_statistics
 from weightlab.methods.cotta.transforms import augment, sample_params
+from weightlab.registry import register
 from weightlab.utils import derive_seed
 
 
@@ -167,6 +168,7 @@ def stochastic_restore_(params: list[Tensor], source: list[Tensor], prob: float,
         p.copy_(torch.where(mask, p0.to(p.device), p))
 
 
+@register("method", "cotta")
 class CoTTA(Adapter):
     """The CoTTA wrapper: ``forward(x)`` adapts on the batch and returns the teacher's logits.
 
