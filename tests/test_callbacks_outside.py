@@ -14,7 +14,14 @@ from weightlab.data import ArrayDataset, Batch, Experience
 from weightlab.errors import WeightlabError
 from weightlab.integrations.hooks import CallbackRunner
 from weightlab.methods.continual.ewc import EWC, EWCConfig
-from weightlab.methods.quant import CGAConfig, ConfidenceGuidedAnnealing, OscillationTracker, QuantConfig, prepare
+from weightlab.methods.quant import (
+    CGAConfig,
+    ConfidenceGuidedAnnealing,
+    OscillationConfig,
+    OscillationTracker,
+    QuantConfig,
+    prepare,
+)
 from weightlab.models import TinyViT
 from weightlab.train import Callback, TrainConfig, train
 from weightlab.train.loop import clip_gradients, make_optimizer
@@ -42,7 +49,8 @@ def callbacks(model: nn.Module, consolidated: EWC | None = None) -> list[Callbac
     ewc = EWC(model, EWCConfig(lam=50.0, fisher_samples=4))
     if consolidated is not None:
         ewc.load_state_dict(consolidated.state_dict())
-    return [OscillationTracker(model, skip=("head",)), ConfidenceGuidedAnnealing(model, CGAConfig(0.05)), ewc]
+    tracker = OscillationTracker(model, OscillationConfig(skip=("head",)))
+    return [tracker, ConfidenceGuidedAnnealing(model, CGAConfig(0.05)), ewc]
 
 
 def consolidated_ewc(model: nn.Module) -> EWC:
