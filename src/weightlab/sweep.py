@@ -188,8 +188,9 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                f"{sum(r['point'] == point for r in records)}"}
         keys = list(dict.fromkeys(k for r in done for k in _measured(r)))
         for k in keys:
-            m, s = mean_std([_measured(r)[k] for r in done if k in _measured(r)])
-            row[k] = f"{fmt(m)} ± {fmt(s)}"
+            vals = [_measured(r)[k] for r in done if k in _measured(r)]
+            m, s = mean_std(vals)
+            row[k] = fmt(m) if len(vals) == 1 else f"{fmt(m)} ± {fmt(s)}"  # one seed has no spread
         n_claims = len(done[0]["claims"]) if done else 0
         for i in range(n_claims):
             row[f"claim {i + 1} held"] = f"{sum(r['claims'][i]['held'] for r in done)}/{len(done)}"
