@@ -71,14 +71,14 @@ def test_smoke_profile_runs_and_reports_claims(name: str, tmp_path) -> None:  # 
 
 def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:  # noqa: ANN001
     assert main(["run", "variational-binary-cl", "--set", "methods=bogus", "--out", str(tmp_path / "a")]) == 2
-    assert "unknown method 'bogus'" in capsys.readouterr().err
+    assert "methods: 'bogus' is not one of variational-task" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "scenarios=rotated", "--out", str(tmp_path / "b")]) == 2
-    assert "unknown scenario 'rotated'" in capsys.readouterr().err
+    assert "scenarios: 'rotated' is not one of split, permuted" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "n_tasks=3", "--out", str(tmp_path / "c")]) == 2
     assert "n_tasks must be ≥ 2 and divide the 10 classes, got 3" in capsys.readouterr().err
     argv = ["run", "variational-binary-cl", "--set", "meta_values=-1", "--out", str(tmp_path / "d")]
     assert main(argv) == 2
-    assert "meta_values must be ≥ 0" in capsys.readouterr().err
+    assert "meta_values must be ≥ 0, got -1.0" in capsys.readouterr().err
 
 
 def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -99,7 +99,7 @@ def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, mon
     monkeypatch.setattr(RunContext, "save_state", original)
     _, resumed = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "cut", overrides=sets,
                                 resume=True)
-    assert resumed.data["split"] == reference.data["split"]
+    assert resumed.records == reference.records
 
 
 def test_parameter_matched_chunked_hypernet_has_at_least_the_lstm_budget() -> None:

@@ -85,6 +85,11 @@ class Effect:
         return judge(self.ci95, self.side, self.threshold)
 
     @property
+    def direction(self) -> bool:
+        """Whether the mean (not the whole interval) lies on the claimed side: the direction of the claim."""
+        return judge((self.mean, self.mean), self.side, self.threshold) == "held"
+
+    @property
     def claimed(self) -> str:
         return f"{self.side} {self.threshold:g}"
 

@@ -11,11 +11,9 @@ from weightlab.experiments.base import Claim, ExperimentSpec, Results, claim, ex
 from weightlab.experiments.configs import ExperimentConfig
 
 FRAMEWORK = {"base", "configs", "results", "provenance"}
-_NOT_YET_CONVERTED = {"cotta", "done", "lift", "ofq", "rift", "rnn_hypernetwork", "rws", "scole", "tall_masks",
-                      "universality", "variational_binary_cl", "weight_aligning"}  # WIP: moved to trial/summarise next
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in FRAMEWORK | _NOT_YET_CONVERTED and not _module.name.startswith("_"):
+    if _module.name not in FRAMEWORK and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Claim", "ExperimentConfig", "ExperimentSpec", "Results", "claim", "experiment", "get", "run_experiment"]

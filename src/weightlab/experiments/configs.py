@@ -27,8 +27,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.errors import WeightlabError, closest
 
 
@@ -83,6 +84,10 @@ NonNegative = Annotated[float, Range(0)]
 Probability = Annotated[float, Range(0, 1)]
 Fraction = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]
 DatasetName = Annotated[str, Registered("dataset")]
+Digits = Literal["digits"]  # experiments whose other datasets come with the evidence issues
+DigitsSize = Literal[8, 16, 28, 32]  # the sizes weightlab.data.digits comes at (digits.SIZES)
+Corruption = Literal[CORRUPTIONS]  # the 15 corruptions of weightlab.data.corruptions
+Severity = Literal[1, 2, 3, 4, 5]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from weightlab.report.claims import provenance_text
 from weightlab.report.tables import markdown_table
 from weightlab.stats import Effect, Verdict, combine, deciding
 
+MAX_PARTS = 12  # a claim with more parts (one per point of a curve) stores the counts of their verdicts
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -41,15 +43,24 @@ class Claim:
         return self.verdict == "held"
 
     @property
+    def direction(self) -> bool:
+        """Whether every part's mean lies on its claimed side (what a one-seed test can check)."""
+        return all(e.direction for e in self.effects)
+
+    @property
     def effect(self) -> Effect:
         """The part that decides the verdict."""
         return deciding(self.effects)
 
     def to_json(self) -> dict[str, Any]:
         out = {"text": self.text, "paper": self.paper, "measured": self.measured,
-               "effect": self.effect.to_json(), "verdict": self.verdict, "held": self.held}
-        if len(self.effects) > 1:
+               "effect": self.effect.to_json(), "verdict": self.verdict, "held": self.held,
+               "direction": self.direction}  # the means point the claimed way (no statistical weight)
+        if 1 < len(self.effects) <= MAX_PARTS:
             out["parts"] = [e.to_json() for e in self.effects]
+        elif len(self.effects) > MAX_PARTS:  # e.g. one part per point of a curve: the counts, not the list
+            found = [e.verdict for e in self.effects]
+            out["parts_verdicts"] = {v: found.count(v) for v in ("held", "not held", "inconclusive")}
         return out
 
 

@@ -32,6 +32,11 @@ def seeds_phrase(n: int) -> str:
     return "1 seed" if n == 1 else f"mean of {n} seeds"
 
 
+def over_seeds(n: int) -> str:
+    """For table titles: ``"1 seed"`` or ``"mean ± std over 3 seeds"``."""
+    return "1 seed" if n == 1 else f"mean ± std over {n} seeds"
+
+
 def verdict_of(claim: dict[str, Any]) -> str:
     """A claim's verdict; files written before verdicts existed have none (``"–"``)."""
     verdict = claim.get("verdict")
