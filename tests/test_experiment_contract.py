@@ -152,3 +152,25 @@ def test_registration_checks_the_config_and_profiles() -> None:
                    summarise=toy_summarise, profiles={"quick": {}})
     with pytest.raises(WeightlabError, match="arm: 'ugly' is not one of good, bad"):
         ToyConfig(arm="ugly")
+
+
+def test_provenance_uses_the_data_and_model_registries_when_they_exist(monkeypatch) -> None:
+    import hashlib
+
+    import sklearn.datasets
+
+    import weightlab.data.datasets as datasets
+    from weightlab.experiments import provenance as prov
+    from weightlab.experiments.forgetting import ForgettingConfig
+
+    digits_file = sklearn.datasets.__file__.replace("__init__.py", "data/digits.csv.gz")
+    with open(digits_file, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    assert prov.provenance(ForgettingConfig())["data"] == {
+        "name": "digits", "source": prov._digits_provenance()["source"], "sha256": digest}
+    monkeypatch.setattr(datasets, "dataset_provenance", lambda name: {"name": name, "source": "pkg", "sha256": "ab"},
+                        raising=False)
+    assert prov.provenance(ForgettingConfig())["data"] == {"name": "digits", "source": "pkg", "sha256": "ab"}
+    assert "model" not in prov.provenance(ForgettingConfig())
+    with pytest.raises(WeightlabError, match="no provenance for pretrained model 'nope'"):
+        prov.model_provenance("nope")

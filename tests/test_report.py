@@ -154,3 +154,18 @@ def test_no_internal_wording_in_results_notes_or_docs(wording) -> None:
     files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
     hits = [str(f.relative_to(ROOT)) for f in files if wording in f.read_text().lower()]
     assert not hits, f"internal wording {wording!r} in {hits}"
+
+
+def test_curves_of_indices_have_integer_ticks() -> None:
+    from weightlab.report import plots
+
+    by_index = plots.curves({"a": [0.1, 0.5, 0.9]}, title="t", xlabel="after training task", ylabel="acc")
+    assert all(float(t).is_integer() for t in by_index.axes[0].get_xticks())  # no "0.5" task
+    by_value = plots.curves({"a": [0.1, 0.5]}, x=[0.0, 0.5], title="t", xlabel="α", ylabel="acc")
+    assert not all(float(t).is_integer() for t in by_value.axes[0].get_xticks())
+
+
+def test_one_seed_tables_have_no_spread() -> None:
+    from weightlab.report.tables import pm
+
+    assert pm([0.5]) == "50.0" and pm([0.5, 0.7]) == "60.0 ± 14.1"

@@ -319,6 +319,6 @@ def test_direction_norm_bias_and_aligning_reduces_forgetting(whole_run) -> None:
     assert bias.direction and bias.measured["new/old norm before"] > 1.2  # one seed: the direction
     less = held["5 steps: aligning (wa-clip) forgets less than KD+replay without aligning"]
     assert less.direction
-    after = res.data["runs"]["wa-clip/steps5"][0]["norms_after"][-1]
+    after = res.records[0]["wa-clip/steps5"][-1]["norms_after"]
     assert sum(after[8:]) / 2 == pytest.approx(sum(after[:8]) / 8, rel=1e-4)
     assert (out / "plots" / "fc_norms_clip_5.png").is_file()

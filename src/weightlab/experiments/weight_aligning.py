@@ -133,7 +133,8 @@ def run_method(config: WeightAligningConfig, ctx: TrialContext, data: tuple[Arra
                 "accuracies": [accuracy(learner.model, e.test) if j <= i else 0.0 for j, e in enumerate(stream)],
                 "norms_before": record.norms_before.tolist(), "norms_after": record.norms_after.tolist()}
 
-    return ctx.stream(f"{method}/steps{steps}", steps, step, {"learner": learner})
+    # step i is seeded from (seed, method, steps, i)
+    return ctx.stream(f"{method}/{steps}", steps, step, {"learner": learner})
 
 
 def series(rows: list[dict[str, Any]]) -> dict[str, list]:

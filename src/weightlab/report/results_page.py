@@ -62,10 +62,10 @@ def results_page(runs: list[RunRecord], *, source: str, target: str) -> str:
         parts.append(SMOKE + "\n")
     parts += ["## Summary\n", markdown_table(summary_rows(runs))]
     for name in dict.fromkeys(r.experiment for r in runs):
-        parts.append(f"\n## {name}\n")
+        parts.append(f"## {name}\n")
         for run in (r for r in runs if r.experiment == name):
-            parts += [f"\n### {run_label(run)} (`{run.rel}`)\n", claim_table(run),
-                      f"\nProvenance: {provenance_text(run.results.get('provenance') or {})}\n"]
+            parts += [f"### {run_label(run)} (`{run.rel}`)\n", claim_table(run),
+                      f"Provenance: {provenance_text(run.results.get('provenance') or {})}\n"]
     return "\n".join(parts)
 
 
