@@ -90,7 +90,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
     model on severity-5 corruptions that shift the input statistics."""
     config = CoTTAExperimentConfig(
         epochs=4,
-        train_augment_to=None,
+        augment_to=None,
         width=8,
         n_per_domain=64,
         batch_size=32,
@@ -98,7 +98,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
         corruptions=("fog", "contrast"),
         n_augmentations=4,
     )
-    ctx = RunContext(tmp_path)
+    ctx = RunContext(tmp_path).trial(0)
     source, info = source_model(config, ctx)
     assert info["clean_test_error"] < 15
     test_set = continual_stream(

@@ -14,7 +14,7 @@ from weightlab.runs import RunContext
 
 def test_bad_config_values_exit_with_status_2(tmp_path, capsys) -> None:
     assert main(["run", "rnn-hypernetwork", "--set", "scenarios=rotated", "--out", str(tmp_path / "b")]) == 2
-    assert "unknown scenario 'rotated'" in capsys.readouterr().err
+    assert "scenarios: 'rotated' is not one of split, permuted" in capsys.readouterr().err
     assert main(["run", "rnn-hypernetwork", "--set", "n_tasks=3", "--out", str(tmp_path / "c")]) == 2
     assert "n_tasks must be ≥ 2 and divide the 10 classes, got 3" in capsys.readouterr().err
 
@@ -37,7 +37,7 @@ def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, mon
     monkeypatch.setattr(RunContext, "save_state", original)
     _, resumed = run_experiment("rnn-hypernetwork", profile="smoke", out=tmp_path / "cut", overrides=sets,
                                 resume=True)
-    assert resumed.data["split"] == reference.data["split"]
+    assert resumed.records == reference.records
 
 
 def test_parameter_matched_chunked_hypernet_has_at_least_the_lstm_budget() -> None:

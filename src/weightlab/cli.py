@@ -61,24 +61,28 @@ def run_cmd(
     profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
     seed: Annotated[int | None, typer.Option(help="base seed")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME/...)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value "
+                                                   "(`weightlab config NAME` lists the keys)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved config as YAML and create nothing")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     log: Annotated[str | None, typer.Option(help="also log to: tensorboard")] = None,
 ) -> None:
     """Run an experiment (or all of them) and write its run directory (works under torchrun too)."""
     from weightlab import distributed, registry
-    from weightlab.experiments.base import claim_rows, get, run_experiment
+    from weightlab.experiments.base import claim_rows, config_yaml, get, run_experiment
     from weightlab.report.progress import display
     from weightlab.report.tables import markdown_table
     from weightlab.weights.io import write_text_atomic
 
     overrides = parse_sets(set_ or [])
     names = registry.names("experiment") if name == "all" else [name]
-    for n in names:  # validate everything before the first long run
-        get(n).resolve(profile, seed=seed, overrides=overrides if name != "all" else None)
     if name == "all" and (overrides or out):
         raise WeightlabError("`run all` takes no --set or --out (each experiment has its own config and folder)")
+    configs = {n: get(n).resolve(profile, seed=seed, overrides=overrides) for n in names}  # all checked first
+    if dry_run:
+        print("\n---\n".join(config_yaml(get(n), c, profile) for n, c in configs.items()), end="")
+        return
     distributed.init_from_env()
     main_rank = distributed.is_main()
     summary = []
@@ -113,6 +117,18 @@ def resume_command(name: str, *, profile: str, seed: int | None, out: Path | Non
     parts += ["--log", log] if log else []
     parts += ["--quiet"] if quiet else []
     return shlex.join([*parts, "--resume"])
+@app.command("config")
+def config_cmd(name: Annotated[str, typer.Argument(help="experiment name")]) -> None:
+    """List an experiment's --set keys: type (choices, range), the quick default and the profiles' values."""
+    from weightlab.experiments.base import get
+    from weightlab.experiments.configs import describe_fields
+
+    spec = get(name)
+    rows = describe_fields(spec.config, spec.profiles)
+    table = Table(*rows[0], title=f"{name}: --set KEY=VALUE (tuples: comma-separated)")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
 
 
 @app.command("sweep")
@@ -139,20 +155,28 @@ def sweep_cmd(
 @app.command("report")
 def report_cmd(
     runs_dir: Annotated[Path, typer.Argument(help="a folder of runs and sweeps (e.g. runs/)")],
-    out: Annotated[Path, typer.Option(help="site folder to write")] = Path("site"),
+    out: Annotated[Path | None, typer.Option(help="site folder to write (default site/, or none with "
+                                             "--markdown)")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="also write the claims page, e.g. "
+                                                  "docs/results.md")] = None,
 ) -> None:
-    """Write a static HTML report (open OUT/index.html in a browser; no server needed)."""
+    """Write a static HTML report (open OUT/index.html in a browser; no server needed) and/or the results page."""
     from weightlab.report.html import build_site
+    from weightlab.report.results_page import write_results_page
 
     check_report_inputs(runs_dir)
-    created = not out.exists()
-    try:
-        index = build_site(runs_dir, out)
-    except BaseException:
-        if created:  # leave no half-written site behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    console.print(f"[bold green]report:[/] {index} (open it in a browser)")
+    if markdown is not None:
+        console.print(f"[bold green]results page:[/] {write_results_page(runs_dir, markdown)}")
+    if out is not None or markdown is None:
+        site = out or Path("site")
+        created = not site.exists()
+        try:
+            index = build_site(runs_dir, site)
+        except BaseException:
+            if created:  # leave no half-written site behind
+                shutil.rmtree(site, ignore_errors=True)
+            raise
+        console.print(f"[bold green]report:[/] {index} (open it in a browser)")
 
 
 def check_report_inputs(runs_dir: Path) -> None:

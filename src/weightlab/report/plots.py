@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def heatmap(matrix: Sequence[Sequence[float]], *, title: str, xlabel: str = "evaluated on task",
@@ -26,7 +27,7 @@ def heatmap(matrix: Sequence[Sequence[float]], *, title: str, xlabel: str = "eva
 
 def curves(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
            x: Sequence[float] | None = None, band: Mapping[str, Sequence[float]] | None = None):
-    """Line plot of named series (optionally with a ± band per series)."""
+    """Line plot of named series (optionally with a ± band per series); integer x values get integer ticks."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, ys in series.items():
         xs = np.arange(len(ys)) if x is None else np.asarray(x)
@@ -36,6 +37,8 @@ def curves(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str, yl
             hi = np.asarray(ys) + np.asarray(band[name])
             ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if x is None or all(float(v).is_integer() for v in x):  # task, round, step indices: no 0.5 ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
