@@ -118,10 +118,10 @@ def test_show_on_a_file_that_is_not_utf8(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize(("content", "match"), [
-    ("{not json", "is not valid UTF-8 JSON"),
-    ("[1, 2]", "holds a JSON list; expected an object"),
-    ('{"tables": {}}', "expected claims: a list of objects with text, measured and held"),
-    ('{"claims": [{"text": "t"}]}', "expected claims: a list of objects with text, measured and held"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"tables": {}}', "'claims' must be a list of objects with 'text'"),
+    ('{"claims": [{"text": "t", "measured": [1]}]}', "a claim's 'measured' must be an object"),
 ])
 def test_report_on_a_malformed_results_file(tmp_path: Path, capsys, content: str, match: str) -> None:
     run = tmp_path / "runs" / "x" / "run1"
@@ -136,10 +136,10 @@ def test_report_on_a_malformed_config_or_sweep(tmp_path: Path, capsys) -> None:
     run.mkdir(parents=True)
     (run / "results.json").write_text('{"claims": []}')
     (run / "config.yaml").write_bytes(b"experiment: [unclosed")
-    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid UTF-8 YAML")
+    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid YAML")
     (run / "config.yaml").write_text("experiment: x")
     (tmp_path / "runs" / "sweep.json").write_text('{"cells": {}}')
-    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "not a weightlab sweep.json")
+    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "'cells' must be a list of objects")
     assert not (tmp_path / "site").exists()
 
 

@@ -161,10 +161,11 @@ def report_cmd(
                                                   "docs/results.md")] = None,
 ) -> None:
     """Write a static HTML report (open OUT/index.html in a browser; no server needed) and/or the results page."""
+    from weightlab.report.collect import collect
     from weightlab.report.html import build_site
     from weightlab.report.results_page import write_results_page
 
-    check_report_inputs(runs_dir)
+    collect(runs_dir)  # every results.json / config.yaml / sweep.json is checked before anything is written
     if markdown is not None:
         console.print(f"[bold green]results page:[/] {write_results_page(runs_dir, markdown)}")
     if out is not None or markdown is None:
@@ -177,48 +178,6 @@ def report_cmd(
                 shutil.rmtree(site, ignore_errors=True)
             raise
         console.print(f"[bold green]report:[/] {index} (open it in a browser)")
-
-
-def check_report_inputs(runs_dir: Path) -> None:
-    """Refuse, before a site is written, a ``results.json``, ``config.yaml`` or ``sweep.json`` under
-    ``runs_dir`` that is not what the report reads (a one-line :class:`FormatError` naming the file)."""
-    import yaml
-
-    root = Path(runs_dir)
-    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
-        claims = read_json(path).get("claims")
-        if not isinstance(claims, list) or not all(_is_claim(c) for c in claims):
-            raise FormatError(f"{str(path)!r} is not a weightlab results.json; expected claims: a list of objects "
-                              "with text, measured and held")
-        config = path.parent / "config.yaml"
-        try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        except (yaml.YAMLError, ValueError) as exc:
-            raise FormatError(f"{str(config)!r} is not valid UTF-8 YAML ({_one_line(str(exc))})") from None
-        if not isinstance(loaded, dict):
-            raise FormatError(f"{str(config)!r} is not a YAML mapping")
-    for path in sorted(root.rglob("sweep.json")) if root.is_dir() else []:
-        info = read_json(path)
-        if not isinstance(info.get("cells"), list) or not isinstance(info.get("aggregate"), list):
-            raise FormatError(f"{str(path)!r} is not a weightlab sweep.json; expected lists cells and aggregate")
-
-
-def _is_claim(c: object) -> bool:
-    return (isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("measured"), dict)
-            and isinstance(c.get("held"), bool))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a UTF-8 file, or a :class:`FormatError` naming the file and the problem."""
-    import json
-
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise FormatError(f"{str(path)!r} is not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
-    return value
 
 
 @app.command("show")
