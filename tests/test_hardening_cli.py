@@ -139,7 +139,8 @@ def test_report_on_a_malformed_config_or_sweep(tmp_path: Path, capsys) -> None:
     fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid YAML")
     (run / "config.yaml").write_text("experiment: x")
     (tmp_path / "runs" / "sweep.json").write_text('{"cells": {}}')
-    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "'cells' must be a list of objects")
+    site_args = ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")]
+    fails(site_args, capsys, "'cells' must be a list of objects")
     assert not (tmp_path / "site").exists()
 
 
