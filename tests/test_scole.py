@@ -149,6 +149,23 @@ def test_frequency_replay_selection_and_memory() -> None:
     assert int((mem.x[1] != before).sum()) == renewed
 
 
+def test_frequency_replay_replays_every_stored_sample_by_default() -> None:
+    """Deviation 1 (issue 17): the official FrequencyReplay replays all 200 stored samples of a replayed class
+    (the earlier default replayed 100)."""
+    data = ArrayDataset(torch.arange(460.0).reshape(460, 1), torch.tensor([0] * 250 + [1] * 210))
+    gen = torch.Generator().manual_seed(0)
+    full = FrequencyReplay(3, (1,))  # the official 200 per class
+    full.observe(data, (0, 1), (), generator=gen)
+    replay = full.replay_data([0, 1], generator=gen)
+    assert replay.y.tolist() == [0] * 200 + [1] * 200  # every stored sample, no more
+    assert sorted(replay.x.flatten().tolist()) == sorted(full.x[:2].flatten().tolist())  # each exactly once
+    half = FrequencyReplay(3, (1,), replay_per_class=100)  # the earlier behaviour, as an option
+    half.observe(data, (0, 1), (), generator=gen)
+    assert torch.bincount(half.replay_data([0, 1], generator=gen).y).tolist() == [100, 100]
+    with pytest.raises(WeightlabError, match=r"replay_per_class ≥ 1 or None \(all stored\), got 8, 0"):
+        FrequencyReplay(3, (1,), per_class=8, replay_per_class=0)
+
+
 def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:
     with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1, got 0"):
         run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")

@@ -197,6 +197,31 @@ def test_knowledge_distillation_loss_mix() -> None:
         KnowledgeDistillation(teacher, 0)
 
 
+def test_expandable_head_init_is_pycil_by_default() -> None:
+    """Deviation 2 (issue 17): new rows use PyCIL's ``kaiming_uniform_(nonlinearity="linear")`` and zero bias;
+    ``init="linear"`` keeps nn.Linear's default (rows √3 shorter)."""
+    torch.manual_seed(3)
+    head = ExpandableHead(50, 4)
+    torch.manual_seed(3)
+    expected = torch.nn.init.kaiming_uniform_(torch.empty(4, 50), nonlinearity="linear")
+    assert torch.equal(head.weight, expected) and torch.equal(head.bias, torch.zeros(4))
+    torch.manual_seed(3)
+    linear = ExpandableHead(50, 4, init="linear")
+    torch.manual_seed(3)
+    reference = nn.Linear(50, 4)
+    assert torch.equal(linear.weight, reference.weight) and torch.equal(linear.bias, reference.bias)
+    wide, narrow = ExpandableHead(300, 2000), ExpandableHead(300, 2000, init="linear")
+    assert wide.weight.abs().max() <= math.sqrt(3 / 300) and wide.weight.abs().max() > 0.99 * math.sqrt(3 / 300)
+    assert narrow.weight.abs().max() <= 1 / math.sqrt(300)
+    ratio = (wide.weight.norm(dim=1).mean() / narrow.weight.norm(dim=1).mean()).item()
+    assert ratio == pytest.approx(math.sqrt(3), rel=0.01)
+    head.expand(2)  # growing keeps the old rows and initialises the new ones the same way
+    assert torch.equal(head.weight[:4], expected) and torch.equal(head.bias, torch.zeros(6))
+    assert head.weight[4:].abs().max() <= math.sqrt(3 / 50)
+    with pytest.raises(WeightlabError, match=r"init must be 'pycil' or 'linear', got 'xavier'"):
+        ExpandableHead(5, init="xavier")
+
+
 def test_clip_and_expand_head() -> None:
     model = MLP(64, 10, hidden=(16,))
     with pytest.raises(WeightlabError, match=r"ExpandableHead, got Linear"):
