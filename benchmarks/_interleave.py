@@ -43,3 +43,13 @@ def machine() -> dict[str, object]:
     """The state a timing was taken in: load average (1, 5, 15 min), torch threads, CPUs."""
     return {"loadavg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count()}
+
+
+def top_ops(work: Callable[[], object], *, rows: int = 20) -> str:
+    """torch.profiler's table of the operators ``work()`` spends most self CPU time in (the evidence of
+    where a step's time goes)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        work()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)

@@ -21,7 +21,7 @@ import json
 import time
 
 import torch
-from _interleave import interleaved, machine
+from _interleave import interleaved, machine, top_ops
 from torch import nn
 
 from weightlab.methods.lift.model import LiftConfig, prepare
@@ -124,6 +124,10 @@ def step_times(methods: tuple[str, ...], args: argparse.Namespace, device: torch
 
     for model, opt in built.values():  # warm-up
         steps(model, opt)
+    for m, (model, opt) in built.items():
+        if args.profile:
+            print(f"\n### {m}: top operators of {args.steps} steps by self CPU time\n")
+            print(top_ops(lambda model=model, opt=opt: steps(model, opt), rows=12))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = interleaved({m: (lambda mo=mo, op=op: steps(mo, op)) for m, (mo, op) in built.items()},
                         repeats=args.repeats, sync=sync)
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="singular values i^-alpha")
     parser.add_argument("--skip-selection", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of each method's steps")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, load {machine()['loadavg']}")

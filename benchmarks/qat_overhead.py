@@ -17,7 +17,7 @@ import copy
 import json
 
 import torch
-from _interleave import interleaved, machine
+from _interleave import interleaved, machine, top_ops
 
 from weightlab.data import ArrayDataset
 from weightlab.methods.quant.api import QuantConfig, convert, packed_state, prepare, state_nbytes
@@ -99,13 +99,9 @@ def main() -> None:
 
 def profile(models: dict, callbacks: dict, data: ArrayDataset, config: TrainConfig) -> None:
     """torch.profiler's operators by self CPU time, for the FP and the StatsQ model (where the time goes)."""
-    from torch.profiler import profile as torch_profile
-
     for name in list(models)[:3:2]:
-        with torch_profile() as prof:
-            train(models[name], data, config, callbacks=callbacks[name])
         print(f"\n## {name}: top operators by self CPU time\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print(top_ops(lambda name=name: train(models[name], data, config, callbacks=callbacks[name])))
 
 
 if __name__ == "__main__":
