@@ -5,13 +5,18 @@
    (peft, rank ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient
    peak is measured with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense
    gradient. ``lift sparse_grad`` never forms a dense weight gradient (a sampled matmul in the backward pass
-   writes the ``(k,)`` gradient; its temporary of ≤ max(k, 2²⁰) products is not counted). With CUDA the
-   allocator's measured peak is printed too.
+   writes the ``(k,)`` gradient; its temporaries are not counted). With CUDA the allocator's measured peak is
+   printed too. Then the seconds per step of each method, without any measuring hook, interleaved over
+   ``--repeats`` rounds (medians; ``--profile`` adds torch.profiler's top operators of each method).
 2. Mask selection on a ``--size``² matrix with a power-law spectrum: exact SVD vs ``torch.svd_lowrank``
    (ratio = exact / randomized time), and the overlap of the two top-k masks.
 
     OMP_NUM_THREADS=2 python benchmarks/lift_memory.py            # 4096² SVD: ~20 s on 2 cores
     python benchmarks/lift_memory.py --size 1024 --width 512      # a quick look
+    python benchmarks/lift_memory.py --skip-selection --batch 256 # step times where the matmuls dominate
+
+The last line is JSON: ``step_time_vs_lora`` (default path), ``sparse_step_time_vs_lora`` (``sparse_grad``),
+their CPU-time versions, the memory ratios, the selection speed-up, and the load average of the run.
 """
 
 from __future__ import annotations
