@@ -86,7 +86,7 @@ class _LsqQuantize(torch.autograd.Function):
         grad_step = None
         if ctx.needs_input_grad[1]:
             grad_s = (grad * codes).sum_to_size(s.shape) - (grad_u * (u / s)).sum_to_size(s.shape)
-            grad_step = torch.where(step >= 1e-5, grad_s * ctx.g, 0.0)
+            grad_step = grad_s.mul_(ctx.g).masked_fill_(step.ge(1e-5).logical_not_(), 0.0)  # clamp_min
         return grad_x, grad_step, None, None, None
 
 
