@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift.sampled import masked_weight_grad
+from weightlab.methods.lift.sampled import masked_weight_grad, row_pointers
 from weightlab.weights.lowrank import carry_over
 
 UNSTEPPED_WARNING = 1000
@@ -80,6 +80,7 @@ class SparseAdamW(torch.optim.Optimizer):
             else []
         self._selectors: dict[nn.Parameter, Selector] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
+        self._crow: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # indices -> their CSR row pointers
         self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
         self._unstepped: dict[nn.Parameter, int] = {}  # gradients gathered since the last step
         self._hooks: list[Any] = []
@@ -126,6 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
         st["exp_avg"] = carry_over(old, new, st["exp_avg"])
         st["exp_avg_sq"] = carry_over(old, new, st["exp_avg_sq"])
         st["indices"] = new
+        self._crow.pop(p, None)  # (the cache would keep the old indices alive)
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
@@ -148,8 +150,12 @@ class SparseAdamW(torch.optim.Optimizer):
             raise WeightlabError("gradient masks need the dense gradient; use sparse_grad=False")
         st = self.state[p]
         m, n = p.shape
-        g = masked_weight_grad(grad_out.reshape(-1, m), x.reshape(-1, n), st["indices"], (m, n),
-                               dtype=st["exp_avg"].dtype, chunk_elements=chunk_elements)  # (k,)
+        idx = st["indices"]
+        cached = self._crow.get(p)
+        if cached is None or cached[0] is not idx:  # a new mask: its CSR row pointers (m + 1 ints)
+            cached = self._crow[p] = (idx, row_pointers(idx, (m, n)))
+        g = masked_weight_grad(grad_out.reshape(-1, m), x.reshape(-1, n), idx, (m, n),
+                               dtype=st["exp_avg"].dtype, chunk_elements=chunk_elements, crow=cached[1])  # (k,)
         if p in self._grads:
             self._grads[p].add_(g)
         else:
@@ -203,6 +209,7 @@ class SparseAdamW(torch.optim.Optimizer):
         transformers Trainer round-trip the state), and the refresh schedule's step counter is restored."""
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("steps", 0))
+        self._crow.clear()
         keys = ("indices", "exp_avg", "exp_avg_sq")
         state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}

@@ -51,7 +51,8 @@ def column_indices(indices: Tensor, crow: Tensor, n: int) -> Tensor:
 
 
 def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int], *,
-                       dtype: torch.dtype, chunk_elements: int | None = None) -> Tensor:
+                       dtype: torch.dtype, chunk_elements: int | None = None,
+                       crow: Tensor | None = None) -> Tensor:
     """``(grad_outᵀ x).view(-1)[indices]`` without forming the ``(m, n)`` product.
 
     Args:
@@ -61,6 +62,7 @@ def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tupl
         shape: ``(m, n)``.
         dtype: dtype of the result (float32 for half-precision layers).
         chunk_elements: dense entries per row block on the blocked path (default ``max(k, 2²⁰)``).
+        crow: :func:`row_pointers` of ``indices`` if the caller keeps them (computed otherwise).
 
     Returns:
         ``(k,)`` gradient entries in ``dtype``.
@@ -69,7 +71,7 @@ def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tupl
     k = indices.numel()
     if k == 0:
         return torch.zeros(0, dtype=dtype, device=grad_out.device)
-    crow = row_pointers(indices, shape)  # (m + 1,)
+    crow = row_pointers(indices, shape) if crow is None else crow  # (m + 1,)
     if k > SAMPLED_MAX_DENSITY * m * n:
         return _blocked(grad_out, x, indices, crow, shape, dtype=dtype, chunk=chunk_elements or max(k, 1 << 20))
     compute = dtype if dtype in SAMPLED_DTYPES else torch.float32
