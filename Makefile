@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= quick
 
-.PHONY: run test test-slow lint bench clean data
+.PHONY: run test test-slow test-typer-oldest lint bench clean data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,18 @@ test: data
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The CLI tests again with the oldest typer that pyproject.toml admits (and the click pip gives it), put in
+# front of the venv's packages: the typer range in pyproject.toml is one that is tested at both ends.
+TYPER_OLDEST := $(shell sed -n 's/.*"typer>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+OLDEST := .venv-typer-oldest
+test-typer-oldest: $(STAMP)
+	rm -rf $(OLDEST)
+	$(PY) -m pip install -q --no-deps --target $(OLDEST) "typer==$(TYPER_OLDEST)" click
+	PYTHONPATH=$(OLDEST) WEIGHTLAB_EXPECT_TYPER=$(TYPER_OLDEST) $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/test_hardening_cli.py tests/test_foundation_cli.py tests/test_tall_masks_cli.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) runs .pytest_cache .ruff_cache

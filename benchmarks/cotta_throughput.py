@@ -95,7 +95,7 @@ class ReferenceCoTTA:
         return outputs_ema
 
 
-def run(adapter, batches: list[Tensor]) -> Tensor:  # noqa: ANN001
+def run(adapter, batches: list[Tensor]) -> Tensor:
     """The adapter's outputs over the stream ``(N, classes)``."""
     return torch.cat([adapter(x).detach() for x in batches])
 
@@ -143,7 +143,7 @@ def main() -> None:
     outputs: dict[str, Tensor] = {}
     wrappers: dict[str, CoTTA] = {}
 
-    def contender(name: str):  # noqa: ANN202
+    def contender(name: str):
         def go() -> None:
             if name == "reference":
                 adapter = ReferenceCoTTA(copy.deepcopy(model).to(device), config)

@@ -40,7 +40,7 @@ def stack(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def nbytes(tensors) -> int:  # noqa: ANN001
+def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -50,7 +50,7 @@ def lift_config(method: str, args: argparse.Namespace) -> LiftConfig:
                       randomized=True, sparse_grad=method == "lift sparse_grad")
 
 
-def build(method: str, args: argparse.Namespace, device: torch.device, model: nn.Module | None = None):  # noqa: ANN201
+def build(method: str, args: argparse.Namespace, device: torch.device, model: nn.Module | None = None):
     """``(model, optimizer, trainable entries)`` of one contender on the same stack (or on ``model``)."""
     model = stack(args.width, args.layers).to(device) if model is None else model
     if method.startswith("lift"):

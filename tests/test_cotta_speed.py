@@ -66,7 +66,7 @@ def test_colour_jitter_is_bit_for_bit_the_index_search_version(channels: int, co
 
 
 @pytest.mark.parametrize("always_augment", [False, True])
-def test_cotta_predictions_are_identical_with_and_without_the_speed_ups(monkeypatch, always_augment) -> None:  # noqa: ANN001
+def test_cotta_predictions_are_identical_with_and_without_the_speed_ups(monkeypatch, always_augment) -> None:
     stream = [torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     config = CoTTAConfig(n_augmentations=4, anchor_threshold=0.5, always_augment=always_augment, flip_prob=0.0,
                          augmentation="sequential")

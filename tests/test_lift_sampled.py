@@ -38,7 +38,7 @@ def test_row_pointers_and_columns_known_answer() -> None:
 
 @pytest.mark.parametrize("shape", [(64, 48), (40, 64), (33, 17)])
 @pytest.mark.parametrize("density", [0.05, SAMPLED_MAX_DENSITY + 0.1, 1.0])
-def test_masked_gradient_equals_the_dense_gradient_gathered_at_the_mask(shape, density) -> None:  # noqa: ANN001
+def test_masked_gradient_equals_the_dense_gradient_gathered_at_the_mask(shape, density) -> None:
     torch.manual_seed(0)
     grad_out, x = torch.randn(9, shape[0]), torch.randn(9, shape[1])
     idx = mask(shape, density)

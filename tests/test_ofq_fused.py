@@ -27,7 +27,7 @@ def composed_statsq(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return statsq_dequantize(statsq_codes(weight, bits, scale), scale, bits) + (weight - weight.detach())
 
 
-def run(fn, x: torch.Tensor, step: torch.Tensor, upstream: torch.Tensor, **kw):  # noqa: ANN001, ANN201
+def run(fn, x: torch.Tensor, step: torch.Tensor, upstream: torch.Tensor, **kw):
     x, step = x.detach().clone().requires_grad_(True), step.detach().clone().requires_grad_(True)
     out = fn(x, step, **kw)
     (out * upstream).sum().backward()
@@ -40,7 +40,7 @@ def run(fn, x: torch.Tensor, step: torch.Tensor, upstream: torch.Tensor, **kw): 
     ((12, 20), (12, 1), 2, 1),  # a weight, one step per row
     ((12, 20), (12, 1), 128, 127),  # 8 bits
 ])
-def test_one_node_lsq_equals_the_composition_bit_for_bit(shape, step_shape, qn, qp) -> None:  # noqa: ANN001
+def test_one_node_lsq_equals_the_composition_bit_for_bit(shape, step_shape, qn, qp) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (qp + 1) * torch.randn(*shape, generator=gen)  # about 10% beyond the range
     step = torch.rand(step_shape, generator=gen) + 0.1
@@ -81,7 +81,7 @@ def test_one_node_statsq_equals_the_composition_bit_for_bit(bits: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["lsq", "statsq"])
-def test_qat_training_is_identical_with_the_composed_quantizers(monkeypatch, method: str) -> None:  # noqa: ANN001
+def test_qat_training_is_identical_with_the_composed_quantizers(monkeypatch, method: str) -> None:
     torch.manual_seed(0)
     base = TinyViT(10, image_size=8, patch_size=4, dim=16, depth=1, num_heads=2)
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))

@@ -16,6 +16,17 @@ class FormatError(WeightlabError):
     """A file exists but is not in the expected format (the message names the file and the format)."""
 
 
+class WeightlabWarning(UserWarning):
+    """Input that is valid but probably not what was meant (the CLI prints it as one ``warning: ...`` line)."""
+
+
+def warn(message: str) -> None:
+    """Warn about valid but suspicious input (:class:`WeightlabWarning`; the CLI shows it on one line)."""
+    import warnings
+
+    warnings.warn(message, WeightlabWarning, stacklevel=2)
+
+
 def closest(name: str, choices: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
     """The ``n`` names in ``choices`` closest to ``name`` (for "did you mean" messages)."""
     import difflib

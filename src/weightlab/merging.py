@@ -56,10 +56,10 @@ __all__ = [
 # Every merge method as one function from task vectors to a multi-task vector (scale it with ``apply``), with
 # the paper's defaults. ``tests/test_merging_conformance.py`` runs every registered method through the same
 # checks: inputs unchanged, finite, deterministic, identity at zero strength.
-from weightlab.registry import register  # noqa: E402
+from weightlab.registry import register
 
 
-def _consensus(vectors, *, merge, lambdas: float = 0.4, k: int = 2):  # noqa: ANN001, ANN202
+def _consensus(vectors, *, merge, lambdas: float = 0.4, k: int = 2):
     merged = merge(vectors)
     return masked(merged, consensus_mask(tall_masks(vectors, merged, lambdas), k=k))
 

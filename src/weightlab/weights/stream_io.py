@@ -9,13 +9,9 @@ here are ordinary safetensors files (``safetensors.torch.load_file`` reads them)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +20,7 @@ import torch
 from torch import Tensor
 
 from weightlab.errors import FormatError, WeightlabError
+from weightlab.weights.io import atomic_dir, default_mode  # noqa: F401 - re-exported
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,7 +37,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # bytes, as the safetensors library
+USIZE = 1 << 64  # offsets, shapes and sizes are u64 in the safetensors library; larger values overflow
 
 
 @dataclass(frozen=True)
@@ -61,32 +59,123 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """The tensors (in file order), the ``__metadata__`` and the data-section offset of a safetensors file."""
+    """The tensors (in file order), the ``__metadata__`` and the data-section offset of a safetensors file.
+
+    The header is checked as strictly as the safetensors library checks it (:func:`validate_header`), so a
+    file this accepts is one ``safetensors.torch.load_file`` reads to the same tensors.
+
+    Raises:
+        FormatError: naming the file (and the tensor) for anything but a valid safetensors file.
+    """
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
+                raise FormatError(f"{str(path)!r} is not a readable safetensors file (shorter than the 8-byte header "
+                                  "length)")
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{str(path)!r} is not a readable safetensors file (header length {n} but the file "
+                                  f"holds {size} bytes; at most {MAX_HEADER})")
+            text = f.read(n)
+    except OSError as exc:
+        raise FormatError(f"{str(path)!r} is not a readable safetensors file ({exc.strerror or exc})") from None
+    infos, meta = validate_header(parse_header(text, path), data_size=size - 8 - n, path=path)
+    return infos, meta, 8 + n
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {dup!r} appears twice")
+    return out
+
+
+def parse_header(text: bytes, path: Path) -> object:
+    """The JSON of a header: UTF-8, strict JSON (no NaN or Infinity, no key given twice)."""
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"{str(path)!r} is not a readable safetensors file (its header is not JSON: {exc})") from None
+
+
+def validate_header(header: object, *, data_size: int, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check a parsed header against a data section of ``data_size`` bytes; the tensors in file order.
+
+    As the safetensors library: a JSON object; ``__metadata__`` absent, null or a str → str map; every
+    tensor ``{dtype, shape, data_offsets}`` with a known dtype, non-negative integer dimensions and offsets;
+    sorted by offset, the tensors tile the data section from 0 without gap or overlap, each spanning exactly
+    ``numel × dtype size`` bytes (no u64 overflow), and the last one ends at the end of the file.
+    """
+    where = str(path)
     if not isinstance(header, dict):
-        raise FormatError(f"{str(path)!r} is not a readable safetensors file (its header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    infos = {}
-    for key, v in header.items():
-        try:
-            if v.get("dtype") not in DTYPES:
-                raise FormatError(f"{str(path)!r}: tensor {key!r} has unsupported dtype {v.get('dtype')!r}")
-            infos[key] = TensorInfo(v["dtype"], tuple(v["shape"]), *v["data_offsets"])
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise FormatError(f"{str(path)!r}: header entry {key!r} is malformed ({exc!r}); expected "
-                              "{dtype, shape, data_offsets}") from None
-    order = sorted(infos, key=lambda k: infos[k].start)
-    return {k: infos[k] for k in order}, meta, 8 + n
+        raise FormatError(f"{where!r} is not a readable safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise FormatError(f"{where!r}: __metadata__ must map strings to strings, got {_short(meta)}")
+    infos = sorted(((k, _tensor_info(k, v, where)) for k, v in header.items() if k != "__metadata__"),
+                   key=lambda item: (item[1].start, item[1].end))
+    offset = 0
+    for key, info in infos:
+        if info.start != offset or info.end < info.start:
+            raise FormatError(f"{where!r}: tensor {key!r} has data_offsets [{info.start}, {info.end}]; expected it "
+                              f"to start at byte {offset} (tensors must tile the data section from 0, without "
+                              "gaps, overlaps or reversed offsets)")
+        nbytes = _nbytes(key, info, where)
+        if info.end - info.start != nbytes:
+            raise FormatError(f"{where!r}: tensor {key!r} ({info.dtype} {list(info.shape)}) needs {nbytes} bytes "
+                              f"but its data_offsets span {info.end - info.start}")
+        offset = info.end
+    if offset != data_size:
+        raise FormatError(f"{where!r}: the tensors take {offset} bytes but the file holds {data_size} after its "
+                          "header (truncated, or trailing bytes)")
+    return dict(infos), dict(meta or {})
+
+
+def _is_u64(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < USIZE
+
+
+def _tensor_info(key: str, v: object, where: str) -> TensorInfo:
+    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
+        raise FormatError(f"{where!r}: header entry {key!r} is {_short(v)}; expected "
+                          "{dtype, shape, data_offsets}")
+    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{where!r}: tensor {key!r} has unsupported dtype {_short(dtype)}; expected one of "
+                          f"{', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_u64(s) for s in shape):
+        raise FormatError(f"{where!r}: tensor {key!r} has shape {_short(shape)}; expected a list of "
+                          "non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        raise FormatError(f"{where!r}: tensor {key!r} has data_offsets {_short(offsets)}; expected [start, end], "
+                          "two non-negative integers")
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _nbytes(key: str, info: TensorInfo, where: str) -> int:
+    n = 1
+    for s in info.shape:  # overflow is checked on every partial product, as the library does
+        n *= s
+        if n >= USIZE:
+            break
+    bits = n * 8 * torch.empty((), dtype=DTYPES[info.dtype]).element_size()
+    if n >= USIZE or bits >= USIZE:
+        raise FormatError(f"{where!r}: tensor {key!r} has shape {list(info.shape)}, whose size overflows 64 bits")
+    return bits // 8
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class SafetensorsReader:
@@ -95,12 +184,16 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.tensors, self.metadata, self._data = read_header(self.path)
+        self._size = self._data + max((i.end for i in self.tensors.values()), default=0)
         self._file: BinaryIO | None = None
 
     def read(self, key: str) -> Tensor:
         info = self.tensors[key]
         if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "rb")  # closed in close()
+            if os.fstat(self._file.fileno()).st_size != self._size:
+                self.close()
+                raise FormatError(f"{str(self.path)!r} changed size since its header was read")
         out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         if info.end > info.start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -140,7 +233,7 @@ class SafetensorsWriter:
             self._expect.append((key, dtype, tuple(shape)))
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * ((-len(text)) % 8)  # align the data section to 8 bytes
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")  # closed in close()
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._next = 0
 
@@ -161,25 +254,3 @@ class SafetensorsWriter:
         self._file.close()
         if self._next != len(self._expect):
             raise WeightlabError(f"writer closed after {self._next} of {len(self._expect)} tensors")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success rename it to ``path``, on error delete it."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        default_mode(tmp)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def default_mode(path: Path) -> None:
-    """Give ``path`` the permissions of a plain ``open``/``mkdir`` (temporary files are 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from weightlab.errors import WeightlabError
 from weightlab.methods.cotta.tent import Adapter, make_tta_optimizer, use_batch_statistics
 from weightlab.methods.cotta.transforms import augment, sample_params
+from weightlab.registry import register
 from weightlab.utils import derive_seed
 
 
@@ -200,6 +201,7 @@ def use_inference_ops_(model: nn.Module) -> nn.Module:
     return model
 
 
+@register("method", "cotta")
 class CoTTA(Adapter):
     """The CoTTA wrapper: ``forward(x)`` adapts on the batch and returns the teacher's logits.
 

@@ -106,13 +106,13 @@ class _MaskedGradLinear(torch.autograd.Function):
     """``F.linear`` whose weight gradient goes straight into the optimizer's ``(k,)`` buffer."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, opt: SparseAdamW) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, opt: SparseAdamW) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.opt, ctx.has_bias = opt, bias is not None
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None  # autocast-safe
         grad_b = None

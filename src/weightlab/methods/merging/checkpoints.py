@@ -1,6 +1,10 @@
 """Checkpoints on disk: one ``.safetensors`` file or a Hugging Face model folder (``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``), read one tensor at a time; and writing a checkpoint with
 the layout (files, key order, dtypes, metadata, side files such as ``config.json``) of another.
+
+Every file name read from inside a folder (the index's shard names) and every side file must stay inside
+the folder (:func:`weightlab.paths.contained`); this is checked when the checkpoint is opened, before
+anything is written.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightlab.errors import FormatError, WeightlabError
+from weightlab.errors import FormatError, WeightlabError, warn
 from weightlab.methods.merging.task_arithmetic import describe_mismatches
+from weightlab.paths import contained, inside
 from weightlab.report.progress import track
-from weightlab.weights.io import PICKLE_SUFFIXES, atomic_path, check_not_pickle
-from weightlab.weights.stream_io import DTYPES, SafetensorsReader, SafetensorsWriter, atomic_dir, default_mode
+from weightlab.weights.io import PICKLE_SUFFIXES, atomic_dir, atomic_path, check_not_pickle, default_mode
+from weightlab.weights.stream_io import DTYPES, SafetensorsReader, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,6 +47,7 @@ class Checkpoint:
             )
         root = self.path if self.is_folder else self.path.parent
         self.readers = {name: SafetensorsReader(root / name) for name in files}
+        self.side_files = self._side_files() if self.is_folder else []
         self.key_file: dict[str, str] = {}
         for name, reader in self.readers.items():
             for key in reader.tensors:
@@ -57,13 +63,19 @@ class Checkpoint:
                 )
 
     def _folder_files(self) -> list[str]:
-        if (self.path / INDEX).is_file():
+        index = self.path / INDEX
+        if index.is_file():
             try:
-                self.index = json.loads((self.path / INDEX).read_text())
+                self.index = json.loads(index.read_text(encoding="utf-8"))
                 weight_map = self.index["weight_map"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise FormatError(f"{str(self.path / INDEX)!r} is not a safetensors index ({exc})") from None
-            return list(dict.fromkeys(weight_map[k] for k in sorted(weight_map)))
+                raise FormatError(f"{str(index)!r} is not a safetensors index ({exc!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise FormatError(f"{str(index)!r}: weight_map must map tensor names to shard file names")
+            names = list(dict.fromkeys(weight_map[k] for k in sorted(weight_map)))
+            for name in names:
+                contained(name, self.path, source=index)
+            return names
         if (self.path / SINGLE).is_file():
             return [SINGLE]
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -73,6 +85,26 @@ class Checkpoint:
             f"folder {str(self.path)!r} holds neither {SINGLE} nor {INDEX} "
             "(expected a Hugging Face model folder with safetensors weights)"
         )
+
+    def _side_files(self) -> list[str]:
+        """The folder's other files (``config.json``, the index, tokenizer files), each inside the folder."""
+        names = []
+        for item in sorted(self.path.iterdir()):
+            if item.suffix == ".safetensors" or item.suffix.lower() in PICKLE_SUFFIXES or not item.is_file():
+                continue
+            contained(item.name, self.path, source=item)
+            names.append(item.name)
+        return names
+
+    def copy_to(self, dest: Path) -> None:
+        """Copy the checkpoint's own files (shards, side files) to ``dest`` (a file or a new folder)."""
+        if not self.is_folder:
+            shutil.copy2(self.path, dest)
+            return
+        dest.mkdir()
+        for name in [*self.side_files, *self.readers]:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.path / name, dest / name)
 
     @property
     def name(self) -> str:
@@ -106,6 +138,7 @@ def open_all(
         raise WeightlabError(
             f"expected at least {minimum} fine-tuned checkpoints besides the base, got {len(finetuned)}"
         )
+    warn_duplicates(base, finetuned)
     base_ckpt = Checkpoint(base)
     fts = [Checkpoint(p) for p in finetuned]
     layout = base_ckpt.layout
@@ -116,10 +149,28 @@ def open_all(
     return base_ckpt, fts
 
 
-def check_output(out: str | Path) -> Path:
+def warn_duplicates(base: str | Path, finetuned: list[str | Path]) -> None:
+    """Warn when a fine-tuned checkpoint is the base itself or is given more than once (same file)."""
+    seen: dict[Path, int] = {}
+    for t, p in enumerate(finetuned):
+        real = Path(p).resolve()
+        if real == Path(base).resolve():
+            warn(f"fine-tuned checkpoint {str(p)!r} is the base itself (its task vector is zero)")
+        elif real in seen:
+            warn(f"checkpoint {str(p)!r} is given twice (tasks {seen[real] + 1} and {t + 1}); each copy counts "
+                 "as a task")
+        seen.setdefault(real, t)
+
+
+def check_output(out: str | Path, inputs: list[str | Path] = ()) -> Path:
+    """``out`` as a path, refused if it exists or lies inside one of the ``inputs`` folders."""
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise WeightlabError(f"output {str(out)!r} already exists; choose another --out or delete it first")
+    for p in inputs:
+        if Path(p).is_dir() and inside(out, p):
+            raise WeightlabError(f"output {str(out)!r} is inside the input folder {str(p)!r}; choose an --out "
+                                 "outside it")
     return out
 
 
@@ -129,19 +180,15 @@ def write_like(base: Checkpoint, out: Path, produce: Callable[[str], Tensor], *,
     A file base gives a file; a folder base gives a folder with the same shards, index and side files.
     """
     if not base.is_folder:
-        with atomic_path(out) as tmp:
+        with atomic_path(out, exclusive=True) as tmp:
             _write_shard(base, base.path.name, tmp, produce, description)
             default_mode(tmp)
         return
     with atomic_dir(out) as tmp:
-        for item in sorted(base.path.iterdir()):
-            if (
-                item.is_file()
-                and item.suffix != ".safetensors"
-                and item.suffix.lower() not in PICKLE_SUFFIXES
-            ):
-                shutil.copy2(item, tmp / item.name)
+        for name in base.side_files:
+            shutil.copy2(base.path / name, tmp / name)
         for name in base.readers:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             _write_shard(base, name, tmp / name, produce, description)
 
 

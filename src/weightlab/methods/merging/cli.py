@@ -1,17 +1,19 @@
 """Command-line tools for real checkpoints: ``weightlab merge``, ``compress`` and ``extract``.
 
-Registered into the main ``weightlab`` app by :func:`register` (listed in ``weightlab.cli.COMMAND_MODULES``).
+Registered into the main ``weightlab`` app by :func:`register` (declared as an entry point in the group
+``weightlab.commands``, see ``weightlab.cli``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from weightlab.errors import WeightlabError
+from weightlab.errors import WeightlabError, warn
 
 Checkpoints = Annotated[
     list[Path],
@@ -48,7 +50,13 @@ def _split(checkpoints: list[Path]) -> tuple[Path, list[Path]]:
     return checkpoints[0], checkpoints[1:]
 
 
+def explicit(ctx: typer.Context, names: Sequence[str]) -> list[str]:
+    """The parameters among ``names`` that were given on the command line (not left at their default)."""
+    return [n for n in names if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") != "DEFAULT"]
+
+
 def merge_cmd(
+    ctx: typer.Context,
     checkpoints: Checkpoints,
     out: Out,
     method: Annotated[
@@ -62,13 +70,17 @@ def merge_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Merge fine-tuned checkpoints into one, tensor by tensor (keeps the base's layout and dtypes)."""
-    from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
+    from weightlab.methods.merging.streaming import OPTIONS_USED, MergeConfig, ignored_options, merge_checkpoints
     from weightlab.report.progress import display
 
     config = MergeConfig(
         method=method, alpha=alpha, k=k, density=density, scope=scope, lambdas=parse_floats(lam, "--lam")
     )
     base, fts = _split(checkpoints)
+    for option in ignored_options(method, explicit(ctx, ["k", "lam", "density", "scope"])):
+        larger = f" (and is larger than the {len(fts)} models)" if option == "k" and k > len(fts) else ""
+        warn(f"--{option} is ignored by --method {method}{larger}; it is read by "
+             f"{', '.join(m for m, used in OPTIONS_USED.items() if option in used)}")
     with display(enabled=not quiet):
         path = merge_checkpoints(base, fts, out, config)
     typer.echo(f"merged {len(fts)} checkpoints ({method}, alpha={alpha}) into {path}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightlab.errors import WeightlabError
+from weightlab.errors import WeightlabError, warn
 from weightlab.methods.merging.checkpoints import Checkpoint, check_output, open_all, write_like
 from weightlab.methods.merging.consensus import check_k
 from weightlab.methods.merging.tall_masks import check_lambda
@@ -25,9 +25,22 @@ from weightlab.methods.merging.task_arithmetic import check_finite
 from weightlab.methods.merging.ties import check_ties_options
 from weightlab.report.progress import track
 from weightlab.weights import merge_ops
+from weightlab.weights.io import exclusive_output
 
 METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties")
 CHUNK = 1 << 20  # elements per chunk of the elementwise stage
+# the options each method reads (besides alpha); any other option given to it is ignored
+OPTIONS_USED = {
+    "task-arithmetic": frozenset(),
+    "ties": frozenset({"density", "scope"}),
+    "consensus-ta": frozenset({"k", "lam"}),
+    "consensus-ties": frozenset({"k", "lam", "density", "scope"}),
+}
+
+
+def ignored_options(method: str, given: Sequence[str]) -> list[str]:
+    """The options in ``given`` (``k``, ``lam``, ``density``, ``scope``) that ``method`` does not read."""
+    return [o for o in given if o not in OPTIONS_USED[method]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,29 @@ def read_vectors(base: Checkpoint, fts: Sequence[Checkpoint], key: str) -> tuple
         buf[t] -= base32
         check_finite(buf[t], key, f"checkpoint {str(ft.path)!r}")
     return theta0, buf
+
+
+class InputCheck:
+    """Notices, from the task vectors of one pass, fine-tunes identical to the base or to one another."""
+
+    def __init__(self, base: Checkpoint, fts: Sequence[Checkpoint]) -> None:
+        self.names = [str(ft.path) for ft in fts]
+        real = [ft.path.resolve() for ft in fts]
+        self.unchanged = {t for t in range(len(fts)) if real[t] != base.path.resolve()}  # (the base: warned)
+        # pairs given as the same file were already warned about when the files were opened
+        self.same = {(i, j) for i in range(len(fts)) for j in range(i + 1, len(fts)) if real[i] != real[j]}
+
+    def observe(self, buf: Tensor) -> None:
+        """Update with one key's task vectors ``(T, n)``."""
+        self.unchanged = {t for t in self.unchanged if not bool(buf[t].any())}
+        self.same = {(i, j) for i, j in self.same if torch.equal(buf[i], buf[j])}
+
+    def warn(self) -> None:
+        for t in sorted(self.unchanged):
+            warn(f"fine-tuned checkpoint {self.names[t]!r} is identical to the base (its task vector is zero)")
+        for i, j in sorted(self.same):
+            if i not in self.unchanged:
+                warn(f"checkpoints {self.names[i]!r} and {self.names[j]!r} are identical; each counts as a task")
 
 
 def _chunks(n: int) -> list[slice]:
@@ -186,7 +222,7 @@ def merge_checkpoints(
     Returns:
         The output path.
     """
-    out = check_output(out)
+    out = check_output(out, [base, *finetuned])
     base_ckpt, fts = open_all(base, list(finetuned))
     try:
         if config.method.startswith("consensus") and config.k > len(fts):
@@ -195,20 +231,24 @@ def merge_checkpoints(
             )
         lambdas = config.lambdas_for(len(fts)) if config.method.startswith("consensus") else []
         keys = set(base_ckpt.float_keys())
-        thresholds = majority = None
-        if config.uses_ties and config.scope == "global":
-            ordered = base_ckpt.float_keys()
-            thresholds = global_thresholds(base_ckpt, fts, ordered, config.density)
-            majority = global_majority(base_ckpt, fts, ordered, thresholds)
+        check = InputCheck(base_ckpt, fts)
 
         def produce(key: str) -> Tensor:
             if key not in keys:
                 return base_ckpt.read(key)
             theta0, buf = read_vectors(base_ckpt, fts, key)
+            check.observe(buf)
             merged = combine(buf, config, thresholds=thresholds, majority=majority, lambdas=lambdas)
             return merge_ops.apply_delta(theta0, merged.reshape(theta0.shape), config.alpha)
 
-        write_like(base_ckpt, out, produce, description=f"merge ({config.method})")
+        with exclusive_output(out):
+            thresholds = majority = None
+            if config.uses_ties and config.scope == "global":
+                ordered = base_ckpt.float_keys()
+                thresholds = global_thresholds(base_ckpt, fts, ordered, config.density)
+                majority = global_majority(base_ckpt, fts, ordered, thresholds)
+            write_like(base_ckpt, out, produce, description=f"merge ({config.method})")
+        check.warn()
     finally:
         base_ckpt.close()
         for ft in fts:

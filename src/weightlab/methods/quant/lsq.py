@@ -68,7 +68,7 @@ class _LsqQuantize(torch.autograd.Function):
     on a CPU, comparisons into bool tensors, ``where`` and ``masked_fill`` cost about 10× a multiply."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
         s = step.clamp_min(1e-5)
         u = x / s  # (x's shape)
         codes = u.clamp(-qn, qp)
@@ -79,7 +79,7 @@ class _LsqQuantize(torch.autograd.Function):
         return codes * s
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: Tensor):
         u, step, s, codes, s_inside = ctx.saved_tensors
         grad_u = grad * s_inside  # through ·s, round (identity) and clamp
         grad_x = grad_u / s if ctx.needs_input_grad[0] else None

@@ -49,7 +49,7 @@ class _StatsQ(torch.autograd.Function):
     """StatsQ's exact levels forward, the identity backward."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bits: int) -> Tensor:  # noqa: ANN001
+    def forward(ctx, weight: Tensor, bits: int) -> Tensor:
         # statsq_dequantize(statsq_codes(weight, bits, s), s, bits) with the temporaries reused in place
         scale = statsq_scale(weight)
         n = 2 ** (bits - 1)
@@ -57,7 +57,7 @@ class _StatsQ(torch.autograd.Function):
         return codes.add_(0.5).mul_(scale).div_(n)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: Tensor):
         return grad, None
 
 
