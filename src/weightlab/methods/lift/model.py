@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift.optimizer import Selector, SparseAdamW, masked_grad_linear
+from weightlab.methods.lift.optimizer import Selector, SparseAdamW
+from weightlab.methods.lift.sampled import masked_grad_linear, unmask_grad_linear
 from weightlab.registry import register
 from weightlab.weights.lowrank import (
     density_budget,
@@ -343,8 +344,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     lift.check_stepped("merge_and_unload")
     lift.optimizer.remove_hooks()
     for m in lift.targets.values():
-        if "forward" in m.__dict__:  # sparse_grad
-            del m.forward
+        unmask_grad_linear(m)  # sparse_grad
     for n, p in model.named_parameters():
         p.requires_grad_(lift._requires_grad.get(n, True))
     del model._weightlab_lift
