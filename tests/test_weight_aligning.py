@@ -305,7 +305,7 @@ TINY = {
     "epochs": "10",
     "methods": "finetune,kd-replay,wa-clip",
     "augment_to": "0",
-    "memory": "40",
+    "memories": "40",
 }
 
 

@@ -19,7 +19,7 @@ one training loop :func:`weightlab.train.train`; the pieces are usable on their 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,6 +33,7 @@ from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.models.heads import ExpandableHead
 from weightlab.registry import register
 from weightlab.train.callbacks import Callback
+from weightlab.train.evaluate import accuracy
 from weightlab.train.loop import LoopState, TrainConfig, train
 
 Selection = Literal["herding", "random"]
@@ -244,13 +245,17 @@ class AlignHead(Callback):
 
 @dataclass
 class StepRecord:
-    """What one incremental step did: γ and the head's row norms before/after aligning (NaN/empty if none)."""
+    """What one incremental step did: γ and the head's row norms before/after aligning (NaN/empty if none),
+    and how far training got (the per-epoch mean training losses and the final accuracy on the training
+    pool, new data ∪ memory: the convergence diagnostics)."""
 
     n_old: int
     n_total: int
     gamma: float = float("nan")
     norms_before: Tensor | None = None
     norms_after: Tensor | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    train_accuracy: float = float("nan")
 
 
 @register("method", "weight-aligning")
@@ -301,8 +306,9 @@ class ClassIncrementalLearner:
         if aligner is not None:
             callbacks.append(aligner)
         pool = concat([data, self.memory.dataset()]) if len(self.memory) else data
-        train(self.model, pool, train_config, callbacks=callbacks)
-        record = StepRecord(n_old, self.num_classes)
+        state = train(self.model, pool, train_config, callbacks=callbacks)
+        record = StepRecord(n_old, self.num_classes, epoch_losses=list(state.epoch_losses),
+                            train_accuracy=accuracy(self.model, pool))
         if aligner is not None:
             record.gamma, record.norms_before, record.norms_after = (
                 aligner.gamma,
