@@ -33,6 +33,7 @@ from weightlab.methods.weight_aligning.aligning import (
     WAConfig,
     align_rows,
     expand_head,
+    icarl_loss,
     kd_loss,
     weight_align,
 )
@@ -67,6 +68,24 @@ def test_kd_loss_known_answer_no_t_squared() -> None:
     # mean over the batch, sum over classes
     two = kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]))
     assert two.item() == pytest.approx((expected + math.log(2.0)) / 2, rel=1e-6)
+
+
+def test_icarl_loss_known_answer() -> None:
+    """BCE summed over classes, averaged over the batch; old-class targets are the teacher's sigmoids."""
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])
+    y = torch.tensor([2, 1])
+    teacher = torch.tensor([[0.0], [2.0]])  # one old class
+    def bce(z: float, t: float) -> float:
+        return -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+    s0, s2 = 0.5, 1 / (1 + math.exp(-2.0))
+    expected = ((bce(0.5, s0) + bce(-1.0, 0) + bce(2.0, 1)) + (bce(1.0, s2) + bce(0.0, 1) + bce(-0.5, 0))) / 2
+    assert icarl_loss(logits, y, teacher).item() == pytest.approx(expected, rel=1e-6)
+    plain = (bce(0.5, 0) + bce(-1.0, 0) + bce(2.0, 1) + bce(1.0, 0) + bce(0.0, 1) + bce(-0.5, 0)) / 2
+    assert icarl_loss(logits, y, None).item() == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(WeightlabError, match=r"icarl_loss: 4 teacher logits for a head of 3 classes"):
+        icarl_loss(logits, y, torch.zeros(2, 4))
+    with pytest.raises(WeightlabError, match=r"loss must be 'ce' or 'icarl', got 'bce'"):
+        WAConfig(loss="bce")
 
 
 def test_kd_loss_errors() -> None:
@@ -283,6 +302,8 @@ def test_lwf_and_memory_sweep_keys() -> None:
     assert wa.kd and wa.align and wa.memory == 50 and wa.selection == "herding"
     assert run_keys(config) == [("finetune", 5, 0), ("lwf", 5, 0), ("wa", 5, 20), ("wa", 5, 50)]
     assert [key_name(*k) for k in run_keys(config)][1:3] == ["lwf/steps5", "wa/steps5/mem20"]
+    icarl = method_config("icarl", config, 20)
+    assert icarl.loss == "icarl" and not icarl.kd and not icarl.align and icarl.memory == 20
     with pytest.raises(WeightlabError, match=r"increments, methods and memories must not be empty"):
         WeightAligningConfig(memories=())
 

@@ -6,7 +6,8 @@ PyCIL). Methods (all on the one training loop, data = new classes ∪ exemplar m
 schedule for every method):
 
 ``finetune`` (no memory) · ``lwf`` (KD, no memory: Learning without Forgetting) · ``replay`` (random
-exemplars) · ``replay-herding`` (iCaRL herding) · ``kd-replay`` (herding + KD, no aligning) · ``wa``
+exemplars) · ``replay-herding`` (iCaRL herding) · ``kd-replay`` (herding + KD, no aligning) · ``icarl``
+(herding + iCaRL's sigmoid-BCE loss with distillation targets; its classifier is the NME column) · ``wa``
 (herding + KD + weight aligning) · ``wa-clip`` (WA with non-negative head weights). Every memory method runs
 at each total memory of ``memories`` (exemplars, counted in images of the training set: with ``data=digits``
 and ``augment_to`` they include affine copies). For every memory method the iCaRL nearest-mean-of-exemplars
@@ -48,8 +49,8 @@ from weightlab.runs import TrialContext
 from weightlab.stats import effect, paired
 from weightlab.train import TrainConfig, accuracy, average_incremental_accuracy, forgetting
 
-Method = Literal["finetune", "lwf", "replay", "replay-herding", "kd-replay", "wa", "wa-clip"]
-METHODS: tuple[Method, ...] = ("finetune", "lwf", "replay", "replay-herding", "kd-replay", "wa", "wa-clip")
+Method = Literal["finetune", "lwf", "replay", "replay-herding", "kd-replay", "icarl", "wa", "wa-clip"]
+METHODS: tuple[Method, ...] = ("finetune", "lwf", "replay", "replay-herding", "kd-replay", "icarl", "wa", "wa-clip")
 NO_MEMORY: tuple[Method, ...] = ("finetune", "lwf")
 MEMORY_METHODS = tuple(m for m in METHODS if m not in NO_MEMORY)
 Data = Literal["digits", "fashion-mnist", "mnist-5k", "mnist", "cifar100"]
@@ -98,7 +99,7 @@ def key_name(method: str, steps: int, memory: int) -> str:
 
 
 def method_config(method: str, config: WeightAligningConfig, memory: int) -> WAConfig:
-    """``lwf`` is ``kd=True, memory=0``; ``finetune`` has neither."""
+    """``lwf`` is ``kd=True, memory=0``; ``finetune`` has neither; ``icarl`` trains with iCaRL's loss."""
     per_class = config.memory_per_class or None if method not in NO_MEMORY else None
     return WAConfig(
         kd=method in ("lwf", "kd-replay", "wa", "wa-clip"),
@@ -107,6 +108,7 @@ def method_config(method: str, config: WeightAligningConfig, memory: int) -> WAC
         memory_per_class=per_class,
         selection="random" if method == "replay" else "herding",
         clip=method == "wa-clip",
+        loss="icarl" if method == "icarl" else "ce",
     )
 
 

@@ -61,6 +61,23 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     return -(q * log_p).sum(1).mean()
 
 
+def icarl_loss(logits: Tensor, targets: Tensor, teacher_logits: Tensor | None) -> Tensor:
+    """iCaRL's training loss (Rebuffi et al., CVPR 2017, Alg. 3): binary cross-entropy on every output, the
+    targets one-hot for the new classes and the previous model's sigmoid outputs for the ``n_old`` old ones;
+    summed over classes, averaged over the batch.
+
+    Args:
+        logits: ``(B, classes)``; targets: ``(B,)`` labels; teacher_logits: ``(B, n_old)`` or None (no old classes).
+    """
+    target = F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, classes)
+    if teacher_logits is not None:
+        n_old = teacher_logits.shape[1]
+        if not 0 < n_old <= logits.shape[1]:
+            raise WeightlabError(f"icarl_loss: {n_old} teacher logits for a head of {logits.shape[1]} classes")
+        target = torch.cat([torch.sigmoid(teacher_logits.detach()), target[:, n_old:]], dim=1)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1).mean()
+
+
 def row_norms(weight: Tensor) -> Tensor:
     """L2 norm of every row of a classifier weight ``(classes, features)`` → ``(classes,)``."""
     return weight.detach().norm(dim=1)
@@ -150,6 +167,8 @@ class WAConfig:
         temperature: KD temperature T.
         clip: clip head weights to ≥ 0 after every step.
         align_bias: also scale the new rows' bias by γ.
+        loss: ``ce`` (cross-entropy, with KD when ``kd``) or ``icarl`` (:func:`icarl_loss`: sigmoid BCE with
+            the previous model's outputs as the old classes' targets; ``kd`` is then not used).
     """
 
     kd: bool = True
@@ -160,8 +179,11 @@ class WAConfig:
     temperature: float = 2.0
     clip: bool = False
     align_bias: bool = False
+    loss: Literal["ce", "icarl"] = "ce"
 
     def __post_init__(self) -> None:
+        if self.loss not in ("ce", "icarl"):
+            raise WeightlabError(f"loss must be 'ce' or 'icarl', got {self.loss!r}")
         if self.memory < 0:
             raise WeightlabError(f"memory must be ≥ 0, got {self.memory}")
         if self.memory_per_class is not None and self.memory_per_class < 1:
@@ -203,6 +225,25 @@ class KnowledgeDistillation(Callback):
             old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
         lam = self.n_old / logits.shape[1]
         return (1 - lam) * loss + lam * kd_loss(logits[:, : self.n_old], old, temperature=self.config.temperature)
+
+
+@register("method", "icarl-loss")
+class ICaRLLoss(Callback):
+    """Replace the training loss by :func:`icarl_loss` (``teacher=None``: no old classes yet, plain BCE)."""
+
+    def __init__(self, teacher: nn.Module | None, n_old: int) -> None:
+        self.teacher, self.n_old = teacher, n_old
+
+    def on_experience_start(self, state: LoopState) -> None:
+        if self.teacher is not None:
+            self.teacher.to(state.device).eval()
+
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
+        old = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
+        return icarl_loss(logits, batch.y, old)
 
 
 @register("method", "clip-head-weights")
@@ -291,10 +332,13 @@ class ClassIncrementalLearner:
                 f"step labels must be the new classes {n_old}..{n_old + n_new - 1}, got "
                 f"{int(data.y.min())}..{int(data.y.max())}"
             )
-        teacher = frozen_copy(self.model) if (self.config.kd and n_old > 0) else None
+        icarl = self.config.loss == "icarl"
+        teacher = frozen_copy(self.model) if ((self.config.kd or icarl) and n_old > 0) else None
         head = expand_head(self.model, n_new)
         callbacks: list[Callback] = []
-        if teacher is not None:
+        if icarl:
+            callbacks.append(ICaRLLoss(teacher, n_old))
+        elif teacher is not None:
             callbacks.append(KnowledgeDistillation(teacher, n_old, self.config))
         if self.config.clip:
             callbacks.append(ClipHeadWeights(head))
