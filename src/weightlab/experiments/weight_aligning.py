@@ -184,12 +184,10 @@ def norm_ratio(norms: list[float], n_old: int) -> float:
 
 
 def loss_drop(losses: list[float]) -> float:
-    """Relative drop of the training loss over the last fifth of the epochs, ``(L[-k-1] − L[-1]) / L[-k-1]``
-    (near 0: converged; at least one epoch)."""
+    """Drop of the mean training loss over the last fifth of the epochs, ``L[-k-1] − L[-1]`` (at least one
+    epoch; in loss units, so a loss already near 0 shows no drop; near 0: converged)."""
     k = max(1, len(losses) // 5)
-    if len(losses) <= k or losses[-k - 1] == 0:
-        return 0.0
-    return float((losses[-k - 1] - losses[-1]) / losses[-k - 1])
+    return float(losses[-k - 1] - losses[-1]) if len(losses) > k else 0.0
 
 
 def per_seed_metrics(runs: list[dict[str, list]]) -> dict[str, list[float]]:
@@ -275,7 +273,7 @@ def tables(stats: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         diagnostics.append({"steps": s, "method": m, "memory": mem if m not in NO_MEMORY else "–",
                             "train acc. on pool, mean over steps (%)": pm(st["train_acc"]),
                             "final-epoch train loss": pm(st["final_loss"], scale=1.0, digits=3),
-                            "max loss drop over last 1/5 of epochs": pm(st["loss_drop"], scale=1.0, digits=3),
+                            "max train-loss drop over last 1/5 of epochs": pm(st["loss_drop"], scale=1.0, digits=3),
                             "validation Ā (%)": pm(st["val_avg_inc"]),
                             "new/old norm before aligning": pm(st["ratio_before"], scale=1.0, digits=3)})
     return rows, diagnostics
@@ -300,8 +298,8 @@ def summarise(config: WeightAligningConfig, records: list[dict[str, Any]]) -> Re
         f"Every method: {config.epochs} epochs per step, batch {config.batch_size}, SGD lr {config.lr} (momentum "
         f"0.9, weight decay {config.weight_decay}, '{config.schedule}' schedule), one shared initialisation per "
         "seed and number of steps. Convergence: the diagnostics table gives each run's training accuracy on its "
-        "pool (new data ∪ memory), its final-epoch loss and the largest relative loss drop over the last fifth "
-        "of a step's epochs (near 0: the step had converged).",
+        "pool (new data ∪ memory), its final-epoch loss and the largest drop of the training loss over the "
+        "last fifth of a step's epochs (in loss units; near 0: the step had converged).",
         f"Memory counts exemplars in images of the training set ({config.data}"
         + (f", {config.train_per_class} per class" if config.train_per_class else "")
         + (", augmented copies included" if config.data == "digits" and config.augment_to else "") + ").",
