@@ -280,11 +280,13 @@ def summarise(config: SCoLeExperimentConfig, records: list[dict[str, Any]]) -> R
     for name in config.datasets:
         r, c, n, f = dataset_results(config, records, name)
         rows, claims, notes, figures = rows + r, claims + c, notes + n, figures | f
+    sizes = [f"digits at {config.image_size}×{config.image_size}, augmented to {config.augment_to} images"
+             if name == "digits" else f"{name} at {config.real_size}×{config.real_size}, "
+             f"{config.train_per_class or 'all'} training images per class" for name in config.datasets]
     notes.append(f"Streams of {config.n_tasks} tasks, one epoch each (the paper's protocol: short tasks, no "
-                 f"convergence per task; the training-loss column shows where the stream ends); digits at "
-                 f"{config.image_size}×{config.image_size}, augmented to {config.augment_to} images; real datasets at "
-                 f"{config.real_size}×{config.real_size}, {config.train_per_class or 'all'} training images per "
-                 "class (10% held out as validation); every variant of a seed and dataset sees the same data.")
+                 "convergence per task; the training-loss column shows where the stream ends); "
+                 + "; ".join(sizes) + " (10% held out as validation); every variant of a seed and dataset sees "
+                 "the same data.")
     return Results(tables={f"SCoLe ({config.n_classes} classes, {config.classes_per_task} per task)": rows},
                    claims=claims, notes=notes, figures=figures)
 
