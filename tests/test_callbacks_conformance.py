@@ -98,6 +98,12 @@ def _kd(tmp_path: Path) -> Case:
     return _mlp(lambda m: KnowledgeDistillation(frozen_copy(m), 2))
 
 
+def _icarl(tmp_path: Path) -> Case:
+    from weightlab.methods.weight_aligning.aligning import ICaRLLoss, frozen_copy
+
+    return _mlp(lambda m: ICaRLLoss(frozen_copy(m), 2))
+
+
 def _clip(tmp_path: Path) -> Case:
     from weightlab.methods.weight_aligning.aligning import ClipHeadWeights
 
@@ -185,7 +191,8 @@ def _quant(which: str) -> Callable[[Path], Case]:
 
 CASES: dict[str, Callable[[Path], Case]] = {
     "Replay": _replay, "AdversarialTraining": _adversarial, "DONE": _done, "EWC": _ewc,
-    "KnowledgeDistillation": _kd, "ClipHeadWeights": _clip, "AlignHead": _align, "GroupMasking": _group_masking,
+    "KnowledgeDistillation": _kd, "ICaRLLoss": _icarl, "ClipHeadWeights": _clip, "AlignHead": _align,
+    "GroupMasking": _group_masking,
     "CollectSamples": _collect_samples, "TensorBoardLogger": _tensorboard,
     "BetaAnnealing": _binary("beta"), "ConsolidateField": _binary("consolidate"),
     "OutputRegularizer": _hypernet, "OscillationTracker": _quant("osc"),

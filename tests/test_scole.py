@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +15,17 @@ from hypothesis import strategies as st
 from weightlab.cli import main
 from weightlab.data import ArrayDataset
 from weightlab.data.arrays import Batch
-from weightlab.data.scenarios import SCoLeConfig, SCoLeStream, class_frequencies, class_probabilities, scole_tasks
+from weightlab.data.scenarios import (
+    SCoLeConfig,
+    SCoLeStream,
+    class_frequencies,
+    class_probabilities,
+    per_class_subset,
+    scole_tasks,
+)
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import run_experiment
+from weightlab.experiments.scole import SCoLeExperimentConfig, rare_accuracy
 from weightlab.methods.scole.strategies import FrequencyReplay, GroupMasking, TaskOptimizer
 from weightlab.models import MLP
 from weightlab.runs import RunContext
@@ -149,6 +159,43 @@ def test_frequency_replay_selection_and_memory() -> None:
     assert int((mem.x[1] != before).sum()) == renewed
 
 
+def test_frequency_replay_replays_every_stored_sample_by_default() -> None:
+    """Deviation 1 (issue 17): the official FrequencyReplay replays all 200 stored samples of a replayed class
+    (the earlier default replayed 100)."""
+    data = ArrayDataset(torch.arange(460.0).reshape(460, 1), torch.tensor([0] * 250 + [1] * 210))
+    gen = torch.Generator().manual_seed(0)
+    full = FrequencyReplay(3, (1,))  # the official 200 per class
+    full.observe(data, (0, 1), (), generator=gen)
+    replay = full.replay_data([0, 1], generator=gen)
+    assert replay.y.tolist() == [0] * 200 + [1] * 200  # every stored sample, no more
+    assert sorted(replay.x.flatten().tolist()) == sorted(full.x[:2].flatten().tolist())  # each exactly once
+    half = FrequencyReplay(3, (1,), replay_per_class=100)  # the earlier behaviour, as an option
+    half.observe(data, (0, 1), (), generator=gen)
+    assert torch.bincount(half.replay_data([0, 1], generator=gen).y).tolist() == [100, 100]
+    with pytest.raises(WeightlabError, match=r"replay_per_class ≥ 1 or None \(all stored\), got 8, 0"):
+        FrequencyReplay(3, (1,), per_class=8, replay_per_class=0)
+
+
+def test_per_class_subset_is_balanced_seeded_and_ordered() -> None:
+    data = ArrayDataset(torch.arange(10.0).reshape(10, 1), torch.tensor([0, 1, 0, 0, 1, 2, 0, 1, 1, 0]))
+    sub = per_class_subset(data, 2, seed=3)
+    assert torch.bincount(sub.y).tolist() == [2, 2, 1]  # class 2 has one sample: all of it
+    assert sub.x.flatten().tolist() == sorted(sub.x.flatten().tolist())  # the original order
+    assert torch.equal(per_class_subset(data, 2, seed=3).x, sub.x)
+    assert {tuple(per_class_subset(data, 2, seed=s).x.flatten().tolist()) for s in range(8)} != {
+        tuple(sub.x.flatten().tolist())}  # the seed chooses
+    assert per_class_subset(data, 0) is data
+    with pytest.raises(WeightlabError, match=r"per_class must be ≥ 0 \(0: all\), got -1"):
+        per_class_subset(data, -1)
+
+
+def test_rare_accuracy_and_datasets() -> None:
+    freq = np.array([0.5, 0.05, 0.1, 0.3])
+    assert rare_accuracy(freq, np.array([0.9, 0.2, 0.4, 0.8])) == pytest.approx(0.3)  # classes 1 and 2
+    assert math.isnan(rare_accuracy(np.array([0.5, 0.5]), np.array([0.9, 0.8])))
+    assert SCoLeExperimentConfig(more_data=("digits", "fashion-mnist")).datasets == ("fashion-mnist", "digits")
+
+
 def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:
     with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1, got 0"):
         run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")
@@ -200,7 +247,7 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> Non
 
     monkeypatch.setattr(RunContext, "save_state", count)
     run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut", resume=True)
-    assert resumed_saves == [f"seed0/imbalanced-mask-freq-replay/exp{i}" for i in (8, 11)]
+    assert resumed_saves == [f"seed0/digits/imbalanced-mask-freq-replay/exp{i}" for i in (8, 11)]
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert a == b
@@ -214,5 +261,5 @@ def test_direction_knowledge_accumulation_and_masking(tmp_path) -> None:
         overrides={"n_tasks": "120", "variants": "sgd,sgd-mask", "augment_to": "2874"},
     )
     direction = {c.text.split(":")[0]: c.direction for c in res.claims}  # one seed: the direction of each claim
-    assert direction["sgd-mask"] and direction["group masking ends higher than plain SGD"]
+    assert direction["digits, sgd-mask"] and direction["digits"]  # rises; masking ends higher than plain SGD
     assert (tmp_path / "run" / "plots" / "accuracy_along_stream.png").is_file()

@@ -17,6 +17,13 @@ from weightlab.data import ArrayDataset
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.experiments.base import run_experiment
+from weightlab.experiments.weight_aligning import (
+    WeightAligningConfig,
+    key_name,
+    loss_drop,
+    method_config,
+    run_keys,
+)
 from weightlab.methods.continual.exemplars import NearestMeanClassifier, class_means, herding
 from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.methods.weight_aligning.aligning import (
@@ -26,12 +33,13 @@ from weightlab.methods.weight_aligning.aligning import (
     WAConfig,
     align_rows,
     expand_head,
+    icarl_loss,
     kd_loss,
     weight_align,
 )
 from weightlab.models import MLP, ExpandableHead
 from weightlab.runs import RunContext
-from weightlab.train import TrainConfig, train
+from weightlab.train import TrainConfig, accuracy, forgetting, train
 
 
 class Identity(nn.Module):
@@ -60,6 +68,24 @@ def test_kd_loss_known_answer_no_t_squared() -> None:
     # mean over the batch, sum over classes
     two = kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]))
     assert two.item() == pytest.approx((expected + math.log(2.0)) / 2, rel=1e-6)
+
+
+def test_icarl_loss_known_answer() -> None:
+    """BCE summed over classes, averaged over the batch; old-class targets are the teacher's sigmoids."""
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])
+    y = torch.tensor([2, 1])
+    teacher = torch.tensor([[0.0], [2.0]])  # one old class
+    def bce(z: float, t: float) -> float:
+        return -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+    s0, s2 = 0.5, 1 / (1 + math.exp(-2.0))
+    expected = ((bce(0.5, s0) + bce(-1.0, 0) + bce(2.0, 1)) + (bce(1.0, s2) + bce(0.0, 1) + bce(-0.5, 0))) / 2
+    assert icarl_loss(logits, y, teacher).item() == pytest.approx(expected, rel=1e-6)
+    plain = (bce(0.5, 0) + bce(-1.0, 0) + bce(2.0, 1) + bce(1.0, 0) + bce(0.0, 1) + bce(-0.5, 0)) / 2
+    assert icarl_loss(logits, y, None).item() == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(WeightlabError, match=r"icarl_loss: 4 teacher logits for a head of 3 classes"):
+        icarl_loss(logits, y, torch.zeros(2, 4))
+    with pytest.raises(WeightlabError, match=r"loss must be 'ce' or 'icarl', got 'bce'"):
+        WAConfig(loss="bce")
 
 
 def test_kd_loss_errors() -> None:
@@ -197,6 +223,31 @@ def test_knowledge_distillation_loss_mix() -> None:
         KnowledgeDistillation(teacher, 0)
 
 
+def test_expandable_head_init_is_pycil_by_default() -> None:
+    """Deviation 2 (issue 17): new rows use PyCIL's ``kaiming_uniform_(nonlinearity="linear")`` and zero bias;
+    ``init="linear"`` keeps nn.Linear's default (rows √3 shorter)."""
+    torch.manual_seed(3)
+    head = ExpandableHead(50, 4)
+    torch.manual_seed(3)
+    expected = torch.nn.init.kaiming_uniform_(torch.empty(4, 50), nonlinearity="linear")
+    assert torch.equal(head.weight, expected) and torch.equal(head.bias, torch.zeros(4))
+    torch.manual_seed(3)
+    linear = ExpandableHead(50, 4, init="linear")
+    torch.manual_seed(3)
+    reference = nn.Linear(50, 4)
+    assert torch.equal(linear.weight, reference.weight) and torch.equal(linear.bias, reference.bias)
+    wide, narrow = ExpandableHead(300, 2000), ExpandableHead(300, 2000, init="linear")
+    assert wide.weight.abs().max() <= math.sqrt(3 / 300) and wide.weight.abs().max() > 0.99 * math.sqrt(3 / 300)
+    assert narrow.weight.abs().max() <= 1 / math.sqrt(300)
+    ratio = (wide.weight.norm(dim=1).mean() / narrow.weight.norm(dim=1).mean()).item()
+    assert ratio == pytest.approx(math.sqrt(3), rel=0.01)
+    head.expand(2)  # growing keeps the old rows and initialises the new ones the same way
+    assert torch.equal(head.weight[:4], expected) and torch.equal(head.bias, torch.zeros(6))
+    assert head.weight[4:].abs().max() <= math.sqrt(3 / 50)
+    with pytest.raises(WeightlabError, match=r"init must be 'pycil' or 'linear', got 'xavier'"):
+        ExpandableHead(5, init="xavier")
+
+
 def test_clip_and_expand_head() -> None:
     model = MLP(64, 10, hidden=(16,))
     with pytest.raises(WeightlabError, match=r"ExpandableHead, got Linear"):
@@ -226,6 +277,43 @@ def test_config_and_learner_errors() -> None:
         learner.learn(ArrayDataset(torch.rand(3, 4), torch.tensor([0, 1, 2])), 2, TrainConfig())
 
 
+def test_learner_records_convergence_diagnostics(stream5) -> None:
+    """Each step records its per-epoch training losses (one per epoch, falling on a learnable task) and the
+    final accuracy on its training pool (new data ∪ memory)."""
+    torch.manual_seed(0)
+    model = MLP(64, 10, hidden=(32,))
+    model.head = ExpandableHead(32)
+    learner = ClassIncrementalLearner(model, WAConfig(memory=20))
+    lut = torch.full((10,), -1, dtype=torch.long)
+    lut[list(stream5[0].classes)] = torch.arange(2)
+    data = ArrayDataset(stream5[0].train.x, lut[stream5[0].train.y])
+    record = learner.learn(data, 2, TrainConfig(epochs=6, batch_size=16, lr=0.05))
+    assert len(record.epoch_losses) == 6 and record.epoch_losses[-1] < 0.5 * record.epoch_losses[0]
+    assert record.train_accuracy == pytest.approx(accuracy(learner.model, data))
+    assert record.train_accuracy > 0.9
+
+
+def test_lwf_and_memory_sweep_keys() -> None:
+    """LwF is KD without memory; the memory methods run once per memory, finetune and LwF once per steps."""
+    config = WeightAligningConfig(increments=(5,), memories=(20, 50), methods=("finetune", "lwf", "wa"))
+    lwf = method_config("lwf", config, 20)
+    assert lwf.kd and not lwf.align and lwf.memory == 0 and not lwf.uses_memory
+    wa = method_config("wa", config, 50)
+    assert wa.kd and wa.align and wa.memory == 50 and wa.selection == "herding"
+    assert run_keys(config) == [("finetune", 5, 0), ("lwf", 5, 0), ("wa", 5, 20), ("wa", 5, 50)]
+    assert [key_name(*k) for k in run_keys(config)][1:3] == ["lwf/steps5", "wa/steps5/mem20"]
+    icarl = method_config("icarl", config, 20)
+    assert icarl.loss == "icarl" and not icarl.kd and not icarl.align and icarl.memory == 20
+    with pytest.raises(WeightlabError, match=r"increments, methods and memories must not be empty"):
+        WeightAligningConfig(memories=())
+
+
+def test_loss_drop_known_answer() -> None:
+    assert loss_drop([4.0, 2.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.8]) == pytest.approx(0.9 - 0.8)
+    assert loss_drop([2.0, 1.5]) == pytest.approx(0.5)  # one epoch in the last fifth
+    assert loss_drop([1.0]) == 0.0
+
+
 def test_learner_state_round_trip(stream5) -> None:
     def fresh() -> ClassIncrementalLearner:
         torch.manual_seed(0)
@@ -253,7 +341,7 @@ def test_learner_state_round_trip(stream5) -> None:
 
 
 def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:
-    with pytest.raises(WeightlabError, match=r"methods: 'foo' is not one of finetune, replay"):
+    with pytest.raises(WeightlabError, match=r"methods: 'foo' is not one of finetune, lwf, replay"):
         run_experiment("weight-aligning", profile="smoke", overrides={"methods": "foo"}, out=tmp_path / "a")
     with pytest.raises(WeightlabError, match=r"set data_root=PATH"):
         run_experiment("weight-aligning", profile="smoke", overrides={"data": "mnist"}, out=tmp_path / "b")
@@ -280,7 +368,7 @@ TINY = {
     "epochs": "10",
     "methods": "finetune,kd-replay,wa-clip",
     "augment_to": "0",
-    "memory": "40",
+    "memories": "40",
 }
 
 
@@ -312,13 +400,16 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch, whole_
     assert whole.tables == resumed.tables
 
 
-def test_direction_norm_bias_and_aligning_reduces_forgetting(whole_run) -> None:
+def test_direction_norm_bias_and_forgetting_claim_from_the_records(whole_run) -> None:
     out, res = whole_run
     held = {c.text: c for c in res.claims}
-    bias = held["5 steps, wa-clip: new-class FC norms exceed the old before aligning, match after"]
+    bias = held["5 steps, memory 40, wa-clip: new-class FC norms exceed the old before aligning, match after"]
     assert bias.direction and bias.measured["new/old norm before"] > 1.2  # one seed: the direction
-    less = held["5 steps: aligning (wa-clip) forgets less than KD+replay without aligning"]
-    assert less.direction
-    after = res.records[0]["wa-clip/steps5"][-1]["norms_after"]
+    less = held["5 steps, memory 40: aligning (wa-clip) forgets less than KD+replay without aligning"]
+    fgt = {m: forgetting([r["accuracies"] for r in res.records[0][f"{m}/steps5/mem40"]]) for m in ("wa-clip",
+                                                                                                 "kd-replay")}
+    assert less.effects[0].mean == pytest.approx(fgt["wa-clip"] - fgt["kd-replay"])  # judged on the records
+    assert less.effects[0].side == "<" and less.effects[0].n == 1
+    after = res.records[0]["wa-clip/steps5/mem40"][-1]["norms_after"]
     assert sum(after[8:]) / 2 == pytest.approx(sum(after[:8]) / 8, rel=1e-4)
     assert (out / "plots" / "fc_norms_clip_5.png").is_file()

@@ -54,6 +54,25 @@ def _split_classes(order: Sequence[int], n_tasks: int) -> list[tuple[int, ...]]:
     return [tuple(order[i * k:(i + 1) * k]) for i in range(n_tasks)]
 
 
+def per_class_subset(data: ArrayDataset, per_class: int, *, seed: int = 0) -> ArrayDataset:
+    """A seeded subset with at most ``per_class`` samples of every class (all of a smaller class), in the
+    original order; ``per_class = 0`` keeps everything.
+
+    Raises:
+        WeightlabError: ``per_class`` is negative.
+    """
+    if per_class < 0:
+        raise WeightlabError(f"per_class must be ≥ 0 (0: all), got {per_class}")
+    if per_class == 0:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in torch.unique(data.y).tolist():
+        idx = torch.nonzero(data.y == c).flatten()
+        parts.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return data.subset(torch.sort(torch.cat(parts)).values)
+
+
 def _select(data: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
     mask = torch.isin(data.y, torch.tensor(list(classes)))
     return data.subset(torch.nonzero(mask).flatten())

@@ -83,9 +83,9 @@ class FrequencyReplay:
     Memory: up to ``per_class`` samples of each class; when a class re-occurs, ``max(per_class/(occ+1),
     per_class/20)`` of its stored samples are renewed from the new data. Replay: up to ``C`` (the task's class
     count) least-frequent classes, not in the task, seen ≥ ``trigger`` times, with frequency (occurrences /
-    tasks
-    so far) in ``(low, high]``; ``replay_per_class`` of their stored samples join the task's training data.
-    The memory is one preallocated ``(classes, per_class, ...)`` tensor, so nothing grows along the stream.
+    tasks so far) in ``(low, high]``; all their stored samples join the task's training data, as in the
+    official code (``replay_per_class=k``: a random ``k`` of them instead). The memory is one preallocated
+    ``(classes, per_class, ...)`` tensor, so nothing grows along the stream.
     """
 
     def __init__(
@@ -94,14 +94,15 @@ class FrequencyReplay:
         sample_shape: Sequence[int],
         *,
         per_class: int = 200,
-        replay_per_class: int = 100,
+        replay_per_class: int | None = None,
         low: float = 0.01,
         high: float = 0.1,
         trigger: int = 3,
     ) -> None:
-        if per_class < 1 or replay_per_class < 1:
+        if per_class < 1 or (replay_per_class is not None and replay_per_class < 1):
             raise WeightlabError(
-                f"per_class and replay_per_class must be ≥ 1, got {per_class}, {replay_per_class}"
+                f"per_class must be ≥ 1 and replay_per_class ≥ 1 or None (all stored), got {per_class}, "
+                f"{replay_per_class}"
             )
         if not 0 <= low < high:
             raise WeightlabError(f"frequency band needs 0 ≤ low < high, got ({low}, {high}]")
@@ -142,7 +143,7 @@ class FrequencyReplay:
         parts = []
         for c in classes:
             k = int(self.filled[c])
-            idx = torch.randperm(k, generator=generator)[: self.replay_per_class]
+            idx = torch.randperm(k, generator=generator)[: self.replay_per_class or k]  # None: all k stored
             parts.append(ArrayDataset(self.x[c, idx], torch.full((len(idx),), c, dtype=torch.long)))
         return concat(parts) if parts else None
 

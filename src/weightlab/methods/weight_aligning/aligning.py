@@ -19,7 +19,7 @@ one training loop :func:`weightlab.train.train`; the pieces are usable on their 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,6 +33,7 @@ from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.models.heads import ExpandableHead
 from weightlab.registry import register
 from weightlab.train.callbacks import Callback
+from weightlab.train.evaluate import accuracy
 from weightlab.train.loop import LoopState, TrainConfig, train
 
 Selection = Literal["herding", "random"]
@@ -58,6 +59,23 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     log_p = F.log_softmax(student_logits / temperature, dim=1)  # (B, n_old)
     q = F.softmax(teacher_logits.detach() / temperature, dim=1)  # (B, n_old)
     return -(q * log_p).sum(1).mean()
+
+
+def icarl_loss(logits: Tensor, targets: Tensor, teacher_logits: Tensor | None) -> Tensor:
+    """iCaRL's training loss (Rebuffi et al., CVPR 2017, Alg. 3): binary cross-entropy on every output, the
+    targets one-hot for the new classes and the previous model's sigmoid outputs for the ``n_old`` old ones;
+    summed over classes, averaged over the batch.
+
+    Args:
+        logits: ``(B, classes)``; targets: ``(B,)`` labels; teacher_logits: ``(B, n_old)`` or None (no old classes).
+    """
+    target = F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, classes)
+    if teacher_logits is not None:
+        n_old = teacher_logits.shape[1]
+        if not 0 < n_old <= logits.shape[1]:
+            raise WeightlabError(f"icarl_loss: {n_old} teacher logits for a head of {logits.shape[1]} classes")
+        target = torch.cat([torch.sigmoid(teacher_logits.detach()), target[:, n_old:]], dim=1)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1).mean()
 
 
 def row_norms(weight: Tensor) -> Tensor:
@@ -149,6 +167,8 @@ class WAConfig:
         temperature: KD temperature T.
         clip: clip head weights to ≥ 0 after every step.
         align_bias: also scale the new rows' bias by γ.
+        loss: ``ce`` (cross-entropy, with KD when ``kd``) or ``icarl`` (:func:`icarl_loss`: sigmoid BCE with
+            the previous model's outputs as the old classes' targets; ``kd`` is then not used).
     """
 
     kd: bool = True
@@ -159,8 +179,11 @@ class WAConfig:
     temperature: float = 2.0
     clip: bool = False
     align_bias: bool = False
+    loss: Literal["ce", "icarl"] = "ce"
 
     def __post_init__(self) -> None:
+        if self.loss not in ("ce", "icarl"):
+            raise WeightlabError(f"loss must be 'ce' or 'icarl', got {self.loss!r}")
         if self.memory < 0:
             raise WeightlabError(f"memory must be ≥ 0, got {self.memory}")
         if self.memory_per_class is not None and self.memory_per_class < 1:
@@ -204,6 +227,25 @@ class KnowledgeDistillation(Callback):
         return (1 - lam) * loss + lam * kd_loss(logits[:, : self.n_old], old, temperature=self.config.temperature)
 
 
+@register("method", "icarl-loss")
+class ICaRLLoss(Callback):
+    """Replace the training loss by :func:`icarl_loss` (``teacher=None``: no old classes yet, plain BCE)."""
+
+    def __init__(self, teacher: nn.Module | None, n_old: int) -> None:
+        self.teacher, self.n_old = teacher, n_old
+
+    def on_experience_start(self, state: LoopState) -> None:
+        if self.teacher is not None:
+            self.teacher.to(state.device).eval()
+
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
+        old = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
+        return icarl_loss(logits, batch.y, old)
+
+
 @register("method", "clip-head-weights")
 class ClipHeadWeights(Callback):
     """Clip the head's weights to ``≥ 0`` after every optimizer step (WA's optional weight clipping)."""
@@ -244,13 +286,17 @@ class AlignHead(Callback):
 
 @dataclass
 class StepRecord:
-    """What one incremental step did: γ and the head's row norms before/after aligning (NaN/empty if none)."""
+    """What one incremental step did: γ and the head's row norms before/after aligning (NaN/empty if none),
+    and how far training got (the per-epoch mean training losses and the final accuracy on the training
+    pool, new data ∪ memory: the convergence diagnostics)."""
 
     n_old: int
     n_total: int
     gamma: float = float("nan")
     norms_before: Tensor | None = None
     norms_after: Tensor | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    train_accuracy: float = float("nan")
 
 
 @register("method", "weight-aligning")
@@ -286,10 +332,13 @@ class ClassIncrementalLearner:
                 f"step labels must be the new classes {n_old}..{n_old + n_new - 1}, got "
                 f"{int(data.y.min())}..{int(data.y.max())}"
             )
-        teacher = frozen_copy(self.model) if (self.config.kd and n_old > 0) else None
+        icarl = self.config.loss == "icarl"
+        teacher = frozen_copy(self.model) if ((self.config.kd or icarl) and n_old > 0) else None
         head = expand_head(self.model, n_new)
         callbacks: list[Callback] = []
-        if teacher is not None:
+        if icarl:
+            callbacks.append(ICaRLLoss(teacher, n_old))
+        elif teacher is not None:
             callbacks.append(KnowledgeDistillation(teacher, n_old, self.config))
         if self.config.clip:
             callbacks.append(ClipHeadWeights(head))
@@ -301,8 +350,9 @@ class ClassIncrementalLearner:
         if aligner is not None:
             callbacks.append(aligner)
         pool = concat([data, self.memory.dataset()]) if len(self.memory) else data
-        train(self.model, pool, train_config, callbacks=callbacks)
-        record = StepRecord(n_old, self.num_classes)
+        state = train(self.model, pool, train_config, callbacks=callbacks)
+        record = StepRecord(n_old, self.num_classes, epoch_losses=list(state.epoch_losses),
+                            train_accuracy=accuracy(self.model, pool))
         if aligner is not None:
             record.gamma, record.norms_before, record.norms_after = (
                 aligner.gamma,
