@@ -125,7 +125,7 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> Results:
     se = {m: math.sqrt(max(v * (1 - v), 1e-12) / (n_test * config.n_tasks)) for m, v in means.items()}
     notes = [
         f"Data: permuted {config.data} at {config.image_size}×{config.image_size}, {config.n_train} training images "
-        f"(+{config.augment_copies} affine copies each), {config.n_val} validation, {config.n_test} test images per "
+        f"(+{config.augment_copies} affine copies each), {config.n_val} validation, {n_test} test images per "
         f"task ({config.n_tasks} tasks, {config.epochs} epochs per task, batch {config.batch_size}).",
         "Every method gets the same search (two learning rates × three values of its knob; plain binary only the "
         "learning rates) on the validation split with the first seed; the criterion is the mean validation accuracy "
