@@ -1,14 +1,15 @@
-"""The ``rnn-hypernetwork`` experiment: bad CLI values, resuming, the parameter-matched baseline (its smoke run:
-tests/test_foundation_conformance.py)."""
+"""The ``rnn-hypernetwork`` experiment: bad CLI values, resuming, hypernetworks sized to a compression ratio
+(its smoke run: tests/test_foundation_conformance.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from weightlab.cli import main
+from weightlab.errors import WeightlabError
 from weightlab.experiments.base import run_experiment
-from weightlab.experiments.rnn_hypernetwork import RnnHypernetConfig, make_hnet
-from weightlab.methods.hypernet.hypernetworks import ChunkedMLPHyperNet, count_parameters
+from weightlab.experiments.rnn_hypernetwork import RnnHypernetConfig, make_hnet, method_names
+from weightlab.methods.hypernet.hypernetworks import ChunkedMLPHyperNet, LSTMHyperNet, count_parameters
 from weightlab.runs import RunContext
 
 
@@ -40,11 +41,22 @@ def test_interrupted_hypernetwork_run_resumes_to_identical_numbers(tmp_path, mon
     assert resumed.records == reference.records
 
 
-def test_parameter_matched_chunked_hypernet_has_at_least_the_lstm_budget() -> None:
+@pytest.mark.parametrize("method", ["rnn-hnet", "chunked-hnet"])
+@pytest.mark.parametrize("ratio", [0.1, 0.5])
+def test_hypernetwork_is_the_widest_within_its_compression_ratio(method: str, ratio: float) -> None:
     config = RnnHypernetConfig()
-    lstm = count_parameters(make_hnet(config, "rnn-hnet", 8970))
-    plain = count_parameters(make_hnet(config, "chunked-hnet", 8970))
-    matched = make_hnet(config, "chunked-hnet-matched", 8970)
-    width = matched.net[0].out_features
-    narrower = ChunkedMLPHyperNet(8970, chunk_size=config.chunk_size, hidden=(width - 1,))
-    assert plain < lstm <= count_parameters(matched) and count_parameters(narrower) < lstm
+    n_target = 16898  # the quick target MLP 196-64-64-2
+    hnet = make_hnet(config, method, n_target, ratio)
+    width = hnet.lstm.hidden_size if method == "rnn-hnet" else hnet.net[0].out_features
+    common = {"chunk_size": config.chunk_size, "emb_dim": config.emb_dim, "chunk_emb_dim": config.chunk_emb_dim}
+    wider = (LSTMHyperNet(n_target, hidden=width + 1, **common) if method == "rnn-hnet"
+             else ChunkedMLPHyperNet(n_target, hidden=(width + 1,), **common))
+    embeddings = config.n_tasks * config.emb_dim
+    assert count_parameters(hnet) + embeddings <= ratio * n_target < count_parameters(wider) + embeddings
+    with pytest.raises(WeightlabError, match="ratio 0.001: even one hidden unit gives"):
+        make_hnet(config, method, n_target, 0.001)
+
+
+def test_method_names_put_every_hypernetwork_at_every_ratio() -> None:
+    config = RnnHypernetConfig(methods=("rnn-hnet", "ewc"), ratios=(0.1, 0.3))
+    assert method_names(config) == ["rnn-hnet@0.1", "rnn-hnet@0.3", "ewc"]

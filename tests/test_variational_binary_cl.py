@@ -225,6 +225,17 @@ def test_sign_ste_and_binary_linear() -> None:
     torch.testing.assert_close(lin(a), a @ torch.where(lin.weight >= 0, 1.0, -1.0).T)
 
 
+def test_binary_linear_init_is_uniform_in_half_the_width() -> None:
+    """Reference init ``U(−w/2, w/2)``, w = 0.1: bounded by 0.05 and spread like a uniform (std w/√12)."""
+    torch.manual_seed(0)
+    w = BinaryLinear(400, 100).weight.detach()
+    assert w.abs().max() <= 0.05 and w.abs().max() > 0.049
+    assert w.std().item() == pytest.approx(0.1 / math.sqrt(12), rel=0.02)
+    assert BinaryLinear(400, 100, init_width=1.0).weight.abs().max() > 0.49
+    with pytest.raises(WeightlabError, match="init_width must be > 0, got 0"):
+        BinaryLinear(2, 2, init_width=0.0)
+
+
 # -------------------------------------------------------------------------------------------------- EWC
 
 
@@ -260,6 +271,31 @@ def test_ewc_penalty_and_callback() -> None:
     assert restored.loss(None, None, None, base).item() == pytest.approx(penalised)
     with pytest.raises(WeightlabError, match="EWC needs train"):
         train(model, data, TrainConfig(epochs=1, batch_size=8), callbacks=[ewc])
+
+
+def test_ewc_per_task_anchors_keep_one_penalty_per_task(monkeypatch) -> None:
+    """Per-task: Σ_k ½F_k(θ − θ*_k)² with each task's own anchor; online: summed Fisher at the last anchor."""
+    model = nn.Linear(1, 1, bias=False)
+    per_task = EWC(model, EWCConfig(lam=1.0, anchors="per-task"))
+    online = EWC(model, EWCConfig(lam=1.0))
+    monkeypatch.setattr("weightlab.methods.continual.ewc.diagonal_fisher",  # F = θ + 1: 2 after task 0, 4 after 1
+                        lambda m, *a, **k: {"weight": m.weight.detach() + 1})
+    data = ArrayDataset(torch.ones(1, 1), torch.zeros(1).long())
+    state = type("S", (), {"experience": Experience(data, data, data, (0,), 0)})()
+    for value in (1.0, 3.0):  # task 0 ends at θ = 1, task 1 at θ = 3
+        nn.init.constant_(model.weight, value)
+        per_task.on_experience_end(state)
+        online.on_experience_end(state)
+    nn.init.constant_(model.weight, 0.0)
+    zero = torch.tensor(0.0)
+    assert per_task.loss(None, None, None, zero).item() == pytest.approx(0.5 * 2 * 1 + 0.5 * 4 * 9)
+    assert online.loss(None, None, None, zero).item() == pytest.approx(0.5 * (2 + 4) * 9)
+    restored = EWC(model, EWCConfig(lam=1.0, anchors="per-task"))
+    restored.load_state_dict(per_task.state_dict())
+    assert len(restored.tasks) == 2
+    assert restored.loss(None, None, None, zero).item() == pytest.approx(19.0)
+    with pytest.raises(WeightlabError, match="anchors must be 'online' or 'per-task', got 'x'"):
+        EWCConfig(anchors="x")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -39,11 +39,14 @@ def sign_ste(x: Tensor) -> Tensor:
 
 
 class BinaryLinear(nn.Linear):
-    """A linear layer whose forward uses ``sign(W_h)``; ``weight`` is the hidden weight ``W_h``."""
+    """A linear layer whose forward uses ``sign(W_h)``; ``weight`` is the hidden weight ``W_h``, initialised
+    ``U(−w/2, w/2)`` with ``w = init_width`` (the reference code's ``uniform_(-width/2, width/2)``, w = 0.1)."""
 
     def __init__(self, in_features: int, out_features: int, *, init_width: float = 0.1) -> None:
         super().__init__(in_features, out_features, bias=False)
-        nn.init.uniform_(self.weight, -init_width, init_width)
+        if not init_width > 0:
+            raise WeightlabError(f"init_width must be > 0, got {init_width}")
+        nn.init.uniform_(self.weight, -init_width / 2, init_width / 2)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, in) -> (B, out)
         w = self.weight

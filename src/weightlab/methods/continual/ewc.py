@@ -2,9 +2,14 @@
 ``variational-binary-cl`` and ``rnn-hypernetwork``.
 
 At the end of each experience the diagonal empirical Fisher ``F = E[(∂ℓ/∂θ)²]`` (per-sample gradients of the
-training loss with the true labels) is computed on up to ``fisher_samples`` training samples and added to the
-running sum over tasks; the anchor θ* becomes the current weights. Training then minimises
-``loss + (λ/2) Σ_i F_i (θ_i − θ*_i)²`` through the loop's ``loss`` hook.
+training loss with the true labels) is computed on up to ``fisher_samples`` training samples. Two ways to keep
+it (``EWCConfig.anchors``):
+
+* ``"online"`` (default): the Fisher is added to a running sum over tasks and the one anchor θ* becomes the
+  current weights, so training minimises ``loss + (λ/2) Σ_i F_i (θ_i − θ*_i)²`` — online EWC with γ = 1
+  (Schwarz et al. 2018), not the paper's per-task penalty;
+* ``"per-task"``: every finished task ``k`` keeps its own Fisher and anchor, and the penalty is
+  ``(λ/2) Σ_k Σ_i F_k,i (θ_i − θ*_k,i)²`` (Kirkpatrick et al.).
 
     ewc = EWC(model, EWCConfig(lam=100.0))
     for exp in stream:
@@ -14,6 +19,7 @@ running sum over tasks; the anchor θ* becomes the current weights. Training the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +35,20 @@ from weightlab.train.loop import ForwardFn, LoopState, LossFn, default_forward, 
 @dataclass(frozen=True)
 class EWCConfig:
     """``lam`` is λ of the penalty (5000 in Laborieux's permuted-MNIST runs); ``fisher_samples`` caps the
-    number of samples the Fisher is estimated on."""
+    number of samples the Fisher is estimated on; ``anchors`` is ``"online"`` (one anchor, summed Fisher:
+    online EWC with γ = 1) or ``"per-task"`` (one anchor and Fisher per finished task)."""
 
     lam: float = 5000.0
     fisher_samples: int = 256
+    anchors: Literal["online", "per-task"] = "online"
 
     def __post_init__(self) -> None:
         if self.lam < 0:
             raise WeightlabError(f"EWC lam must be ≥ 0, got {self.lam}")
         if self.fisher_samples < 1:
             raise WeightlabError(f"fisher_samples must be ≥ 1, got {self.fisher_samples}")
+        if self.anchors not in ("online", "per-task"):
+            raise WeightlabError(f"EWC anchors must be 'online' or 'per-task', got {self.anchors!r}")
 
 
 def diagonal_fisher(
@@ -93,14 +103,17 @@ class EWC(Callback):
         self.model = model
         self.config = config
         self.forward = forward
-        self.fisher: dict[str, Tensor] = {}
+        self.fisher: dict[str, Tensor] = {}  # online: the summed Fisher
         self.anchor: dict[str, Tensor] = {}
+        self.tasks: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # per-task: (Fisher, anchor) each
 
     def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
-        if not self.fisher or self.config.lam == 0:
+        terms = self.tasks if self.config.anchors == "per-task" else [(self.fisher, self.anchor)]
+        if not terms or not terms[0][0] or self.config.lam == 0:
             return loss
         params = dict(self.model.named_parameters())
-        return loss + self.config.lam * ewc_penalty(params, self.anchor, self.fisher).to(loss.device)
+        penalty = sum(ewc_penalty(params, anchor, fisher) for fisher, anchor in terms)
+        return loss + self.config.lam * penalty.to(loss.device)
 
     def on_experience_end(self, state: LoopState) -> None:
         data: Dataset | None = getattr(state.experience, "train", None)
@@ -110,6 +123,10 @@ class EWC(Callback):
                 f"got experience {type(state.experience).__name__}"
             )
         new = diagonal_fisher(self.model, data, max_samples=self.config.fisher_samples, forward=self.forward)
+        if self.config.anchors == "per-task":
+            params = dict(self.model.named_parameters())
+            self.tasks.append((new, {n: params[n].detach().clone() for n in new}))
+            return
         for name, f in new.items():
             # a parameter added since the last task (e.g. a new head) starts with zero importance
             old = self.fisher.get(name)
@@ -117,13 +134,21 @@ class EWC(Callback):
         self.anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.fisher}
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors to checkpoint (``fisher.*`` and ``anchor.*``)."""
-        return {
+        """Tensors to checkpoint (``fisher.*`` and ``anchor.*``; per task ``<k>.fisher.*``, ``<k>.anchor.*``)."""
+        out = {
             **{f"fisher.{k}": v for k, v in self.fisher.items()},
             **{f"anchor.{k}": v for k, v in self.anchor.items()},
         }
+        for j, (fisher, anchor) in enumerate(self.tasks):
+            out |= {f"{j}.fisher.{k}": v for k, v in fisher.items()} | {f"{j}.anchor.{k}": v for k, v in anchor.items()}
+        return out
 
     def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
         device = next(self.model.parameters()).device  # checkpoints load on the CPU
-        self.fisher = {k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("fisher.")}
-        self.anchor = {k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("anchor.")}
+
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.fisher, self.anchor = part("fisher."), part("anchor.")
+        n_tasks = len({k.split(".", 1)[0] for k in tensors if k.split(".", 1)[0].isdigit()})
+        self.tasks = [(part(f"{j}.fisher."), part(f"{j}.anchor.")) for j in range(n_tasks)]
