@@ -127,6 +127,7 @@ def _summary(model: nn.Module, tracker: OscillationTracker, test_set: ArrayDatas
             "flipbacks": float(counts[1] / counts[2] / max(tracker.window_steps, 1)),
             "per_module": {k: v[0] / v[2] for k, v in kinds.items()},
             "ema_osc": tracker.oscillating_fraction(), "ema_freq": tracker.mean_frequency(),
+            "steps": tracker.steps, "window_steps": tracker.window_steps,
             "history": [h[1] for h in tracker.history], **phase2}
 
 
