@@ -133,13 +133,16 @@ def _summary(model: nn.Module, tracker: OscillationTracker, test_set: ArrayDatas
 
 def _phase2(model: nn.Module, tracker: OscillationTracker, data: ArrayDataset, config: TrainConfig,
             callbacks: list[Callback]) -> dict[str, float]:
-    """Run the last phase; return its code-change diagnostics (per step, and start vs end)."""
+    """Run the last phase; return its code-change diagnostics (per step, and start vs end) and the mean
+    training loss of its final ``window`` steps."""
     before = {n: m.integer_codes() for n, m in tracker.modules.items()}
     flips = tracker.flips
-    train(model, data, config, callbacks=callbacks)
+    curve = LossCurve(tracker.config.window or config.max_steps)
+    train(model, data, config, callbacks=[*callbacks, curve])
     changed = sum(int((m.integer_codes() != before[n]).sum()) for n, m in tracker.modules.items())
     n = tracker.num_weights()
-    return {"phase2_change_rate": (tracker.flips - flips) / n / config.max_steps, "phase2_changed": changed / n}
+    return {"phase2_change_rate": (tracker.flips - flips) / n / config.max_steps, "phase2_changed": changed / n,
+            "final_loss": curve.curve[-1]}
 
 
 def run_unit(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, unit: str,

@@ -55,9 +55,9 @@ class OfqConfig(ExperimentConfig):
     depth: Count = 2
     heads: Count = 2
     batch_size: Count = 128
-    fp_steps: Count = 2000
+    fp_steps: Count = 4000
     fp_lr: Positive = 2e-3
-    qat_steps: Count = 600
+    qat_steps: Count = 400
     qat_lr: Positive = 5e-4
     weight_decay: NonNegative = 0.05
     cga_steps: Count = 600
@@ -114,6 +114,7 @@ def _tables(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> 
                  "binomial SE (pts)": f"{100 * binomial_se(float(np.mean(fp)), n_test):.2f}",
                  "oscillating in window (%)": "–", "flip-backs / weight / 1k steps": "–",
                  "EMA > thr. (%)": "–", "last-phase code changes / step (%)": "–",
+                 "train loss, final window": f"{np.mean([r['fp']['loss_curve'][-1] for r in records]):.3f}",
                  "paper top-1 (%)": "72.02 (DeiT-T)"})
     for bits in config.bits:
         for m in config.methods:
@@ -125,6 +126,7 @@ def _tables(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> 
                          "flip-backs / weight / 1k steps": pm([r["flipbacks"] for r in rs], scale=1e3, digits=2),
                          "EMA > thr. (%)": pm([r["ema_osc"] for r in rs], digits=2),
                          "last-phase code changes / step (%)": pm([r["phase2_change_rate"] for r in rs], digits=3),
+                         "train loss, final window": pm([r["final_loss"] for r in rs], scale=1, digits=3),
                          "paper top-1 (%)": PAPER.get((m, bits), "–")})
             kinds = {k for r in rs for k in r["per_module"]}
             modules.append({"W/A bits": f"{bits}/{bits}", "method": LABELS[m],
@@ -206,7 +208,9 @@ def _notes(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> l
              "the last phase's lr is a fifth of the QAT peak so that codes still move); none is chosen on the "
              f"test split. {config.n_val} training images are held out as a validation split (the teacher's "
              "val accuracy).",
-             f"Test set: n = {n_test} images; the binomial SE column is √(p(1−p)/n) of the mean accuracy.",
+             f"Test set: n = {n_test} images; the binomial SE column is √(p(1−p)/n) of the mean accuracy. "
+             "'train loss, final window': the mean training loss of the final window (the teacher's: cross-entropy "
+             "over its last 5% of steps; a QAT arm's includes the soft KD term when kd is on).",
              f"Oscillating (window): a weight whose integer code flipped back (a change against its previous "
              f"change) at least once in the final {config.osc_window} steps, over all low-bit block weights "
              "(W_qk = W_qᵀW_k per head instead of W_q, W_k under QKR; the 8-bit head and the float patch "
