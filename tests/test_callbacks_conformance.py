@@ -33,6 +33,7 @@ def _all_callbacks() -> set[type]:
     for module in pkgutil.walk_packages(weightlab.methods.__path__, "weightlab.methods."):
         importlib.import_module(module.name)
     importlib.import_module("weightlab.report.tensorboard")
+    importlib.import_module("weightlab.experiments")  # experiments' own observers (ofq's LossCurve)
 
     def subclasses(cls: type) -> list[type]:
         return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
@@ -189,6 +190,28 @@ def _quant(which: str) -> Callable[[Path], Case]:
     return case
 
 
+def _freezing(tmp_path: Path) -> Case:
+    from weightlab.methods.quant import FreezingConfig, IterativeFreezing, OscillationTracker, QuantConfig, prepare
+
+    vit = TinyViT(4, image_size=8, patch_size=4, dim=8, depth=1, num_heads=2)
+    model = prepare(vit, QuantConfig(bits_w=2, method="lsq")).model
+    tracker = OscillationTracker(model)
+    tracker.tracks["blocks.0.mlp.fc1"].ema[0] = 1.0  # one row has oscillated: it is frozen at the first step
+    return Case(model, IterativeFreezing(tracker, FreezingConfig()))
+
+
+def _soft_hard_kd(tmp_path: Path) -> Case:
+    from weightlab.methods.quant.distill import SoftHardDistillation
+
+    return _mlp(lambda m: SoftHardDistillation(MLP(64, 4, hidden=(8,))))
+
+
+def _loss_curve(tmp_path: Path) -> Case:
+    from weightlab.experiments._ofq import LossCurve
+
+    return _mlp(lambda m: LossCurve(2), observed=lambda cb: len(cb.curve) == STEPS)
+
+
 CASES: dict[str, Callable[[Path], Case]] = {
     "Replay": _replay, "AdversarialTraining": _adversarial, "DONE": _done, "EWC": _ewc,
     "KnowledgeDistillation": _kd, "ICaRLLoss": _icarl, "ClipHeadWeights": _clip, "AlignHead": _align,
@@ -196,9 +219,10 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "CollectSamples": _collect_samples, "TensorBoardLogger": _tensorboard,
     "BetaAnnealing": _binary("beta"), "ConsolidateField": _binary("consolidate"),
     "OutputRegularizer": _hypernet, "OscillationTracker": _quant("osc"),
-    "ConfidenceGuidedAnnealing": _quant("cga"),
+    "ConfidenceGuidedAnnealing": _quant("cga"), "IterativeFreezing": _freezing,
+    "SoftHardDistillation": _soft_hard_kd, "LossCurve": _loss_curve,
 }
-OBSERVERS = {"CollectSamples", "OscillationTracker", "TensorBoardLogger"}  # they watch training, never change it
+OBSERVERS = {"CollectSamples", "OscillationTracker", "TensorBoardLogger", "LossCurve"}  # they watch, never change
 
 
 class Recorder(Callback):

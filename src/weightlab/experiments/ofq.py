@@ -1,254 +1,258 @@
-"""Experiment ``ofq``: oscillation-free low-bit QAT of a tiny ViT on 16×16 digits (paper key ``ofq``).
+"""Experiment ``ofq``: oscillation-free low-bit QAT of a tiny ViT on Fashion-MNIST (paper key ``ofq``).
 
-Per seed a full-precision TinyViT is trained once; then, from it, QAT at each bit width (weights and
-activations) with LSQ, StatsQ, StatsQ + QKR, and StatsQ + QKR + CGA (the StatsQ + QKR model continued by a
-CGA phase at a small constant learning rate). A control continues the StatsQ + QKR model for the same steps at
-the same learning rate without freezing, to separate CGA's freezing from the extra low-LR steps.
-An :class:`OscillationTracker` follows every run.
+Per seed a full-precision TinyViT is trained once (the teacher); from it, QAT at each bit width (weights and
+activations) for every arm with the **same steps and schedule**: a cosine QAT phase of ``qat_steps``, then
+``cga_steps`` at the constant ``cga_lr``. Arms: LSQ; LSQ + Nagel et al.'s iterative freezing (the oscillation
+baseline); StatsQ; StatsQ + QKR; StatsQ + QKR + CGA (CGA acts in the last phase only; it shares the first
+phase with StatsQ + QKR, which is therefore also the "same steps without freezing" control). Every arm
+distils from the FP teacher (soft + hard, as the reference; ``kd``). Oscillation is counted as flip-backs of
+the integer codes in the final ``osc_window`` steps, per module, so it does not depend on an EMA's decay.
 Claims (paper): at 2 bits StatsQ + QKR + CGA has fewer oscillating weights and higher accuracy than LSQ;
 the gap is smaller at 3 bits.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from torch import nn
 
-from weightlab.data import digits
+from weightlab.data.digits import SIZES
 from weightlab.errors import WeightlabError
+from weightlab.experiments._ofq import ARMS, fp_teacher, run_unit, splits
 from weightlab.experiments.base import experiment
-from weightlab.experiments.configs import Count, Digits, DigitsSize, ExperimentConfig, NonNegative, Positive, Range
+from weightlab.experiments.configs import Count, ExperimentConfig, NonNegative, Positive, Range
 from weightlab.experiments.results import Results, claim
-from weightlab.methods.quant.api import QuantConfig, prepare
-from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config
 from weightlab.methods.quant.lsq import check_bits, lsq_range
-from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker
-from weightlab.models import TinyViT
 from weightlab.report import plots
 from weightlab.report.claims import seeds_phrase
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import TrialContext
 from weightlab.stats import Effect, Side, effect, paired
-from weightlab.train import TrainConfig, train
-from weightlab.train.evaluate import accuracy
-from weightlab.utils import derive_seed
 
-Method = Literal["lsq", "statsq", "statsq+qkr", "statsq+qkr+lowlr", "statsq+qkr+cga"]
-METHODS: tuple[Method, ...] = ("lsq", "statsq", "statsq+qkr", "statsq+qkr+lowlr", "statsq+qkr+cga")
-DERIVED = ("statsq+qkr+lowlr", "statsq+qkr+cga")  # continue the statsq+qkr model
-LABELS = {"lsq": "LSQ", "statsq": "StatsQ", "statsq+qkr": "StatsQ + QKR",
-          "statsq+qkr+lowlr": "StatsQ + QKR + low-LR steps (control)",
-          "statsq+qkr+cga": "StatsQ + QKR + CGA"}
+Method = Literal["lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga"]
+METHODS: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga")
+LABELS = {"lsq": "LSQ", "lsq+freezing": "LSQ + iterative freezing", "statsq": "StatsQ",
+          "statsq+qkr": "StatsQ + QKR", "statsq+qkr+cga": "StatsQ + QKR + CGA"}
+KINDS = {"attn.qkv": "qkv", "attn.qk": "W_qk", "attn.v": "v", "attn.proj": "proj", "mlp.fc1": "fc1",
+         "mlp.fc2": "fc2"}
 # OFQ Table (DeiT-T, ImageNet top-1 %, W/A bits); FP 72.02. LSQ-only rows are not in the spec notes.
 PAPER = {("statsq+qkr+cga", 2): "64.33 (DeiT-T W2A2)", ("statsq+qkr+cga", 3): "72.72 (DeiT-T W3A3)"}
+OURS, BASE = "statsq+qkr+cga", "lsq"
 
 
 @dataclass(frozen=True)
 class OfqConfig(ExperimentConfig):
-    data: Digits = "digits"
-    image_size: DigitsSize = 16
-    patch_size: Count = 4
+    seeds: Count = 5
+    data: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+    image_size: Count = 28
+    n_train: Count | None = None
+    n_val: Count = 5000
+    patch_size: Count = 7
     dim: Count = 32
     depth: Count = 2
     heads: Count = 2
-    augment_to: Count | None = 4000
-    batch_size: Count = 64
-    fp_steps: Count = 500
+    batch_size: Count = 128
+    fp_steps: Count = 4000
     fp_lr: Positive = 2e-3
-    qat_steps: Count = 150
+    qat_steps: Count = 400
     qat_lr: Positive = 5e-4
     weight_decay: NonNegative = 0.05
-    cga_steps: Count = 60
-    cga_lr: Positive = 1e-5
-    boundary_range: Positive = 0.005
+    cga_steps: Count = 600
+    cga_lr: Positive = 1e-4
+    boundary_range: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.005
+    kd: bool = True
+    freeze_threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.1
+    freeze_final_threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.01
+    osc_window: Count = 200
     osc_threshold: Positive = 0.005
+    osc_record_every: Count = 10
     bits: tuple[Annotated[int, Range(2, 8)], ...] = (2, 3)
-    methods: tuple[Method, ...] = METHODS
+    methods: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq+qkr", "statsq+qkr+cga")
 
     def check(self) -> None:
         for b in self.bits:
             lsq_range(check_bits(b, what="ofq bits"), signed=True)
         if not self.bits or not self.methods:
             raise WeightlabError("bits and methods must not be empty")
-
-
-def _model(config: OfqConfig) -> TinyViT:
-    return TinyViT(10, image_size=config.image_size, patch_size=config.patch_size, dim=config.dim,
-                   depth=config.depth, num_heads=config.heads)
-
-
-def _train_config(config: OfqConfig, *, steps: int, lr: float, seed: int, description: str) -> TrainConfig:
-    return TrainConfig(max_steps=steps, batch_size=config.batch_size, lr=lr, optimizer="adamw",
-                       weight_decay=config.weight_decay, schedule="cosine", warmup_steps=steps // 10,
-                       seed=seed, description=description)
-
-
-def fp_model(config: OfqConfig, ctx: TrialContext, train_set: Any) -> TinyViT:
-    """The full-precision model of the trial's seed (trained once, checkpointed, reused by every QAT run)."""
-    ctx.seeded("fp", "init")
-    model = _model(config)
-
-    def fit() -> None:
-        train(model, train_set, _train_config(config, steps=config.fp_steps, lr=config.fp_lr,
-                                              seed=derive_seed(ctx.seed, "fp"), description=f"FP seed {ctx.seed}"))
-
-    ctx.fitted("fp", {"model": model}, fit)
-    return model
-
-
-def _summary(model: nn.Module, tracker: OscillationTracker, test_set: Any) -> dict[str, Any]:
-    return {"acc": accuracy(model, test_set), "osc": tracker.oscillating_fraction(),
-            "freq": tracker.mean_frequency(), "history": [h[1] for h in tracker.history],
-            "flipbacks": tracker.oscillations / tracker.num_weights() / max(tracker.steps, 1)}
-
-
-def qat_runs(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, method: str, train_set: Any,
-             test_set: Any) -> dict[str, dict[str, Any]]:
-    """QAT from ``fp`` with ``method``; ``statsq+qkr`` also yields the runs that continue it (``DERIVED``)."""
-    qkr = method.startswith("statsq+qkr")
-    quant = QuantConfig(bits_w=bits, bits_a=bits, method="lsq" if method == "lsq" else "statsq", qkr=qkr)
-    run_seed = ctx.seeded(bits, method)
-    model = prepare(copy.deepcopy(fp), quant).model
-    tracker = OscillationTracker(model, OscillationConfig(threshold=config.osc_threshold, skip=("head",)))
-    tc = _train_config(config, steps=config.qat_steps, lr=config.qat_lr, seed=run_seed,
-                       description=f"W{bits}A{bits} {method}")
-    train(model, train_set, tc, callbacks=[tracker])
-    out = {method: _summary(model, tracker, test_set)}
-    if not qkr:
-        return out
-    cga = CGAConfig(boundary_range=config.boundary_range, lr=config.cga_lr)
-    cga_tc = dataclasses.replace(cga_train_config(tc, cga), max_steps=config.cga_steps, seed=run_seed + 1)
-    if "statsq+qkr+lowlr" in config.methods:
-        control, control_tracker = copy.deepcopy((model, tracker))
-        train(control, train_set, cga_tc, callbacks=[control_tracker])
-        out["statsq+qkr+lowlr"] = _summary(control, control_tracker, test_set)
-    if "statsq+qkr+cga" in config.methods:
-        annealing = ConfidenceGuidedAnnealing(model, cga)
-        train(model, train_set, cga_tc, callbacks=[annealing, tracker])
-        out["statsq+qkr+cga"] = _summary(model, tracker, test_set)
-        out["statsq+qkr+cga"]["trainable"] = float(np.mean(annealing.trainable_fraction))
-    return out
+        if self.osc_window > self.cga_steps:
+            raise WeightlabError(f"osc_window ({self.osc_window}) must be ≤ cga_steps ({self.cga_steps}): "
+                                 "oscillation is counted in the final steps")
+        if self.data == "digits" and self.image_size not in SIZES:
+            raise WeightlabError(f"image_size: digits come at sizes {', '.join(map(str, SIZES))}, "
+                                 f"got {self.image_size}")
+        if self.image_size % self.patch_size or self.dim % self.heads:
+            raise WeightlabError(f"patch_size {self.patch_size} must divide image_size {self.image_size} and "
+                                 f"heads {self.heads} must divide dim {self.dim}")
 
 
 def trial(config: OfqConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
-    """The FP model of this seed, then every (bits, method) QAT run from it."""
-    test_set = digits("test", size=config.image_size)
-    train_set = digits("train", size=config.image_size, augment_to=config.augment_to, seed=seed)
-    fp = fp_model(config, ctx, train_set)
-    record: dict[str, Any] = {"fp_acc": ctx.cached("fp-acc", lambda: accuracy(fp, test_set)), "runs": {}}
-    units = dict.fromkeys("statsq+qkr" if m in DERIVED else m for m in config.methods)  # ordered set
+    """The FP teacher of this seed, then every (bits, arm) QAT run from it."""
+    data = splits(config)
+    fp, diagnostics = fp_teacher(config, ctx, data)
+    record: dict[str, Any] = {"fp": diagnostics, "n_test": len(data[2]), "runs": {}}
+    units = dict.fromkeys(ARMS[m].unit for m in config.methods)  # ordered set
     for bits in config.bits:
-        for base in units:
-            done = ctx.cached(f"qat/w{bits}/{base}",
-                              lambda b=bits, m=base: qat_runs(config, ctx, fp, b, m, train_set, test_set))
-            record["runs"].update({f"w{bits}/{name}": summary for name, summary in done.items()
-                                   if name in config.methods})
+        for unit in units:
+            done = ctx.cached(f"qat/w{bits}/{unit}", lambda b=bits, u=unit: run_unit(config, ctx, fp, b, u, data))
+            record["runs"].update({f"w{bits}/{name}": summary for name, summary in done.items()})
     return record
 
 
-def summarise(config: OfqConfig, records: list[dict[str, Any]]) -> Results:
-    seeds = config.seed_list
-    fp_acc = [r["fp_acc"] for r in records]
-    results = {(b, m): [r["runs"][f"w{b}/{m}"] for r in records] for b in config.bits for m in config.methods}
-    rows = []
+def binomial_se(p: float, n: int) -> float:
+    """Standard error ``√(p(1 − p)/n)`` of an accuracy ``p`` measured on ``n`` test images."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
+
+
+def _tables(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> dict[str, list[dict[str, Any]]]:
+    n_test = records[0]["n_test"]
+    rows, modules = [], []
+    fp = [r["fp"]["test_acc"] for r in records]
+    rows.append({"W/A bits": "32/32", "method": "full precision (teacher)", "top-1 (%)": pm(fp),
+                 "binomial SE (pts)": f"{100 * binomial_se(float(np.mean(fp)), n_test):.2f}",
+                 "oscillating in window (%)": "–", "flip-backs / weight / 1k steps": "–",
+                 "EMA > thr. (%)": "–", "last-phase code changes / step (%)": "–",
+                 "train loss, final window": f"{np.mean([r['fp']['loss_curve'][-1] for r in records]):.3f}",
+                 "paper top-1 (%)": "72.02 (DeiT-T)"})
     for bits in config.bits:
-        for method in config.methods:
-            rs = results[(bits, method)]
-            rows.append({"W/A bits": f"{bits}/{bits}", "method": LABELS[method],
-                         "top-1 (%)": pm([r["acc"] for r in rs]),
-                         "oscillating weights (%)": pm([r["osc"] for r in rs], digits=2),
-                         "mean oscillation freq. (×1e-3)": pm([r["freq"] for r in rs], scale=1e3, digits=2),
-                         "flip-backs / weight / 1k steps": pm([r["flipbacks"] for r in rs], scale=1e3,
-                                                              digits=2),
-                         "paper top-1 (%)": PAPER.get((method, bits), "–")})
-    rows.insert(0, {"W/A bits": "32/32", "method": "full precision", "top-1 (%)": pm(fp_acc),
-                    "oscillating weights (%)": "–", "mean oscillation freq. (×1e-3)": "–",
-                    "flip-backs / weight / 1k steps": "–",
-                    "paper top-1 (%)": "72.02 (DeiT-T)"})
+        for m in config.methods:
+            rs = results[(bits, m)]
+            acc = [r["acc"] for r in rs]
+            rows.append({"W/A bits": f"{bits}/{bits}", "method": LABELS[m], "top-1 (%)": pm(acc),
+                         "binomial SE (pts)": f"{100 * binomial_se(float(np.mean(acc)), n_test):.2f}",
+                         "oscillating in window (%)": pm([r["osc"] for r in rs], digits=2),
+                         "flip-backs / weight / 1k steps": pm([r["flipbacks"] for r in rs], scale=1e3, digits=2),
+                         "EMA > thr. (%)": pm([r["ema_osc"] for r in rs], digits=2),
+                         "last-phase code changes / step (%)": pm([r["phase2_change_rate"] for r in rs], digits=3),
+                         "train loss, final window": pm([r["final_loss"] for r in rs], scale=1, digits=3),
+                         "paper top-1 (%)": PAPER.get((m, bits), "–")})
+            kinds = {k for r in rs for k in r["per_module"]}
+            modules.append({"W/A bits": f"{bits}/{bits}", "method": LABELS[m],
+                            **{label: pm([r["per_module"][k] for r in rs], digits=2) if k in kinds else "–"
+                               for k, label in KINDS.items()}})
+    teacher = [{"seed": s, "train acc (%)": f"{100 * r['fp']['train_acc']:.1f}",
+                "val acc (%)": f"{100 * r['fp']['val_acc']:.1f}", "test acc (%)": f"{100 * r['fp']['test_acc']:.1f}",
+                "loss, first → last 5%": f"{r['fp']['loss_curve'][0]:.3f} → {r['fp']['loss_curve'][-1]:.3f}",
+                "loss change, last 25% (rel.)": f"{_tail_change(r['fp']['loss_curve']):+.1%}"}
+               for s, r in zip(config.seed_list, records, strict=True)]
+    return {"Top-1 and weight oscillation (TinyViT)": rows,
+            f"Oscillating weights per module in the final {config.osc_window} steps (%)": modules,
+            "Full-precision teacher (convergence)": teacher}
 
-    def mean(bits: int, method: str, key: str) -> float:
-        return mean_std([r[key] for r in results[(bits, method)]])[0]
 
-    def col(bits: int, method: str, key: str) -> list[float]:
-        return [r[key] for r in results[(bits, method)]]
+def _tail_change(curve: list[float]) -> float:
+    """Relative change of the loss over the last quarter of training (near 0 when it has converged)."""
+    k = max(len(curve) // 4, 1)
+    start = curve[-k - 1] if len(curve) > k else curve[0]
+    return (curve[-1] - start) / max(abs(start), 1e-12)
 
-    def fewer(bits: int, a: str, b: str, key: str = "osc", side: Side = "<") -> Effect:
+
+def _claims(config: OfqConfig, results: dict) -> list:
+    def col(bits: int, m: str, key: str) -> list[float]:
+        return [r[key] for r in results[(bits, m)]]
+
+    def mean(bits: int, m: str, key: str) -> float:
+        return mean_std(col(bits, m, key))[0]
+
+    def diff(bits: int, a: str, b: str, key: str, side: Side) -> Effect:
         return paired(f"{key}({LABELS[a]}) − {key}({LABELS[b]}), W{bits}", col(bits, a, key), col(bits, b, key),
                       side=side)
 
+    def measured(bits: int, key: str, *ms: str) -> dict[str, float]:
+        return {f"{key}%({LABELS[m]}, W{bits})": 100 * mean(bits, m, key) for m in ms}
+
+    have = set(config.methods)
     claims = []
-    extra_notes: list[str] = []
-    ours, base = "statsq+qkr+cga", "lsq"
-    if {ours, base} <= set(config.methods) and 2 in config.bits:
-        osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (base, ours)}
+    if {OURS, BASE} <= have and 2 in config.bits:
         claims.append(claim("at 2 bits StatsQ + QKR + CGA has fewer oscillating weights than LSQ",
-                            fewer(2, ours, base), measured=osc, paper="fewer oscillating weights"))
-        acc = {f"acc%({LABELS[m]}, W2A2)": 100 * mean(2, m, "acc") for m in (base, ours)}
+                            diff(2, OURS, BASE, "osc", "<"), measured=measured(2, "osc", BASE, OURS),
+                            paper="fewer oscillating weights"))
         claims.append(claim("at 2 bits StatsQ + QKR + CGA is more accurate than LSQ",
-                            fewer(2, ours, base, "acc", ">"), measured=acc,
+                            diff(2, OURS, BASE, "acc", ">"), measured=measured(2, "acc", BASE, OURS),
                             paper="DeiT-T W2A2 64.33, above the previous 2-bit state of the art"))
-        if "statsq" in config.methods:
-            osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (base, "statsq")}
-            claims.append(claim("at 2 bits StatsQ alone (statistical, not learned, scale) has fewer "
-                                "oscillating weights than LSQ (learned scale)", fewer(2, "statsq", base),
-                                measured=osc, paper="the learnable scale aggravates oscillation"))
         if 3 in config.bits:
-            gap = {b: np.subtract(col(b, ours, "acc"), col(b, base, "acc")) for b in (2, 3)}
+            gap = {b: np.subtract(col(b, OURS, "acc"), col(b, BASE, "acc")) for b in (2, 3)}
             claims.append(claim("the accuracy gap to LSQ is smaller at 3 bits than at 2 bits",
                                 effect("gap W3 − gap W2 (acc(ours) − acc(LSQ))", (gap[3] - gap[2]).tolist(),
                                        side="<"),
                                 measured={f"gap W{b} (points)": 100 * float(gap[b].mean()) for b in (2, 3)},
                                 paper="W3A3 close to FP for all methods"))
+    if {OURS, "statsq+qkr"} <= have and 2 in config.bits:
+        claims.append(claim("(ablation) at 2 bits CGA leaves fewer oscillating weights than the same steps "
+                            "without it", diff(2, OURS, "statsq+qkr", "osc", "<"),
+                            measured=measured(2, "osc", "statsq+qkr", OURS), paper="CGA calms the oscillating weights"))
+    if {OURS, "lsq+freezing"} <= have and 2 in config.bits:
+        claims.append(claim("(baseline) at 2 bits StatsQ + QKR + CGA is more accurate than LSQ + iterative "
+                            "freezing", diff(2, OURS, "lsq+freezing", "acc", ">"),
+                            measured=measured(2, "acc", "lsq+freezing", OURS),
+                            paper="OFQ above oscillation dampening / freezing (Nagel et al. 2022)"))
+    if {BASE, "statsq"} <= have and 2 in config.bits:
+        claims.append(claim("(ablation) at 2 bits StatsQ (scale not learned) has fewer oscillating weights than "
+                            "LSQ (learned scale)", diff(2, "statsq", BASE, "osc", "<"),
+                            measured=measured(2, "osc", BASE, "statsq"),
+                            paper="the learnable scale aggravates oscillation"))
+    return claims
 
-    control = "statsq+qkr+lowlr"
-    if {ours, control} <= set(config.methods) and 2 in config.bits:
-        osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (control, ours)}
-        claims.append(claim("at 2 bits CGA's freezing leaves fewer oscillating weights than the same "
-                            "low-LR steps without freezing", fewer(2, ours, control), measured=osc,
-                            paper="CGA calms the oscillating weights"))
-        if mean(2, ours, "osc") >= 0.9 * mean(2, control, "osc"):
-            extra_notes.append("At W2 the control (same low-LR steps, no freezing) has about as few "
-                               "oscillating weights as CGA: the reduction against LSQ comes from the extra "
-                               "low-LR steps (the oscillation EMA decays), not from CGA's freezing.")
 
+def _notes(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> list[str]:
+    n_test = records[0]["n_test"]
+    notes = [f"TinyViT dim {config.dim}, depth {config.depth}, {config.heads} heads, patch {config.patch_size} on "
+             f"{config.image_size}×{config.image_size} {config.data}; FP teacher {config.fp_steps} steps (AdamW, "
+             f"cosine, lr {config.fp_lr}). Every QAT arm: {config.qat_steps} steps (AdamW, cosine, peak lr "
+             f"{config.qat_lr}, wd {config.weight_decay}) then {config.cga_steps} steps at the constant lr "
+             f"{config.cga_lr} (CGA, BR {config.boundary_range}, acts in this last phase only), batch "
+             f"{config.batch_size}; {'soft + hard KD from the FP teacher' if config.kd else 'no KD'}.",
+             "Hyper-parameters are fixed in advance (the reference recipe scaled down: AdamW, wd 0.05, cosine; "
+             "the last phase's lr is a fifth of the QAT peak so that codes still move); none is chosen on the "
+             f"test split. {config.n_val} training images are held out as a validation split (the teacher's "
+             "val accuracy).",
+             f"Test set: n = {n_test} images; the binomial SE column is √(p(1−p)/n) of the mean accuracy. "
+             "'train loss, final window': the mean training loss of the final window (the teacher's: cross-entropy "
+             "over its last 5% of steps; a QAT arm's includes the soft KD term when kd is on).",
+             f"Oscillating (window): a weight whose integer code flipped back (a change against its previous "
+             f"change) at least once in the final {config.osc_window} steps, over all low-bit block weights "
+             "(W_qk = W_qᵀW_k per head instead of W_q, W_k under QKR; the 8-bit head and the float patch "
+             f"embedding are not tracked). 'EMA > thr.': Nagel et al.'s EMA measure (momentum 0.01) above "
+             f"{config.osc_threshold} at the end, for comparison.",
+             f"LSQ + iterative freezing: Nagel et al.'s threshold annealed (cosine) from {config.freeze_threshold} "
+             f"to {config.freeze_final_threshold} over the QAT phase, then kept."]
+    for bits in config.bits:
+        parts = []
+        if results.get((bits, OURS)):
+            kept = mean_std([r["trainable"] for r in results[(bits, OURS)]])[0]
+            changed = mean_std([r["phase2_changed"] for r in results[(bits, OURS)]])[0]
+            parts.append(f"CGA kept {100 * kept:.2f}% of its StatsQ weights trainable per step; "
+                         f"{100 * changed:.2f}% of all tracked codes differ between the start and end of its phase")
+        if results.get((bits, "lsq+freezing")):
+            frozen = mean_std([r["frozen"] for r in results[(bits, "lsq+freezing")]])[0]
+            parts.append(f"iterative freezing froze {100 * frozen:.2f}% of the LSQ weights")
+        if parts:
+            notes.append(f"W{bits}: " + "; ".join(parts) + ".")
+    return notes
+
+
+def summarise(config: OfqConfig, records: list[dict[str, Any]]) -> Results:
+    results = {(b, m): [r["runs"][f"w{b}/{m}"] for r in records] for b in config.bits for m in config.methods}
     figures = {}
     for bits in config.bits:
-        series = {LABELS[m]: np.mean([r["history"] for r in results[(bits, m)]], axis=0).tolist()
-                  for m in config.methods if results[(bits, m)]}
-        series = {k: [100 * v for v in vs] for k, vs in series.items()}
+        series = {LABELS[m]: (100 * np.mean([r["history"] for r in results[(bits, m)]], axis=0)).tolist()
+                  for m in config.methods}
         figures[f"oscillation_w{bits}"] = plots.curves(
-            series, title=f"W{bits}A{bits}: oscillating weights during QAT ({seeds_phrase(len(seeds))})",
-            xlabel="QAT step", ylabel=f"% weights with osc. EMA > {config.osc_threshold}")
-    notes = [f"TinyViT dim {config.dim}, depth {config.depth}, {config.heads} heads, patch "
-             f"{config.patch_size} on {config.image_size}×{config.image_size} digits"
-             f"{f' (affine-augmented to {config.augment_to})' if config.augment_to else ''}; "
-             f"FP {config.fp_steps} steps, QAT {config.qat_steps} steps (AdamW, cosine, lr {config.qat_lr}); "
-             "the CGA variant continues "
-             f"the StatsQ + QKR model for {config.cga_steps} more steps at the constant lr {config.cga_lr} "
-             f"with BR {config.boundary_range}.",
-             "Oscillating: EMA (momentum 0.01) of flip-backs of the integer code above "
-             f"{config.osc_threshold}, over all low-bit block weights (W_qk instead of W_q, W_k under QKR); "
-             "the 8-bit head is not tracked.",
-             "Patch embedding in full precision; head 8-bit LSQ (weights and inputs), as in OFQ."]
-    for bits in config.bits:
-        if results.get((bits, ours)):
-            kept = mean_std([r["trainable"] for r in results[(bits, ours)]])[0]
-            notes.append(f"W{bits}: CGA kept {100 * kept:.2f}% of the StatsQ weights trainable per step "
-                         "on average.")
-    notes += extra_notes
-    notes.append("quick runs 3 seeds, not 5, to keep its cost (about 2 CPU-minutes); full runs 5.")
-    return Results(tables={"Top-1 and weight oscillation (digits 16×16, TinyViT)": rows}, claims=claims,
-                   notes=notes, figures=figures)
+            series, title=f"W{bits}A{bits}: oscillating weights (EMA) during QAT ({seeds_phrase(len(records))})",
+            xlabel=f"QAT step / {config.osc_record_every}", ylabel=f"% weights with osc. EMA > {config.osc_threshold}")
+    curves = {f"seed {s}": r["fp"]["loss_curve"] for s, r in zip(config.seed_list, records, strict=True)}
+    figures["fp_loss"] = plots.curves(curves, title="FP teacher: training loss",
+                                      xlabel=f"block of {max(config.fp_steps // 20, 1)} steps", ylabel="loss")
+    return Results(tables=_tables(config, records, results), claims=_claims(config, results),
+                   notes=_notes(config, records, results), figures=figures)
 
 
 experiment("ofq", paper="ofq", config=OfqConfig, trial=trial, summarise=summarise,
-           summary="LSQ vs StatsQ (+QKR, +CGA) low-bit QAT of a tiny ViT on 16×16 digits; oscillation",
-           profiles={"smoke": {"seeds": 1, "augment_to": None, "depth": 1, "fp_steps": 250, "qat_steps": 80,
-                               "cga_steps": 20, "bits": (2,)},
-                     "full": {"seeds": 5, "dim": 64, "depth": 4, "heads": 4, "augment_to": 20000,
-                              "fp_steps": 4000, "qat_steps": 3000, "cga_steps": 600}})
+           summary="LSQ (± iterative freezing) vs StatsQ + QKR (+ CGA) low-bit QAT of a tiny ViT on Fashion-MNIST",
+           profiles={"smoke": {"seeds": 1, "data": "digits", "image_size": 16, "patch_size": 4, "n_val": 200,
+                               "depth": 1, "batch_size": 64, "fp_steps": 250, "fp_lr": 2e-3, "qat_steps": 60,
+                               "cga_steps": 40, "osc_window": 20, "osc_record_every": 5, "bits": (2,)},
+                     "full": {"dim": 64, "depth": 4, "heads": 4, "fp_steps": 10000, "qat_steps": 4000,
+                              "cga_steps": 2000, "osc_window": 500, "methods": METHODS}})

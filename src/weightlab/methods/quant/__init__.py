@@ -2,7 +2,9 @@
 
 ``prepare(model, QuantConfig(...))`` returns a :class:`Quantized` handle (``.model``, ``.config``, ``.layers``,
 ``convert()``, ``packed_state()``); the modules hold the pieces: :mod:`.api`, :mod:`.lsq`, :mod:`.statsq`,
-:mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation` (the tracker) and :mod:`.cga` (confidence-guided annealing).
+:mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation` (the tracker), :mod:`.cga` (confidence-guided annealing),
+:mod:`.freezing` (Nagel et al.'s iterative freezing, the oscillation baseline) and :mod:`.distill` (soft + hard
+distillation from the full-precision teacher).
 """
 
 from weightlab.methods.quant.api import (
@@ -17,6 +19,8 @@ from weightlab.methods.quant.api import (
     state_nbytes,
 )
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config, cga_trainable_mask
+from weightlab.methods.quant.distill import SoftHardDistillation
+from weightlab.methods.quant.freezing import FreezingConfig, IterativeFreezing, freezing_threshold
 from weightlab.methods.quant.layers import QuantAttention, QuantLinear
 from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker, oscillation_step
 from weightlab.methods.quant.qkr import QKRAttention
@@ -24,6 +28,8 @@ from weightlab.methods.quant.qkr import QKRAttention
 __all__ = [
     "CGAConfig",
     "ConfidenceGuidedAnnealing",
+    "FreezingConfig",
+    "IterativeFreezing",
     "METHODS",
     "OscillationConfig",
     "OscillationTracker",
@@ -32,10 +38,12 @@ __all__ = [
     "QuantConfig",
     "QuantLinear",
     "Quantized",
+    "SoftHardDistillation",
     "attention_modules",
     "cga_train_config",
     "cga_trainable_mask",
     "convert",
+    "freezing_threshold",
     "load_packed_state",
     "oscillation_step",
     "packed_state",

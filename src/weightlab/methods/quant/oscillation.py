@@ -3,6 +3,11 @@
 A weight *oscillates* at a step when its integer code changes in the direction opposite to its previous
 change (a flip back). Its oscillation frequency is an EMA with momentum ``m = 0.01``:
 ``ema ← m·oscillated + (1 − m)·ema``. A weight counts as oscillating when ``ema > threshold``.
+
+The EMA decays whenever codes stop moving, so runs of different lengths or learning-rate tails are not
+comparable by it; the tracker therefore also *counts* flip-backs per weight since the start of a window
+(``OscillationConfig.window``: the last ``window`` steps of every ``train()`` call), per module. It keeps an
+EMA of the integer codes too (Nagel et al.'s ``ema_x_int``: what iterative freezing freezes to).
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ class OscillationConfig:
         threshold: a weight oscillates when its EMA exceeds this.
         record_every: append to ``history`` every this many steps.
         skip: ``fnmatch`` patterns of module names not to track (e.g. an 8-bit ``head``).
+        window: count flip-backs over the last ``window`` steps of every ``train()`` call (the counts are
+            reset after step ``total − window``); None counts from the start (or from ``reset_window()``).
     """
 
     momentum: float = 0.01
     threshold: float = 0.005
     record_every: int = 1
     skip: tuple[str, ...] = ()
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.momentum <= 1:
@@ -60,13 +68,17 @@ class OscillationConfig:
             raise WeightlabError(f"oscillation threshold must be in [0, 1), got {self.threshold}")
         if self.record_every < 1:
             raise WeightlabError(f"oscillation record_every must be ≥ 1, got {self.record_every}")
+        if self.window is not None and self.window < 1:
+            raise WeightlabError(f"oscillation window must be ≥ 1 or None, got {self.window}")
 
 
 @dataclass
 class _Track:
     codes: Tensor
     direction: Tensor
-    ema: Tensor
+    ema: Tensor  # oscillation frequency
+    code_ema: Tensor  # EMA of the integer codes
+    flipbacks: Tensor  # flip-backs per weight in the current window
 
 
 @register("method", "oscillation-tracker")
@@ -78,7 +90,7 @@ class OscillationTracker(Callback):
     before the first step and call ``after_step(None)`` after every ``optimizer.step()``. It keeps its state
     across several ``train`` calls (e.g. QAT then CGA).
     ``history`` holds ``(step, fraction oscillating, fraction of codes changed)`` every
-    ``config.record_every`` steps.
+    ``config.record_every`` steps; ``window_steps`` counts the steps of the current flip-back window.
     """
 
     def __init__(self, model: nn.Module, config: OscillationConfig = OscillationConfig()) -> None:
@@ -93,6 +105,7 @@ class OscillationTracker(Callback):
         self.flips = 0
         self.oscillations = 0
         self.history: list[tuple[int, float, float]] = []
+        self.window_steps = 0
         self._snapshot()
 
     def _snapshot(self, *, refresh: bool = False) -> None:
@@ -100,7 +113,8 @@ class OscillationTracker(Callback):
         for name, module in self.modules.items():
             if refresh or name not in self.tracks:
                 codes = module.integer_codes()
-                self.tracks[name] = _Track(codes, torch.zeros_like(codes), torch.zeros_like(codes))
+                zeros = torch.zeros_like(codes)
+                self.tracks[name] = _Track(codes, zeros, zeros.clone(), codes.clone(), zeros.clone())
 
     def on_experience_start(self, state: LoopState) -> None:
         self._snapshot(refresh=self.steps == 0)
@@ -116,10 +130,32 @@ class OscillationTracker(Callback):
             track.direction, track.ema, oscillated = oscillation_step(
                 track.codes, codes, track.direction, track.ema, momentum=self.config.momentum)
             track.codes = codes
+            track.code_ema.mul_(1 - self.config.momentum).add_(codes, alpha=self.config.momentum)
+            track.flipbacks += oscillated
             self.oscillations += int(oscillated.sum())
         self.flips += changed
+        self.window_steps += 1
         if self.steps % self.config.record_every == 0:
             self.history.append((self.steps, self.oscillating_fraction(), changed / self.num_weights()))
+        window = self.config.window
+        if window is not None and state is not None and state.total_steps - state.step == window:
+            self.reset_window()
+
+    def reset_window(self) -> None:
+        """Start a new flip-back window: zero every weight's count."""
+        for track in self.tracks.values():
+            track.flipbacks.zero_()
+        self.window_steps = 0
+
+    def window_counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per module: ``(weights that flipped back at least once, flip-backs, weights)`` in the window."""
+        return {name: (int((t.flipbacks > 0).sum()), int(t.flipbacks.sum()), t.flipbacks.numel())
+                for name, t in self.tracks.items()}
+
+    def window_fraction(self) -> float:
+        """Fraction of tracked weights that flipped back at least once in the current window."""
+        counts = self.window_counts().values()
+        return sum(c[0] for c in counts) / max(sum(c[2] for c in counts), 1)
 
     def num_weights(self) -> int:
         return sum(t.codes.numel() for t in self.tracks.values())
