@@ -22,7 +22,8 @@ MIN_BLOCK = 1 << 15  # columns: smaller keys are not split
 
 
 def _single_threaded(ready: threading.Barrier) -> None:
-    torch.set_num_threads(1)  # this thread's OpenMP setting (and, until the caller restores it, the default)
+    torch.get_num_threads()  # torch sets each thread's OpenMP count from its default on first use: do it now,
+    torch.set_num_threads(1)  # then make this thread's count 1 (and the default too, until the caller restores it)
     ready.wait()
 
 
