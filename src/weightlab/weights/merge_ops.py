@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit 0)
-HIST_CHUNK = 1 << 20  # entries per piece of a radix histogram (a 4 MB int32 scratch)
+HIST_CHUNK = 1 << 18  # entries per piece of a radix histogram (two 1 MB int32 scratch rows)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,18 +187,21 @@ def radix_counts(rows: Tensor, prefix: Sequence[int] | None = None, *, chunk: in
     n_rows, n = rows.shape
     bins = HIST_BINS if prefix is None else 1 << 16
     counts = torch.zeros(n_rows, bins, dtype=torch.int64)
-    scratch = torch.empty(min(chunk, max(n, 1)), dtype=torch.int32)
+    scratch = torch.empty(2, min(chunk, max(n, 1)), dtype=torch.int32)
     bits = rows.view(torch.int32)  # (T, n) float32 bit patterns
     for t in range(n_rows):
         for start in range(0, n, chunk):
-            part = scratch[: min(chunk, n - start)]
+            part, outside = scratch[:, : min(chunk, n - start)]
             torch.bitwise_and(bits[t, start : start + part.numel()], 0x7FFFFFFF, out=part)  # bits of |x|
             if prefix is None:
-                part.bitwise_right_shift_(16)
-                counts[t] += torch.bincount(part, minlength=HIST_BINS)
-            else:  # low bits of the prefix bin go to 1..2**16; entries below / above it to 0 / 2**16 + 1
-                part.sub_((prefix[t] << 16) - 1).clamp_(0, bins + 1)
-                counts[t] += torch.bincount(part, minlength=bins + 2)[1 : bins + 1]
+                counts[t] += torch.bincount(part.bitwise_right_shift_(16), minlength=HIST_BINS)
+                continue
+            # low bits of the prefix bin → 0 .. 2**16 − 1; any other entry → 2**16 + its low bits, spread over
+            # 2**16 bins (not piled into one, whose counter every increment would have to wait for)
+            part.sub_(prefix[t] << 16)
+            torch.bitwise_right_shift(part, 16, out=outside).ne_(0).bitwise_left_shift_(16)
+            part.bitwise_and_(0xFFFF).bitwise_or_(outside)
+            counts[t] += torch.bincount(part, minlength=2 * bins)[:bins]
     return counts
 
 

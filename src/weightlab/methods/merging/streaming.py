@@ -198,7 +198,7 @@ def _raw_sign_sum(buf: Tensor, thresholds: Tensor, workers: ColumnWorkers = SERI
         balance = 0
         for c in _chunks(cols.stop, cols.start):
             total = merge_ops.trim_into(scratch[:, : c.stop - c.start], buf[:, c], shrink).sum(dim=0)
-            balance += int((total > 0).sum()) - int((total < 0).sum())
+            balance += int(torch.sign(total).sum())  # exact: a sum of at most CHUNK (< 2**24) signs
         return balance
 
     return torch.tensor(float(sum(workers.map(block, buf.shape[1]))))
@@ -273,8 +273,9 @@ class _Plan:
             total, merged, result = self.chunk(buf[:, c], scratch)
             out[c] = result
             if total is not None:
-                balance += int((total > 0).sum()) - int((total < 0).sum())
-                undecided.append(torch.nonzero((total == 0) & (merged != 0)).reshape(-1) + c.start)
+                sign = torch.sign(total)  # (c,)
+                balance += int(sign.sum())  # exact: a sum of at most CHUNK (< 2**24) signs
+                undecided.append(torch.nonzero(torch.where(sign == 0, merged, 0.0)).reshape(-1) + c.start)
         return balance, torch.cat(undecided)
 
 
