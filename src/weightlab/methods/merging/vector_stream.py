@@ -21,6 +21,7 @@ from torch import Tensor
 
 from weightlab.methods.merging.checkpoints import Checkpoint
 from weightlab.methods.merging.task_arithmetic import check_finite
+from weightlab.methods.merging.workers import PoolOwner
 from weightlab.weights.stream_io import DTYPES
 
 READ_AHEAD_SLACK = 0.25  # the arena may exceed the largest key by this fraction to read ahead beside it
@@ -46,7 +47,7 @@ def read_row(ckpt: Checkpoint, key: str, row: Tensor) -> Tensor:
     return tensor
 
 
-class VectorStream:
+class VectorStream(PoolOwner):
     """Iterate over the :class:`KeyVectors` of ``keys`` (floating-point keys of ``base``), reading ahead.
 
     Each iteration reads the checkpoints again from the first key (a global TIES merge makes several
@@ -64,18 +65,6 @@ class VectorStream:
         self.capacity = self.rows * max(largest, min(pair, int(largest * (1 + READ_AHEAD_SLACK))))
         self._arena: Tensor | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weightlab-read") if read_ahead else None
-
-    def __enter__(self) -> VectorStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Wait for a read in flight and stop the reading thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
 
     def _region(self, arena: Tensor, i: int) -> Tensor:
         size = self.rows * self.sizes[i]

@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 
 R = TypeVar("R")
+P = TypeVar("P", bound="PoolOwner")
 MIN_BLOCK = 1 << 15  # columns: smaller keys are not split
 
 
@@ -27,7 +28,25 @@ def _single_threaded(ready: threading.Barrier) -> None:
     ready.wait()
 
 
-class ColumnWorkers:
+class PoolOwner:
+    """Owns a thread pool ``_pool`` (or None); ``close()`` (or leaving a ``with`` block) waits for its tasks."""
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self: P) -> P:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the tasks in flight, drop the queued ones and stop the threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class ColumnWorkers(PoolOwner):
     """``threads`` worker threads (default: torch's intra-op thread count) mapping a function over blocks.
 
     With one thread everything runs inline in the caller, with torch's own threading.
@@ -46,17 +65,6 @@ class ColumnWorkers:
             for f in started:
                 f.result()
             torch.set_num_threads(previous)  # the caller's threads keep their setting
-
-    def __enter__(self) -> ColumnWorkers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
 
     def blocks(self, n: int) -> list[slice]:
         """``[0, n)`` in at most ``threads`` contiguous blocks of at least :data:`MIN_BLOCK` columns."""
