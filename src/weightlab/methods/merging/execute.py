@@ -114,7 +114,7 @@ class Merger:
             models[t].copy_(ft.read(key).reshape(-1))
             check_finite(models[t], key, f"checkpoint {str(ft.path)!r}")
         group = methods.Group(key, base32.to(self.device), models.to(self.device))
-        self.check.observe(group.deltas.cpu())
+        self.check.observe(group.deltas)
         merged = self.config.spec.rule(group, self.context).to("cpu")
         return merged.reshape(theta0.shape).to(self.dtype or theta0.dtype)
 
