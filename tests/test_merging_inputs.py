@@ -112,6 +112,11 @@ def test_a_lora_adapter_is_a_fine_tune_of_b_a_alpha_over_r(tmp_path: Path) -> No
     for k in raw:
         assert torch.allclose(got[k], want[k], atol=1e-6), k
     assert torch.equal(got["encoder.layer.0.query.bias"], want["encoder.layer.0.query.bias"])
+    # a paper method with unit weights: an adapter input goes through the executor's own global TIES passes
+    out = tmp_path / "ties.safetensors"
+    merging.merge_checkpoints(base, [lora, tmp_path / "full.safetensors"], out, merging.MergeConfig(density=0.5))
+    want = merging.merge(raw, [expected, full], "ties", density=0.5)
+    assert all(torch.allclose(load_file(str(out))[k], want[k], atol=1e-6) for k in raw)
 
 
 def test_lora_scaling_options(tmp_path: Path) -> None:

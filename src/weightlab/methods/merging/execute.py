@@ -3,9 +3,10 @@
 :func:`merge_checkpoints` streams one key at a time (the base tensor and the T models' tensors in float32,
 ``(T + 2) ×`` the largest tensor, or more for methods that sort), on the CPU or a GPU (``device="cuda"``),
 and writes the base's layout in the base's dtypes or ``dtype``. For the four paper methods with unit
-weights on the CPU it hands over to the streaming kernel (:func:`weightlab.methods.merging.streaming.
-merge_checkpoints`), which gives the same bits faster. :func:`merge_state_dicts` runs the same rules on
-state dicts in memory, so a merge in memory and one streamed from disk give the same tensors.
+weights on the CPU, from plain checkpoints, it hands over to the streaming kernel
+(:func:`weightlab.methods.merging.streaming.merge_checkpoints`), which gives the same bits faster.
+:func:`merge_state_dicts` runs the same rules on state dicts in memory, so a merge in memory and one
+streamed from disk give the same tensors.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from weightlab.methods.merging.checkpoints import (
     DTYPE_NAMES,
     Checkpoint,
     Source,
+    as_source,
     check_output,
     open_all,
     source_path,
     write_like,
 )
+from weightlab.methods.merging.lora import is_adapter
 from weightlab.methods.merging.streaming import InputCheck, MergeConfig
 from weightlab.methods.merging.task_arithmetic import StateDict, check_finite
+from weightlab.report.progress import track
+from weightlab.weights import merge_ops
 from weightlab.weights.io import exclusive_output
 
 
@@ -92,9 +97,7 @@ class Merger:
         reads = config.spec.reads
         thresholds = majority = None
         if config.global_scope:  # the reference TIES over the whole model: two passes, then one for the sign
-            ordered = base.float_keys()  # type: ignore[attr-defined]
-            thresholds = streaming.global_thresholds(base, fts, ordered, config.density)  # type: ignore[arg-type]
-            majority = streaming.global_majority(base, fts, ordered, thresholds)  # type: ignore[arg-type]
+            thresholds, majority = self._global_ties(base.float_keys(), config.density)  # type: ignore[attr-defined]
         self.context = methods.Context(
             config=config,
             weights=torch.tensor(config.weights_for(n) if "weights" in reads else [1.0] * n, device=device),
@@ -104,23 +107,65 @@ class Merger:
             majority=None if majority is None else majority.to(device),
         )
 
-    def produce(self, key: str) -> Tensor:
+    def group(self, key: str) -> tuple[Tensor, methods.Group]:
+        """The base tensor of ``key`` and its group (read through ``.read`` only: any checkpoint-like input)."""
         theta0 = self.base.read(key)  # type: ignore[attr-defined]
-        if key not in self.floats:
-            return theta0
         base32 = theta0.reshape(-1).to(torch.float32)
         models = torch.empty(len(self.fts), base32.numel(), dtype=torch.float32)  # (T, n)
         for t, ft in enumerate(self.fts):
             models[t].copy_(ft.read(key).reshape(-1))
             check_finite(models[t], key, f"checkpoint {str(ft.path)!r}")
-        group = methods.Group(key, base32.to(self.device), models.to(self.device))
+        return theta0, methods.Group(key, base32.to(self.device), models.to(self.device))
+
+    def _global_ties(self, keys: list[str], density: float) -> tuple[Tensor, Tensor]:
+        """Each task's exact trim threshold over the whole model ``(T,)`` and the majority sign ``()``.
+
+        The reference code's global TIES, by the two-level radix select of :mod:`weightlab.weights.merge_ops`
+        (two reading passes) and one more pass for ``sign(Σ γ)``. It reads through ``.read`` only, so LoRA
+        adapters, renamed and in-memory checkpoints work (the streaming kernel has its own faster passes).
+        """
+        n_tasks = len(self.fts)
+        rank = merge_ops.keep_rank(sum(self.base.numel(k) for k in keys), density)  # type: ignore[attr-defined]
+        thresholds = torch.zeros(n_tasks)
+        if rank > 0:
+            high = torch.zeros(n_tasks, merge_ops.HIST_BINS, dtype=torch.long)
+            for key in track(keys, "threshold pass 1/2"):
+                deltas = self.group(key)[1].deltas.abs()
+                for t in range(n_tasks):
+                    high[t] += merge_ops.radix_histogram(deltas[t]).cpu()
+            located = [merge_ops.locate_rank(high[t], rank) for t in range(n_tasks)]
+            low = torch.zeros(n_tasks, 1 << 16, dtype=torch.long)
+            for key in track(keys, "threshold pass 2/2"):
+                deltas = self.group(key)[1].deltas.abs()
+                for t in range(n_tasks):
+                    low[t] += merge_ops.radix_histogram(deltas[t], prefix=located[t][0]).cpu()
+            thresholds = torch.tensor([merge_ops.value_from_bits(h, merge_ops.locate_rank(low[t], r)[0])
+                                       for t, (h, r) in enumerate(located)], dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        for key in track(keys, "majority-sign pass"):
+            deltas = self.group(key)[1].deltas
+            total += merge_ops.raw_sign(merge_ops.trim(deltas, thresholds.to(deltas.device))).sum().cpu()
+        return thresholds, torch.sign(total)
+
+    def produce(self, key: str) -> Tensor:
+        if key not in self.floats:
+            return self.base.read(key)  # type: ignore[attr-defined]
+        theta0, group = self.group(key)
         self.check.observe(group.deltas)
         merged = self.config.spec.rule(group, self.context).to("cpu")
         return merged.reshape(theta0.shape).to(self.dtype or theta0.dtype)
 
 
-def _kernel_fits(config: MergeConfig, n_models: int, device: torch.device, dtype: torch.dtype | None) -> bool:
-    return config.fits_kernel(n_models) and device.type == "cpu" and dtype is None
+def _plain(item: str | Path | Source) -> bool:
+    """A checkpoint the kernel reads directly: not a LoRA adapter, no prefix options."""
+    source = as_source(item)
+    return not (is_adapter(source.path) or source.strip_prefix or source.add_prefix)
+
+
+def _kernel_fits(config: MergeConfig, finetuned: Sequence[str | Path | Source], device: torch.device,
+                 dtype: torch.dtype | None) -> bool:
+    return (config.fits_kernel(len(finetuned)) and device.type == "cpu" and dtype is None
+            and all(map(_plain, finetuned)))
 
 
 def _same_dtype(base: str | Path, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -162,10 +207,10 @@ def merge_checkpoints(
     check_models(config, len(finetuned))
     out = check_output(out, [base, *finetuned])
     out_dtype = _same_dtype(source_path(base), wanted)
-    fits = _kernel_fits(config, len(finetuned), dev, out_dtype)
+    fits = _kernel_fits(config, finetuned, dev, out_dtype)
     if kernel and not fits:
         raise WeightlabError(f"the streaming kernel cannot run this {config.method!r} merge (it needs a paper method "
-                             "with unit weights, on the CPU, in the base's dtypes)")
+                             "with unit weights, on the CPU, in the base's dtypes, from plain checkpoints)")
     if fits and kernel is not False:
         files = provenance.merge_files(base, finetuned, config, dtype=wanted, root=root)
         return streaming.merge_checkpoints(base, finetuned, out, config, provenance=files)
