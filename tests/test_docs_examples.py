@@ -47,7 +47,7 @@ def run_page(path: Path) -> int:
         if not block.continues:
             namespace = {"__name__": f"docs_{path.stem}"}
         code = compile("\n" * (block.line - 1) + block.code, str(path), "exec")
-        exec(code, namespace)  # noqa: S102 - the documentation's own examples
+        exec(code, namespace)
     return len(blocks)
 
 
@@ -57,6 +57,6 @@ def test_blocks_are_found_with_their_continuation_marks() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_every_python_block_runs(page: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_every_python_block_runs(page: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run_page(ROOT / page) >= 1

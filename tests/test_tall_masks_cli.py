@@ -112,7 +112,7 @@ def assert_same(got: dict, expected: dict) -> None:
         ("consensus-ties", "global"),
     ],
 )
-def test_cli_merge_equals_in_memory_functions(ckpts, tmp_path: Path, method: str, scope: str) -> None:  # noqa: ANN001
+def test_cli_merge_equals_in_memory_functions(ckpts, tmp_path: Path, method: str, scope: str) -> None:
     base_path, ft_paths, base, fts = ckpts
     out = tmp_path / "merged.safetensors"
     args = [
@@ -200,7 +200,7 @@ def test_compress_extract_round_trip_file_and_folder(tmp_path: Path) -> None:
         assert bits["tall_bits"] - bits["single_model_bits"] == n_float * 32 + 3 * n_float
 
 
-def test_compress_with_task_arithmetic_matches_apply(ckpts, tmp_path: Path) -> None:  # noqa: ANN001
+def test_compress_with_task_arithmetic_matches_apply(ckpts, tmp_path: Path) -> None:
     base_path, ft_paths, base, fts = ckpts
     store = tmp_path / "store"
     merging.compress(base_path, ft_paths, store, merge="task-arithmetic", lambdas=(0.2, 0.4, 0.6),
@@ -243,7 +243,7 @@ def leftovers(folder: Path, before: set[str]) -> set[str]:
         (lambda s: s["norm.weight"].__setitem__(1, float("inf")), "NaN/Inf"),
     ],
 )
-def test_bad_checkpoints_exit_2_without_output(ckpts, tmp_path: Path, capsys, change, match: str) -> None:  # noqa: ANN001
+def test_bad_checkpoints_exit_2_without_output(ckpts, tmp_path: Path, capsys, change, match: str) -> None:
     base_path, ft_paths, _, fts = ckpts
     bad = dict(fts[1])
     bad = {k: v.clone() for k, v in bad.items()}
@@ -260,7 +260,7 @@ def test_bad_checkpoints_exit_2_without_output(ckpts, tmp_path: Path, capsys, ch
         assert leftovers(tmp_path, before) == set()
 
 
-def test_pickle_checkpoint_is_refused(ckpts, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_pickle_checkpoint_is_refused(ckpts, tmp_path: Path, capsys) -> None:
     base_path, ft_paths, _, _ = ckpts
     pickle = tmp_path / "model.bin"
     torch.save({"w": torch.zeros(1)}, pickle)
@@ -304,7 +304,7 @@ def test_pickle_checkpoint_is_refused(ckpts, tmp_path: Path, capsys) -> None:  #
         (["--method", "consensus-ta", "--lam", "0.1,0.2"], "one lambda or one per task (3), got 2"),
     ],
 )
-def test_bad_options_exit_2(ckpts, tmp_path: Path, capsys, options: list[str], match: str) -> None:  # noqa: ANN001
+def test_bad_options_exit_2(ckpts, tmp_path: Path, capsys, options: list[str], match: str) -> None:
     base_path, ft_paths, _, _ = ckpts
     before = {p.name for p in tmp_path.iterdir()}
     run_failing(
@@ -315,7 +315,7 @@ def test_bad_options_exit_2(ckpts, tmp_path: Path, capsys, options: list[str], m
     assert leftovers(tmp_path, before) == set()
 
 
-def test_too_few_models_existing_output_and_bad_store(ckpts, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_too_few_models_existing_output_and_bad_store(ckpts, tmp_path: Path, capsys) -> None:
     base_path, ft_paths, _, _ = ckpts
     run_failing(
         ["merge", str(base_path), str(ft_paths[0]), "--out", str(tmp_path / "o.safetensors")],

@@ -190,7 +190,7 @@ class SafetensorsReader:
     def read(self, key: str) -> Tensor:
         info = self.tensors[key]
         if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "rb")  # closed in close()
             if os.fstat(self._file.fileno()).st_size != self._size:
                 self.close()
                 raise FormatError(f"{str(self.path)!r} changed size since its header was read")
@@ -233,7 +233,7 @@ class SafetensorsWriter:
             self._expect.append((key, dtype, tuple(shape)))
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * ((-len(text)) % 8)  # align the data section to 8 bytes
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")  # closed in close()
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._next = 0
 
