@@ -38,7 +38,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_every_recipe_of_the_page_runs(workdir: Path, capsys) -> None:  # noqa: ANN001
+def test_every_recipe_of_the_page_runs(workdir: Path, capsys) -> None:
     recipes = blocks("yaml")
     assert len(recipes) >= 3
     for i, text in enumerate(recipes):
@@ -47,7 +47,7 @@ def test_every_recipe_of_the_page_runs(workdir: Path, capsys) -> None:  # noqa: 
         assert (workdir / f"out{i}" / "merge_config.yaml").is_file()
 
 
-def test_every_shell_command_of_the_page_runs(workdir: Path, capsys) -> None:  # noqa: ANN001
+def test_every_shell_command_of_the_page_runs(workdir: Path, capsys) -> None:
     commands = [line.split(" #")[0] for block in blocks("bash") for line in block.splitlines()
                 if line.startswith("weightlab ")]
     assert len(commands) >= 8

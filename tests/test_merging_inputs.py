@@ -30,7 +30,7 @@ def write(sd: dict, path: Path) -> Path:
     return path
 
 
-def fails(args: list[str], capsys, match: str) -> str:  # noqa: ANN001
+def fails(args: list[str], capsys, match: str) -> str:
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and match in err, err
@@ -42,7 +42,7 @@ def finetune(sd: dict, seed: int) -> dict:
     return {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
 
 
-def test_a_prefix_mismatch_is_named_and_strip_prefix_fixes_it(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_a_prefix_mismatch_is_named_and_strip_prefix_fixes_it(tmp_path: Path, capsys) -> None:
     raw = encoder(0)
     base = write(raw, tmp_path / "minilm.safetensors")
     tuned = [finetune(encoder(0, "bert.", head=True), s) for s in (1, 2)]
@@ -59,7 +59,7 @@ def test_a_prefix_mismatch_is_named_and_strip_prefix_fixes_it(tmp_path: Path, ca
     assert all(torch.equal(load_file(str(out))[k], want[k]) for k in raw)
 
 
-def test_add_prefix_keeps_the_bases_other_tensors(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_add_prefix_keeps_the_bases_other_tensors(tmp_path: Path, capsys) -> None:
     cls = encoder(0, "bert.", head=True)
     base = write(cls, tmp_path / "cls.safetensors")
     fts = [write(finetune(encoder(0), s), tmp_path / f"raw{s}.safetensors") for s in (1, 2)]
@@ -146,7 +146,7 @@ def test_lora_scaling_options(tmp_path: Path) -> None:
     (lambda t: t.update({"base_model.model.pooler.lora_magnitude_vector": torch.zeros(4)}), {},
      "is not a lora_A/lora_B matrix"),
 ])
-def test_bad_adapters_are_one_line_errors(tmp_path: Path, capsys, change, config: dict, match: str) -> None:  # noqa: ANN001
+def test_bad_adapters_are_one_line_errors(tmp_path: Path, capsys, change, config: dict, match: str) -> None:
     base = write(encoder(0), tmp_path / "base.safetensors")
     t = lora_tensors()
     change(t)
@@ -186,7 +186,7 @@ def test_a_real_peft_adapter_materialises_as_merge_and_unload(tmp_path: Path) ->
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in base)
 
 
-def test_device(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_device(tmp_path: Path, capsys) -> None:
     base = encoder(0)
     fts = [finetune(base, s) for s in (1, 2)]
     paths = [write(sd, tmp_path / f"m{i}.safetensors") for i, sd in enumerate([base, *fts])]
@@ -203,7 +203,7 @@ def test_device(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in base)
 
 
-def test_compress_says_when_the_store_is_larger(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_compress_says_when_the_store_is_larger(tmp_path: Path, capsys) -> None:
     base = encoder(0)
     paths = [write(sd, tmp_path / f"m{i}.safetensors") for i, sd in enumerate([base] + [finetune(base, s)
                                                                                          for s in range(1, 5)])]

@@ -144,7 +144,7 @@ def test_tall_masks_recipe_writes_a_store(root: Path) -> None:
     assert (root / "t1" / "README.md").read_text().startswith("---\n")
 
 
-def test_merged_folder_carries_a_recipe_that_runs_again(root: Path, capsys) -> None:  # noqa: ANN001
+def test_merged_folder_carries_a_recipe_that_runs_again(root: Path, capsys) -> None:
     out = run(root, "merge_method: ties\nbase_model: models/base\n"
               + models_block(["weight: 1.0, density: 0.5", "weight: -1.0, density: 0.5", "weight: 0.5"])
               + "parameters: {lambda: 2.0}\ndtype: bfloat16\n")
@@ -214,7 +214,7 @@ def test_single_file_output_carries_the_recipe_in_its_metadata(root: Path) -> No
     ("merge_method: ties\nbase_model: models/base\nmodels: [{model: models/nope}, {model: models/ft1}]\n",
      "does not exist"),
 ])
-def test_bad_recipes_exit_2_with_one_line(root: Path, capsys, text: str, match: str) -> None:  # noqa: ANN001
+def test_bad_recipes_exit_2_with_one_line(root: Path, capsys, text: str, match: str) -> None:
     (root / "recipe.yml").write_text(text)
     assert main(["merge", "--config", str(root / "recipe.yml"), "--out", str(root / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -222,7 +222,7 @@ def test_bad_recipes_exit_2_with_one_line(root: Path, capsys, text: str, match: 
     assert not (root / "o").exists()
 
 
-def test_config_takes_no_models_or_method_flags(root: Path, capsys) -> None:  # noqa: ANN001
+def test_config_takes_no_models_or_method_flags(root: Path, capsys) -> None:
     (root / "recipe.yml").write_text("merge_method: linear\nmodels: [{model: models/ft0}, {model: models/ft1}]\n")
     for extra, match in ((["--alpha", "2"], "remove --alpha"), ([str(root / "models/base")], "remove ")):
         assert main(["merge", *extra, "--config", str(root / "recipe.yml"), "--out", str(root / "o")]) == 2
@@ -231,7 +231,7 @@ def test_config_takes_no_models_or_method_flags(root: Path, capsys) -> None:  # 
     assert "Missing argument" in capsys.readouterr().err
 
 
-def test_parameters_a_method_does_not_read_are_warned(root: Path, capsys) -> None:  # noqa: ANN001
+def test_parameters_a_method_does_not_read_are_warned(root: Path, capsys) -> None:
     run(root, "merge_method: task_arithmetic\nbase_model: models/base\n" + models_block(["density: 0.5", "", ""]))
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "parameter 'density' is not read by task-arithmetic; it is read by ties, dare-ta" in line

@@ -18,7 +18,7 @@ from weightlab.errors import WeightlabError, warn
 CHECKPOINTS_HELP = ("BASE then the fine-tuned checkpoints (.safetensors files, Hugging Face model folders or PEFT "
                     "LoRA adapter folders)")
 Checkpoints = Annotated[list[Path], typer.Argument(help=CHECKPOINTS_HELP)]
-MaybeCheckpoints = Annotated[list[Path] | None, typer.Argument(help=CHECKPOINTS_HELP + "; none with --config")]  # noqa: UP007
+MaybeCheckpoints = Annotated[list[Path] | None, typer.Argument(help=CHECKPOINTS_HELP + "; none with --config")]
 Out = Annotated[Path, typer.Option("--out", help="output path (must not exist)")]
 Lam = Annotated[
     str, typer.Option("--lam", help="TALL-mask lambda: one value or one per task, comma-separated")
@@ -67,7 +67,7 @@ def _sources(paths: Sequence[Path], strip_prefix: str, add_prefix: str) -> list:
     return [Source(p, strip_prefix, add_prefix) for p in paths]
 
 
-def _from_recipe(ctx: typer.Context, config: Path, checkpoints: list[Path] | None):  # noqa: ANN202
+def _from_recipe(ctx: typer.Context, config: Path, checkpoints: list[Path] | None):
     from weightlab.methods.merging.recipe import load_recipe
 
     given = explicit(ctx, FLAGS)
@@ -81,8 +81,8 @@ def _from_recipe(ctx: typer.Context, config: Path, checkpoints: list[Path] | Non
 def merge_cmd(
     ctx: typer.Context,
     checkpoints: MaybeCheckpoints = None,
-    out: Annotated[Path | None, typer.Option("--out", help="output path (must not exist; required)")] = None,  # noqa: UP007
-    config: Annotated[Path | None, typer.Option(help="a merge recipe (mergekit's YAML format) instead of "  # noqa: UP007
+    out: Annotated[Path | None, typer.Option("--out", help="output path (must not exist; required)")] = None,
+    config: Annotated[Path | None, typer.Option(help="a merge recipe (mergekit's YAML format) instead of "
                                                      "CHECKPOINTS and the method options")] = None,
     method: Annotated[str, typer.Option(help="task-arithmetic | linear | ties | dare-ta | dare-ties | breadcrumbs | "
                                              "breadcrumbs-ties | slerp | consensus-ta | consensus-ties")] = "ties",
@@ -97,7 +97,7 @@ def merge_cmd(
     gamma: Annotated[float, typer.Option(help="Breadcrumbs: fraction of largest entries dropped")] = 0.01,
     t: Annotated[float, typer.Option("--t", help="SLERP: position from the base (0) to the model (1)")] = 0.5,
     convention: Annotated[str, typer.Option(help="TIES as the paper's reference code or as mergekit")] = "reference",
-    dtype: Annotated[str | None, typer.Option(help="output dtype: float32 | float16 | bfloat16 | float64")] = None,  # noqa: UP007
+    dtype: Annotated[str | None, typer.Option(help="output dtype: float32 | float16 | bfloat16 | float64")] = None,
     device: Annotated[str, typer.Option(help="where the arithmetic runs: cpu | cuda | cuda:N")] = "cpu",
     strip_prefix: StripPrefix = "",
     add_prefix: AddPrefix = "",
