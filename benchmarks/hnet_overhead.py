@@ -32,7 +32,7 @@ from weightlab.train import TrainConfig, train
 
 
 def time_steps(model: torch.nn.Module, data: ArrayDataset, exp: Experience, *, steps: int,
-               callbacks=()) -> tuple[float, float]:  # noqa: ANN001
+               callbacks=()) -> tuple[float, float]:
     """Wall-clock and process-CPU seconds per step over ``steps`` steps (after a 10-step warm-up)."""
     warm = TrainConfig(max_steps=10, batch_size=32, lr=1e-3, optimizer="adam", seed=0)
     train(model, data, warm, callbacks=list(callbacks), experience=exp)

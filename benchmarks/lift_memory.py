@@ -5,21 +5,28 @@
    (peft, rank ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient
    peak is measured with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense
    gradient. ``lift sparse_grad`` never forms a dense weight gradient (a sampled matmul in the backward pass
-   writes the ``(k,)`` gradient; its temporary of ≤ max(k, 2²⁰) products is not counted). With CUDA the
-   allocator's measured peak is printed too.
+   writes the ``(k,)`` gradient; its temporaries are not counted). With CUDA the allocator's measured peak is
+   printed too. Then the seconds per step of each method, without any measuring hook, interleaved over
+   ``--repeats`` rounds (medians; ``--profile`` adds torch.profiler's top operators of each method).
 2. Mask selection on a ``--size``² matrix with a power-law spectrum: exact SVD vs ``torch.svd_lowrank``
    (ratio = exact / randomized time), and the overlap of the two top-k masks.
 
     OMP_NUM_THREADS=2 python benchmarks/lift_memory.py            # 4096² SVD: ~20 s on 2 cores
     python benchmarks/lift_memory.py --size 1024 --width 512      # a quick look
+    python benchmarks/lift_memory.py --skip-selection --batch 256 # step times where the matmuls dominate
+
+The last line is JSON: ``step_time_vs_lora`` (default path), ``sparse_step_time_vs_lora`` (``sparse_grad``),
+their CPU-time versions, the memory ratios, the selection speed-up, and the load average of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
+from _interleave import interleaved, machine, top_ops
 from torch import nn
 
 from weightlab.methods.lift.model import LiftConfig, prepare
@@ -33,20 +40,22 @@ def stack(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def nbytes(tensors) -> int:  # noqa: ANN001
+def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
-    model = stack(args.width, args.layers).to(device)
-    x = torch.randn(args.batch, args.width, device=device)
-    live = {"peak": 0}
+def lift_config(method: str, args: argparse.Namespace) -> LiftConfig:
+    # randomized SVD masks: the set-up is quicker and the cost of a step does not depend on which entries
+    return LiftConfig(rank=args.rank, lora_rank=args.lora_rank, refresh_every=0, track_delta=False,
+                      randomized=True, sparse_grad=method == "lift sparse_grad")
 
-    def track(extra) -> None:  # noqa: ANN001
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        live["peak"] = max(live["peak"], nbytes(grads) + nbytes(extra()))
 
-    extra = list
+def build(method: str, args: argparse.Namespace, device: torch.device, model: nn.Module | None = None):
+    """``(model, optimizer, trainable entries)`` of one contender on the same stack (or on ``model``)."""
+    model = stack(args.width, args.layers).to(device) if model is None else model
+    if method.startswith("lift"):
+        lift = prepare(model, lift_config(method, args))
+        return model, lift.optimizer, lift.trainable_entries()
     if method == "lora":
         import peft
 
@@ -54,26 +63,40 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                            target_modules=targets, lora_dropout=0.0))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # registered before LIFT's hooks, so it sees each dense gradient before it is freed
-        p.register_post_accumulate_grad_hook(lambda _p: track(extra))
-    if method.startswith("lift"):
-        lift = prepare(model, LiftConfig(rank=args.rank, lora_rank=args.lora_rank, refresh_every=0,
-                                         track_delta=False, sparse_grad=method == "lift sparse_grad"))
-        opt = lift.optimizer
-        extra = lambda: list(opt._grads.values())  # noqa: E731 - gathered (k,) gradients
-        n_trainable = lift.trainable_entries()
+    return model, torch.optim.AdamW(trainable, lr=1e-4), sum(p.numel() for p in trainable)
+
+
+def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """Memory of one contender: trainable parameters, the peak of live gradients, the optimizer state."""
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, args.width, device=device)
+    live = {"peak": 0}
+    model = stack(args.width, args.layers).to(device)
+    if method == "lora":
+        model = build(method, args, device, model)[0]
+    hooked = [p for p in model.parameters() if p.requires_grad]
+    extra = list
+
+    def track() -> None:
+        grads = [p.grad for p in hooked if p.grad is not None]
+        live["peak"] = max(live["peak"], nbytes(grads) + nbytes(extra()))
+
+    for p in hooked:  # registered before LIFT's hooks, so it sees each dense gradient before it is freed
+        p.register_post_accumulate_grad_hook(lambda _p: track())
+    if method == "lora":
+        opt = torch.optim.AdamW(hooked, lr=1e-4)
+        n_trainable = sum(p.numel() for p in hooked)
     else:
-        opt = torch.optim.AdamW(trainable, lr=1e-4)
-        n_trainable = sum(p.numel() for p in trainable)
+        model, opt, n_trainable = build(method, args, device, model)
+    if method.startswith("lift"):
+        extra = lambda: list(opt._grads.values())  # noqa: E731 - gathered (k,) gradients
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(2):
         opt.zero_grad(set_to_none=True)
         model(x).pow(2).mean().backward()
-        track(extra)
+        track()
         opt.step()
-    seconds = (time.perf_counter() - start) / args.steps
     if method.startswith("lift"):
         state = opt.state_bytes()
     else:
@@ -82,14 +105,38 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
     row: dict[str, object] = {"method": method, "trainable entries": n_trainable,
                               "trainable params (MiB)": 0.0 if "lift" in method else param_bytes / 2**20,
                               "peak live grads (MiB)": live["peak"] / 2**20,
-                              "optimizer state (MiB)": state / 2**20,
-                              "s/step": seconds}
+                              "optimizer state (MiB)": state / 2**20}
     # LIFT edits the frozen weights in place, so it stores no extra trainable parameters
     row["total (MiB)"] = (row["trainable params (MiB)"] + row["peak live grads (MiB)"]  # type: ignore[operator]
                           + row["optimizer state (MiB)"])
     if device.type == "cuda":
         row["CUDA peak (MiB)"] = torch.cuda.max_memory_allocated() / 2**20
     return row
+
+
+def step_times(methods: tuple[str, ...], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Seconds per training step of each method, without any measuring hook, interleaved (see
+    ``_interleave.py``): every round runs ``--steps`` steps of each method; medians over ``--repeats``."""
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, args.width, device=device)
+    built = {m: build(m, args, device)[:2] for m in methods}
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        for _ in range(args.steps):
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    for model, opt in built.values():  # warm-up
+        steps(model, opt)
+    for m, (model, opt) in built.items():
+        if args.profile:
+            print(f"\n### {m}: top operators of {args.steps} steps by self CPU time\n")
+            print(top_ops(lambda model=model, opt=opt: steps(model, opt), rows=12))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = interleaved({m: (lambda mo=mo, op=op: steps(mo, op)) for m, (mo, op) in built.items()},
+                        repeats=args.repeats, sync=sync)
+    return {m: {k: v / args.steps if k != "wall_spread" else v for k, v in t.items()} for m, t in times.items()}
 
 
 def power_law_matrix(size: int, *, components: int = 512, alpha: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -126,40 +173,67 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per contender per timing round")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (medians)")
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--alpha", type=float, default=1.0, help="singular values i^-alpha")
     parser.add_argument("--skip-selection", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of each method's steps")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, load {machine()['loadavg']}")
+    result: dict[str, object] = {"benchmark": "lift_memory", "device": str(device),
+                                 "config": {k: getattr(args, k) for k in ("width", "layers", "batch", "steps",
+                                                                          "repeats", "lora_rank", "rank")}}
     if not args.skip_memory:
-        memory(args, device)
+        result.update(memory(args, device))
     if not args.skip_selection:
         print(f"\n## Mask selection: {args.size}×{args.size}, spectrum i^-{args.alpha:g}, rank {args.rank}, "
               "top 5%\n")
         sel = selection(args)
         print(markdown_table(sel))
         print(f"randomized (q=2r, niter=4) speed-up over exact: {sel[1]['speed-up']:.1f}× (target ≥ 5×)")
+        result["selection_speedup"] = sel[1]["speed-up"]
+        result["selection_overlap"] = sel[1]["overlap with exact"]
+    result["machine"] = machine()
+    print(json.dumps(result))
 
 
-def memory(args: argparse.Namespace, device: torch.device) -> None:
+def memory(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
     k = lora_budget((args.width, args.width), args.lora_rank)
-    print(f"\n## Memory: {args.layers} × Linear({args.width}, {args.width}), lora_rank {args.lora_rank} "
-          f"(k = {k} = {100 * k / args.width**2:.2f}% per matrix)\n")
-    rows = [measure(m, args, device) for m in ("full AdamW", "lora", "lift", "lift sparse_grad")]
+    print(f"\n## Memory and step time: {args.layers} × Linear({args.width}, {args.width}), batch {args.batch}, "
+          f"lora_rank {args.lora_rank} (k = {k} = {100 * k / args.width**2:.2f}% per matrix)\n")
+    methods = ("full AdamW", "lora", "lift", "lift sparse_grad")
+    rows = [measure(m, args, device) for m in methods]
+    times = step_times(methods, args, device)
+    for row in rows:
+        t = times[row["method"]]
+        row.update({"s/step": t["wall_s"], "CPU s/step": t["cpu_s"], "× LoRA (wall)": t["wall_s"]
+                    / times["lora"]["wall_s"], "× LoRA (CPU)": t["cpu_s"] / times["lora"]["cpu_s"]})
     print(markdown_table(rows))
     by = {r["method"]: r for r in rows}
-    lora_state = by["lora"]["total (MiB)"]
+    lora_total = by["lora"]["total (MiB)"]
+    out = {"step_time_vs_lora": by["lift"]["× LoRA (wall)"],
+           "sparse_step_time_vs_lora": by["lift sparse_grad"]["× LoRA (wall)"],
+           "cpu_step_time_vs_lora": by["lift"]["× LoRA (CPU)"],
+           "sparse_cpu_step_time_vs_lora": by["lift sparse_grad"]["× LoRA (CPU)"],
+           "state_vs_lora": by["lift"]["optimizer state (MiB)"] / lora_total,
+           "memory_vs_lora": by["lift"]["total (MiB)"] / lora_total,
+           "sparse_memory_vs_lora": by["lift sparse_grad"]["total (MiB)"] / lora_total,
+           "memory_vs_full": by["lift"]["total (MiB)"] / by["full AdamW"]["total (MiB)"],
+           "s_per_step": {m: times[m]["wall_s"] for m in methods},
+           "wall_spread": {m: times[m]["wall_spread"] for m in methods}}
     print(f"LIFT optimizer state / LoRA trainable-parameter state (params + grads + moments): "
-          f"{by['lift']['optimizer state (MiB)'] / lora_state:.3f}× (target ≤ 1.1×)")
-    full_total = by["full AdamW"]["total (MiB)"]
-    print(f"LIFT total / full AdamW total: {by['lift']['total (MiB)'] / full_total:.3f}×")
-    for m in ("lift", "lift sparse_grad"):
-        print(f"{m} total / LoRA total: {by[m]['total (MiB)'] / lora_state:.3f}×")
+          f"{out['state_vs_lora']:.3f}× (target ≤ 1.1×)")
+    print(f"LIFT total / full AdamW total: {out['memory_vs_full']:.3f}×")
+    print(f"memory vs LoRA: lift {out['memory_vs_lora']:.3f}×, lift sparse_grad {out['sparse_memory_vs_lora']:.3f}×")
+    print(f"step time vs LoRA (wall, medians of {args.repeats} interleaved rounds): lift "
+          f"{out['step_time_vs_lora']:.3f}× (target ≤ 1.1×), lift sparse_grad {out['sparse_step_time_vs_lora']:.3f}× "
+          "(target ≤ 1.3×)")
+    return out
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ alternated ``--repeats`` times in one process; per task the median over repeats 
                   then evaluate on the full test set (what a plain script would do);
 * ``train()``   — weightlab's one loop (:func:`weightlab.train.train` with :class:`GroupMasking`) + the same
                   evaluation;
-* ``experiment``— the ``scole`` experiment's own per-task function under :meth:`RunContext.stream`, i.e. the
+* ``experiment``— the ``scole`` experiment's own per-task function under :meth:`TrialContext.stream`, i.e. the
                   above plus a safetensors checkpoint with the JSON record every ``--checkpoint-every`` tasks
                   (what resumability costs; timed per checkpoint interval and spread over its tasks).
 
@@ -46,7 +46,7 @@ clock = time.process_time  # set from --clock in main()
 
 def bare(config: SCoLeExperimentConfig, stream: SCoLeStream, mask: bool) -> list[float]:
     torch.manual_seed(0)
-    model = MLP(stream.train_data.x[0].numel(), config.num_classes, hidden=(config.hidden, config.hidden))
+    model = MLP(stream.train_data.x[0].numel(), config.n_classes, hidden=(config.hidden, config.hidden))
     test_x, test_y = stream.full_test.x, stream.full_test.y
     times = []
     for i in range(len(stream)):
@@ -72,7 +72,7 @@ def bare(config: SCoLeExperimentConfig, stream: SCoLeStream, mask: bool) -> list
         model.eval()
         with torch.no_grad():
             logits = model(test_x)
-        per_class_accuracy(logits, test_y, config.num_classes)
+        per_class_accuracy(logits, test_y, config.n_classes)
         (logits.argmax(1) == test_y).float().mean().item()
         times.append(clock() - t0)
     return times
@@ -80,7 +80,7 @@ def bare(config: SCoLeExperimentConfig, stream: SCoLeStream, mask: bool) -> list
 
 def loop_only(config: SCoLeExperimentConfig, stream: SCoLeStream, mask: bool) -> list[float]:
     torch.manual_seed(0)
-    model = MLP(stream.train_data.x[0].numel(), config.num_classes, hidden=(config.hidden, config.hidden))
+    model = MLP(stream.train_data.x[0].numel(), config.n_classes, hidden=(config.hidden, config.hidden))
     callbacks = [GroupMasking()] if mask else []
     times = []
     for i in range(len(stream)):
@@ -90,7 +90,7 @@ def loop_only(config: SCoLeExperimentConfig, stream: SCoLeStream, mask: bool) ->
                          seed=derive_seed(0, "bench", i))
         train(model, exp.train, tc, callbacks=callbacks)
         logits, targets = predict(model, stream.full_test)
-        per_class_accuracy(logits, targets, config.num_classes)
+        per_class_accuracy(logits, targets, config.n_classes)
         (logits.argmax(1) == targets).float().mean().item()
         times.append(clock() - t0)
     return times
@@ -103,7 +103,7 @@ class TimedContext(RunContext):
         super().__init__(directory)
         self.stamps = [clock()]
 
-    def save_state(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def save_state(self, *args, **kwargs) -> None:
         super().save_state(*args, **kwargs)
         self.stamps.append(clock())
 
@@ -111,7 +111,7 @@ class TimedContext(RunContext):
 def experiment(config: SCoLeExperimentConfig, data: tuple, variant: str) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = TimedContext(Path(tmp))
-        run_variant(config, ctx, data, variant, 0)
+        run_variant(config, ctx.trial(0), data, variant)
         chunks = [b - a for a, b in zip(ctx.stamps, ctx.stamps[1:], strict=False)]  # one per checkpoint
         sizes = [config.checkpoint_every] * (config.n_tasks // config.checkpoint_every)
         rest = config.n_tasks % config.checkpoint_every

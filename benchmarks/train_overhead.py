@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,10 @@ from weightlab.data import digits
 from weightlab.models import MLP
 from weightlab.train import Callback, TrainConfig, train
 
+if TYPE_CHECKING:
+    from weightlab.data.arrays import Batch
+    from weightlab.train.loop import LoopState
+
 
 class CountSteps(Callback):
     """A cheap callback on two hooks, so the measurement includes callback dispatch."""
@@ -26,10 +31,10 @@ class CountSteps(Callback):
     def __init__(self) -> None:
         self.steps = 0
 
-    def on_batch(self, state, batch):  # noqa: ANN001, ANN201
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         return batch
 
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         self.steps += 1
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from weightlab.data import ArrayDataset, class_incremental, digits
-from weightlab.models import MLP, SmallCNN, TinyViT
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,27 +35,12 @@ def digits16() -> tuple[ArrayDataset, ArrayDataset]:
 
 
 @pytest.fixture
-def stream5(digits8):  # noqa: ANN001, ANN201
+def stream5(digits8):
     return class_incremental(*digits8, 5, seed=0)
 
 
-@pytest.fixture
-def tiny_mlp() -> MLP:
-    return MLP(64, 10, hidden=(32,))
-
-
-@pytest.fixture
-def tiny_cnn() -> SmallCNN:
-    return SmallCNN(10, width=8)
-
-
-@pytest.fixture
-def tiny_vit() -> TinyViT:
-    return TinyViT(10, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2)
-
-
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """In CI nothing may be skipped: a missing optional extra or browser is a failure, not a silent skip."""
     outcome = yield
     report = outcome.get_result()

@@ -14,7 +14,14 @@ from weightlab.data import ArrayDataset, Batch, Experience
 from weightlab.errors import WeightlabError
 from weightlab.integrations.hooks import CallbackRunner
 from weightlab.methods.continual.ewc import EWC, EWCConfig
-from weightlab.methods.quant import CGAConfig, ConfidenceGuidedAnnealing, OscillationTracker, QuantConfig, prepare
+from weightlab.methods.quant import (
+    CGAConfig,
+    ConfidenceGuidedAnnealing,
+    OscillationConfig,
+    OscillationTracker,
+    QuantConfig,
+    prepare,
+)
 from weightlab.models import TinyViT
 from weightlab.train import Callback, TrainConfig, train
 from weightlab.train.loop import clip_gradients, make_optimizer
@@ -42,7 +49,8 @@ def callbacks(model: nn.Module, consolidated: EWC | None = None) -> list[Callbac
     ewc = EWC(model, EWCConfig(lam=50.0, fisher_samples=4))
     if consolidated is not None:
         ewc.load_state_dict(consolidated.state_dict())
-    return [OscillationTracker(model, skip=("head",)), ConfidenceGuidedAnnealing(model, CGAConfig(0.05)), ewc]
+    tracker = OscillationTracker(model, OscillationConfig(skip=("head",)))
+    return [tracker, ConfidenceGuidedAnnealing(model, CGAConfig(0.05)), ewc]
 
 
 def consolidated_ewc(model: nn.Module) -> EWC:
@@ -140,13 +148,13 @@ def trainer_examples(config: TrainConfig) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) -> None:  # noqa: ANN001
+def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) -> None:
     from transformers import Trainer, TrainingArguments
 
     from weightlab.integrations.hf import WeightlabCallback
 
     class Sequential(Trainer):
-        def _get_train_sampler(self, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+        def _get_train_sampler(self, *args, **kw):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=CONFIG.max_steps, report_to=[],
@@ -160,7 +168,7 @@ def hf_train(model: nn.Module, cbs: list[Callback], tmp_path, **kwargs: object) 
     assert args.max_grad_norm == CONFIG.grad_clip  # taken over for the run, then restored
 
 
-def test_the_trainer_adapter_gives_the_weights_of_the_loop(tmp_path) -> None:  # noqa: ANN001
+def test_the_trainer_adapter_gives_the_weights_of_the_loop(tmp_path) -> None:
     pytest.importorskip("transformers")
     base = quantized()
     ewc = consolidated_ewc(base)

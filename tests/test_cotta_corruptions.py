@@ -34,7 +34,7 @@ RANDOM = {
 
 
 @pytest.fixture(scope="module")
-def images(digits16) -> torch.Tensor:  # noqa: ANN001
+def images(digits16) -> torch.Tensor:
     return digits16[1].x[:48]  # (48, 1, 16, 16)
 
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.cotta import cotta as cotta_mod
 from weightlab.methods.cotta.cotta import (
     CoTTA,
     CoTTAConfig,
@@ -112,7 +111,7 @@ def test_bn_adapt_uses_batch_statistics() -> None:
 
 
 @pytest.mark.parametrize("build", [lambda m: Tent(m), lambda m: BNAdapt(m)])
-def test_model_without_normalisation_is_refused(build) -> None:  # noqa: ANN001
+def test_model_without_normalisation_is_refused(build) -> None:
     with pytest.raises(WeightlabError, match="adapts normalisation layers, but the model MLP has none"):
         build(MLP(256, 10, hidden=(16,)))
     with pytest.raises(WeightlabError, match="has none"):
@@ -395,5 +394,16 @@ def test_flip_probability_zero_never_flips() -> None:
     assert 10 < int(params.flip.sum()) < 54
 
 
-def test_module_names_the_paper() -> None:
-    assert "cotta" in (cotta_mod.__doc__ or "")
+def test_adaptation_is_deterministic_for_its_seed_and_the_seed_matters() -> None:
+    """The augmentations and restore masks come from ``config.seed`` alone: the same seed replays a stream
+    bit for bit (outputs and adapted weights), another seed gives another adaptation."""
+
+    def adapt(seed: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        wrapper = CoTTA(cnn(), small(anchor_threshold=1.0, seed=seed))  # always the augmented teacher
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        outputs = torch.stack([wrapper(batch(i)) for i in range(3)])  # (3, B, classes)
+        return outputs, torch.cat([p.flatten() for p in wrapper.model.parameters()])
+
+    (out_a, weights_a), (out_b, weights_b), (out_c, weights_c) = adapt(1, 0), adapt(1, 99), adapt(2, 0)
+    assert torch.equal(out_a, out_b) and torch.equal(weights_a, weights_b)
+    assert not torch.equal(out_a, out_c) and not torch.equal(weights_a, weights_c)

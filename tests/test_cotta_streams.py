@@ -27,7 +27,7 @@ from weightlab.runs import RunContext
 
 
 @pytest.fixture(scope="module")
-def clean(digits16) -> ArrayDataset:  # noqa: ANN001
+def clean(digits16) -> ArrayDataset:
     return digits16[1].subset(torch.arange(40))
 
 
@@ -73,7 +73,7 @@ def test_unknown_corruption_in_a_stream(clean: ArrayDataset) -> None:
         continual_stream(clean, corruptions=("fog", "rain"))
 
 
-def test_cifar10c_stream_from_npy_files(tmp_path) -> None:  # noqa: ANN001
+def test_cifar10c_stream_from_npy_files(tmp_path) -> None:
     rng = np.random.default_rng(0)
     for name in ("fog", "snow"):
         np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, (5 * 6, 32, 32, 3), dtype=np.uint8))
@@ -85,12 +85,12 @@ def test_cifar10c_stream_from_npy_files(tmp_path) -> None:  # noqa: ANN001
     assert torch.allclose(stream[0].data.x[0], torch.from_numpy(images[24].transpose(2, 0, 1)).float() / 255)
 
 
-def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> None:  # noqa: ANN001
+def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> None:
     """The direction of the paper's claim at tiny scale: BN-adapt and CoTTA make fewer errors than the source
     model on severity-5 corruptions that shift the input statistics."""
     config = CoTTAExperimentConfig(
         epochs=4,
-        train_augment_to=None,
+        augment_to=None,
         width=8,
         n_per_domain=64,
         batch_size=32,
@@ -98,7 +98,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
         corruptions=("fog", "contrast"),
         n_augmentations=4,
     )
-    ctx = RunContext(tmp_path)
+    ctx = RunContext(tmp_path).trial(0)
     source, info = source_model(config, ctx)
     assert info["clean_test_error"] < 15
     test_set = continual_stream(
@@ -111,7 +111,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
     assert errors["bn_adapt"] < errors["source"] and errors["cotta"] < errors["source"], errors
 
 
-def test_cli_smoke_run_and_bad_input(tmp_path) -> None:  # noqa: ANN001
+def test_cli_smoke_run_and_bad_input(tmp_path) -> None:
     out = tmp_path / "run"
     assert main(["run", "cotta", "--profile", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -30,7 +30,7 @@ class Samples(Dataset):
 
 
 class Stream(IterableDataset):
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         yield torch.zeros(2), 0
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/lift.md", "docs/quantization.md", "docs/test_time_adaptation.md", "docs/callbacks.md"]
+PAGES = ["docs/lift.md", "docs/quantization.md", "docs/test_time_adaptation.md", "docs/callbacks.md",
+         "docs/merging.md"]
 CONTINUES = "<!-- continues -->"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
@@ -46,7 +47,7 @@ def run_page(path: Path) -> int:
         if not block.continues:
             namespace = {"__name__": f"docs_{path.stem}"}
         code = compile("\n" * (block.line - 1) + block.code, str(path), "exec")
-        exec(code, namespace)  # noqa: S102 - the documentation's own examples
+        exec(code, namespace)
     return len(blocks)
 
 
@@ -56,6 +57,6 @@ def test_blocks_are_found_with_their_continuation_marks() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_every_python_block_runs(page: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_every_python_block_runs(page: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run_page(ROOT / page) >= 1

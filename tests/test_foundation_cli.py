@@ -87,7 +87,8 @@ def test_run_and_show(capsys, tmp_path):
 
 def test_run_all_writes_claim_summary(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(registry, "names", lambda kind: ["forgetting"])
+    names = registry.names
+    monkeypatch.setattr(registry, "names", lambda kind: ["forgetting"] if kind == "experiment" else names(kind))
     code, stdout, _ = run_cli(capsys, "run", "all", "--profile", "smoke", "--quiet")
     assert code == 0
     summary = (tmp_path / "runs" / "summary-smoke.md").read_text()
@@ -111,7 +112,7 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(RunContext, "save_state", original)
     assert not (tmp_path / "cut" / "results.json").exists()
     _, resumed = run_experiment("forgetting", profile="smoke", out=tmp_path / "cut", overrides=sets, resume=True)
-    assert resumed.data["accuracy_matrices"] == reference.data["accuracy_matrices"]
+    assert resumed.records == reference.records
     ref_json = json.loads((tmp_path / "ref" / "results.json").read_text())
     cut_json = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert ref_json == cut_json

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import weightlab.registry as registry_module
+from weightlab import registry
 
 SNIPPET = """
 import json, sys
@@ -36,3 +38,31 @@ def test_registry_module_imports_none_of_its_clients() -> None:
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m.startswith("weightlab")} == {"weightlab.errors"}
+
+
+# ------------------------------------------------------------------------------------------- methods by name
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+NO_METHOD_CLASS = {  # paper keys whose code is not one class or prepare() to look up, and why
+    "rws": "pure functions over state dicts (extract_signature, patch, unpatch)",
+    "scole": "the key names a stream (data.scenarios); its strategies register as group-masking, frequency-replay",
+}
+
+
+def _paper_key_rows() -> dict[str, set[str]]:
+    """Paper key → the ``methods/<package>/`` folders its row of the architecture map names."""
+    text = ARCHITECTURE.read_text()
+    table = text[text.index("## Find a method by its paper key"):]
+    rows = re.findall(r"^\| `([a-z-]+)` \| ([^|]*) \|", table, flags=re.M)
+    return {key: set(re.findall(r"methods/(\w+)/", code)) for key, code in rows}
+
+
+def test_every_paper_key_with_a_method_class_is_registered() -> None:
+    rows = _paper_key_rows()
+    assert len(rows) == 12 and NO_METHOD_CLASS.keys() <= rows.keys()
+    names = set(registry.names("method"))
+    assert rows.keys() - NO_METHOD_CLASS.keys() - names == set()
+    for key in rows.keys() - NO_METHOD_CLASS.keys():
+        package = registry.get("method", key).__module__.split(".")[2]  # weightlab.methods.<package>.<module>
+        assert package in rows[key], f"{key} is registered from methods/{package}/, its docs row names {rows[key]}"
+

@@ -41,7 +41,7 @@ def test_installed_typer_is_in_the_tested_range() -> None:
     (["run", "forgetting", "--seed", "abc"], "Invalid value for '--seed'"),
     (["merge", "a", "b", "c", "--out", "o", "--alpha", "x"], "Invalid value for '--alpha'"),
 ])
-def test_usage_errors_are_one_line_and_exit_2(capsys, args: list[str], match: str) -> None:  # noqa: ANN001
+def test_usage_errors_are_one_line_and_exit_2(capsys, args: list[str], match: str) -> None:
     fails(args, capsys, match)
 
 
@@ -52,7 +52,7 @@ def test_usage_error_from_the_console_script() -> None:
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--profile" in proc.stderr
 
 
-def test_no_command_shows_the_help_with_status_2(capsys) -> None:  # noqa: ANN001
+def test_no_command_shows_the_help_with_status_2(capsys) -> None:
     assert main([]) == 2
     assert "merge" in capsys.readouterr().out
 
@@ -77,14 +77,14 @@ def unwritable(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("where", ["unwritable", "sys"])
-def test_out_in_a_folder_that_cannot_be_written(tmp_path: Path, capsys, unwritable: Path, where: str) -> None:  # noqa: ANN001
+def test_out_in_a_folder_that_cannot_be_written(tmp_path: Path, capsys, unwritable: Path, where: str) -> None:
     base, fts = write_files(tmp_path)
     folder = unwritable if where == "unwritable" else Path("/sys")
     for out in (folder / "merged.safetensors", folder / "deeper" / "merged.safetensors"):
         fails(["merge", str(base), *map(str, fts), "--out", str(out)], capsys, "expected a folder you can write")
 
 
-def test_out_under_a_regular_file(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_out_under_a_regular_file(tmp_path: Path, capsys) -> None:
     base, fts = write_files(tmp_path)
     (tmp_path / "file.txt").write_text("x")
     fails(["merge", str(base), *map(str, fts), "--out", str(tmp_path / "file.txt" / "sub" / "m")], capsys,
@@ -92,7 +92,7 @@ def test_out_under_a_regular_file(tmp_path: Path, capsys) -> None:  # noqa: ANN0
     assert (tmp_path / "file.txt").read_text() == "x"
 
 
-def test_names_and_outputs_too_long_for_the_file_system(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_names_and_outputs_too_long_for_the_file_system(tmp_path: Path, capsys) -> None:
     base, fts = write_files(tmp_path)
     before = set(tmp_path.iterdir())
     fails(["compress", str(base), *map(str, fts), "--names", "a" * 300 + ",b", "--out", str(tmp_path / "s")],
@@ -101,7 +101,7 @@ def test_names_and_outputs_too_long_for_the_file_system(tmp_path: Path, capsys) 
     assert set(tmp_path.iterdir()) == before
 
 
-def test_compress_out_inside_the_base_folder(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_compress_out_inside_the_base_folder(tmp_path: Path, capsys) -> None:
     base, fts = states()
     base_dir = write_folder(base, tmp_path / "base")
     ft_dirs = [write_folder(ft, tmp_path / f"ft{i}") for i, ft in enumerate(fts)]
@@ -112,18 +112,18 @@ def test_compress_out_inside_the_base_folder(tmp_path: Path, capsys) -> None:  #
     assert {p.name for p in base_dir.iterdir()} == before
 
 
-def test_show_on_a_file_that_is_not_utf8(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_show_on_a_file_that_is_not_utf8(tmp_path: Path, capsys) -> None:
     (tmp_path / "results.md").write_bytes(b"# results\n\xff\xfe broken")
     fails(["show", str(tmp_path)], capsys, "is not UTF-8 text (byte 0xff at offset 10)")
 
 
 @pytest.mark.parametrize(("content", "match"), [
-    ("{not json", "is not valid UTF-8 JSON"),
-    ("[1, 2]", "holds a JSON list; expected an object"),
-    ('{"tables": {}}', "expected claims: a list of objects with text, measured and held"),
-    ('{"claims": [{"text": "t"}]}', "expected claims: a list of objects with text, measured and held"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"tables": {}}', "'claims' must be a list of objects with 'text'"),
+    ('{"claims": [{"text": "t", "measured": [1]}]}', "a claim's 'measured' must be an object"),
 ])
-def test_report_on_a_malformed_results_file(tmp_path: Path, capsys, content: str, match: str) -> None:  # noqa: ANN001
+def test_report_on_a_malformed_results_file(tmp_path: Path, capsys, content: str, match: str) -> None:
     run = tmp_path / "runs" / "x" / "run1"
     run.mkdir(parents=True)
     (run / "results.json").write_text(content)
@@ -131,19 +131,20 @@ def test_report_on_a_malformed_results_file(tmp_path: Path, capsys, content: str
     assert not (tmp_path / "site").exists()
 
 
-def test_report_on_a_malformed_config_or_sweep(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_report_on_a_malformed_config_or_sweep(tmp_path: Path, capsys) -> None:
     run = tmp_path / "runs" / "run1"
     run.mkdir(parents=True)
     (run / "results.json").write_text('{"claims": []}')
     (run / "config.yaml").write_bytes(b"experiment: [unclosed")
-    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid UTF-8 YAML")
+    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "is not valid YAML")
     (run / "config.yaml").write_text("experiment: x")
     (tmp_path / "runs" / "sweep.json").write_text('{"cells": {}}')
-    fails(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")], capsys, "not a weightlab sweep.json")
+    site_args = ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "site")]
+    fails(site_args, capsys, "'cells' must be a list of objects")
     assert not (tmp_path / "site").exists()
 
 
-def test_sweep_with_an_unknown_logger_runs_no_cell(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_sweep_with_an_unknown_logger_runs_no_cell(tmp_path: Path, capsys) -> None:
     fails(["sweep", "forgetting", "--profile", "smoke", "--log", "wandb", "--out", str(tmp_path / "sw")], capsys,
           "unknown --log 'wandb'; expected one of tensorboard")
     assert not (tmp_path / "sw").exists()
@@ -155,7 +156,7 @@ def interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     original = RunContext.save_state
 
-    def crash_after_two(self, *args, **kwargs):  # noqa: ANN001, ANN202
+    def crash_after_two(self, *args, **kwargs):
         if self.saves == 2:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
@@ -174,7 +175,7 @@ SETS = {"methods": "finetune", "epochs": "1"}
     ({"nope": [0.0]}, {"rows": [[0.5]] * 2}, "does not fit this run"),
     ({"nope": [0.0]}, None, "has no weightlab metadata"),
 ])
-def test_resume_from_a_checkpoint_with_the_wrong_keys(tmp_path, monkeypatch, capsys, tensors, meta, match) -> None:  # noqa: ANN001
+def test_resume_from_a_checkpoint_with_the_wrong_keys(tmp_path, monkeypatch, capsys, tensors, meta, match) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -196,7 +197,7 @@ def warnings_of(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[str
     return lines
 
 
-def test_warnings_on_suspicious_inputs(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_warnings_on_suspicious_inputs(tmp_path: Path, capsys) -> None:
     base, fts = write_files(tmp_path, n_tasks=3)
     shutil.copy(fts[0], tmp_path / "copy.safetensors")
     shutil.copy(base, tmp_path / "same-as-base.safetensors")
@@ -223,6 +224,7 @@ def test_warnings_on_suspicious_inputs(tmp_path: Path, capsys) -> None:  # noqa:
     assert "--density is ignored by --method task-arithmetic" in line
     assert warnings_of(["merge", str(base), *map(str, fts), "--method", "consensus-ta", "--k", "3", "--lam", "0.3",
                         "--out", str(next(out))], capsys) == []
-    (line,) = warnings_of(["compress", str(base), str(fts[0]), str(fts[0]), "--names", "a,b", "--out",
-                           str(tmp_path / "store")], capsys)
+    line, size = warnings_of(["compress", str(base), str(fts[0]), str(fts[0]), "--names", "a,b", "--out",
+                              str(tmp_path / "store")], capsys)
     assert "is given twice" in line
+    assert "the store is larger than the 2 fine-tuned models it replaces" in size  # two float32 tasks

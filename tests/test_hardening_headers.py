@@ -48,7 +48,7 @@ LIES = [
 
 
 @pytest.mark.parametrize(("header", "data", "match"), LIES)
-def test_lying_header_is_a_format_error_naming_file_and_tensor(tmp_path: Path, header, data, match) -> None:  # noqa: ANN001
+def test_lying_header_is_a_format_error_naming_file_and_tensor(tmp_path: Path, header, data, match) -> None:
     path = raw_file(tmp_path / "lies.safetensors", header, data)
     with pytest.raises(FormatError, match="lies.safetensors") as info:
         SafetensorsReader(path)
@@ -69,7 +69,7 @@ def test_header_longer_than_the_file_and_duplicate_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("header", "data", "match"), LIES[:5])
-def test_merge_with_a_lying_checkpoint_exits_2(tmp_path: Path, capsys, header, data, match) -> None:  # noqa: ANN001
+def test_merge_with_a_lying_checkpoint_exits_2(tmp_path: Path, capsys, header, data, match) -> None:
     base, fts = write_files(tmp_path)
     raw_file(fts[1], header, data)
     fails(["merge", str(base), *map(str, fts), "--out", str(tmp_path / "o.safetensors")], capsys, match)
@@ -118,7 +118,7 @@ def read_everything(path: Path) -> dict[str, torch.Tensor]:
 def library(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         return load_file(str(path))
-    except (SafetensorError, Exception):  # noqa: BLE001 - the library's verdict, whatever it raises
+    except (SafetensorError, Exception):
         return None
 
 

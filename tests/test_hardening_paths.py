@@ -53,7 +53,7 @@ def hostile_base(tmp_path: Path, shard_name: str) -> tuple[Path, list[Path]]:
 
 
 @pytest.mark.parametrize("shard", ["../planted.safetensors", "ABSOLUTE"])
-def test_index_shard_outside_the_folder_is_refused_before_writing(tmp_path: Path, capsys, shard: str) -> None:  # noqa: ANN001
+def test_index_shard_outside_the_folder_is_refused_before_writing(tmp_path: Path, capsys, shard: str) -> None:
     victim = tmp_path / "victim.safetensors"
     shard = str(victim) if shard == "ABSOLUTE" else shard
     base_dir, ft_dirs = hostile_base(tmp_path, shard)
@@ -68,7 +68,7 @@ def test_index_shard_outside_the_folder_is_refused_before_writing(tmp_path: Path
     assert tree(tmp_path) == before
 
 
-def test_shard_symlink_leaving_the_folder_is_refused(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_shard_symlink_leaving_the_folder_is_refused(tmp_path: Path, capsys) -> None:
     base, fts = states()
     base_dir = write_folder(base, tmp_path / "base")
     shard = next(iter(SHARDS))
@@ -79,7 +79,7 @@ def test_shard_symlink_leaving_the_folder_is_refused(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "m").exists()
 
 
-def test_side_file_symlink_is_not_copied_out(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_side_file_symlink_is_not_copied_out(tmp_path: Path, capsys) -> None:
     base, fts = states()
     base_dir = write_folder(base, tmp_path / "base")
     (tmp_path / "secret.txt").write_text("private")
@@ -90,7 +90,7 @@ def test_side_file_symlink_is_not_copied_out(tmp_path: Path, capsys) -> None:  #
         assert not (tmp_path / "o").exists()
 
 
-def test_a_link_inside_the_folder_is_fine(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_a_link_inside_the_folder_is_fine(tmp_path: Path, capsys) -> None:
     base, fts = states()
     base_dir = write_folder(base, tmp_path / "base")
     (base_dir / "generation_config.json").symlink_to(base_dir / "config.json")
@@ -101,7 +101,7 @@ def test_a_link_inside_the_folder_is_fine(tmp_path: Path, capsys) -> None:  # no
     assert (tmp_path / "m" / "generation_config.json").read_text() == '{"model_type": "tiny"}'
 
 
-def store_with(tmp_path: Path, change) -> Path:  # noqa: ANN001
+def store_with(tmp_path: Path, change) -> Path:
     base, fts = states()
     base_dir = write_folder(base, tmp_path / "base")
     ft_dirs = [write_folder(ft, tmp_path / f"ft{i}") for i, ft in enumerate(fts)]
@@ -113,7 +113,7 @@ def store_with(tmp_path: Path, change) -> Path:  # noqa: ANN001
     return store
 
 
-def test_store_base_index_is_checked_on_extract(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_store_base_index_is_checked_on_extract(tmp_path: Path, capsys) -> None:
     """A store keeps its base folder's index: a hostile one planted there is refused too."""
 
     def plant(manifest: dict, store: Path) -> None:

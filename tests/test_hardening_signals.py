@@ -53,7 +53,7 @@ def merge_args(folders: list[str], out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_during_merge_exits_and_removes_temporaries(tmp_path: Path, capsys, folders, sig, status) -> None:  # noqa: ANN001
+def test_signal_during_merge_exits_and_removes_temporaries(tmp_path: Path, capsys, folders, sig, status) -> None:
     out = tmp_path / "out" / "merged"
     before = tree(tmp_path)
     proc = start_slow("weights.merge_ops", "apply_delta", merge_args(folders, out))
@@ -68,7 +68,7 @@ def test_signal_during_merge_exits_and_removes_temporaries(tmp_path: Path, capsy
     assert main(merge_args(folders, out)) == 0  # and the next merge simply works
 
 
-def test_stale_temporaries_after_kill_9_are_removed_by_the_next_merge(tmp_path: Path, capsys, folders) -> None:  # noqa: ANN001
+def test_stale_temporaries_after_kill_9_are_removed_by_the_next_merge(tmp_path: Path, capsys, folders) -> None:
     out = tmp_path / "merged"
     proc = start_slow("weights.merge_ops", "apply_delta", merge_args(folders, out))
     proc.kill()
@@ -101,7 +101,7 @@ def test_only_our_own_temporaries_are_recognised(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_during_run_prints_the_resume_command(tmp_path: Path, sig, status) -> None:  # noqa: ANN001
+def test_signal_during_run_prints_the_resume_command(tmp_path: Path, sig, status) -> None:
     out = tmp_path / "run"
     args = ["run", "forgetting", "--profile", "smoke", "--out", str(out), "--set", "methods=finetune", "--set",
             "epochs=1", "--quiet"]

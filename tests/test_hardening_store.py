@@ -21,17 +21,17 @@ def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
-def edit_manifest(store: Path, change) -> None:  # noqa: ANN001
+def edit_manifest(store: Path, change) -> None:
     manifest = json.loads((store / "store.json").read_text())
     manifest = change(manifest)
     (store / "store.json").write_text(json.dumps(manifest))
 
 
-def with_(key: str, value: object):  # noqa: ANN201
+def with_(key: str, value: object):
     return lambda m: {**m, key: value}
 
 
-def without(key: str):  # noqa: ANN201
+def without(key: str):
     return lambda m: {k: v for k, v in m.items() if k != key}
 
 
@@ -48,19 +48,19 @@ def without(key: str):  # noqa: ANN201
     (with_("version", 7), "version 7"),
     (without("mask_sha256"), "one digest per task"),
 ])
-def test_bad_manifest(store: Path, tmp_path: Path, capsys, change, match: str) -> None:  # noqa: ANN001
+def test_bad_manifest(store: Path, tmp_path: Path, capsys, change, match: str) -> None:
     edit_manifest(store, change)
     fails(["extract", str(store), "--task", "a", "--out", str(tmp_path / "x.safetensors")], capsys, match)
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_nan_lambda(store: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_nan_lambda(store: Path, tmp_path: Path, capsys) -> None:
     edit_manifest(store, with_("lambdas", [float("nan"), 0.4]))  # json writes NaN, which Python's json reads
     fails(["extract", str(store), "--task", "a", "--out", str(tmp_path / "x")], capsys,
           "lambda must be a finite number > 0, got nan")
 
 
-def test_mask_from_another_store(store: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_mask_from_another_store(store: Path, tmp_path: Path, capsys) -> None:
     other_root = tmp_path / "other"
     other_root.mkdir()
     base, fts = write_files(other_root, seed=5)
@@ -71,14 +71,14 @@ def test_mask_from_another_store(store: Path, tmp_path: Path, capsys) -> None:  
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_mask_path_outside_the_store(store: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_mask_path_outside_the_store(store: Path, tmp_path: Path, capsys) -> None:
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(store / "masks" / "a.safetensors", outside)
     (store / "masks" / "a.safetensors").symlink_to(outside)
     fails(["extract", str(store), "--task", "a", "--out", str(tmp_path / "x")], capsys, "outside its folder")
 
 
-def test_nan_in_tau_leaves_no_output(store: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_nan_in_tau_leaves_no_output(store: Path, tmp_path: Path, capsys) -> None:
     tau = load_file(str(store / "tau_mtl.safetensors"))
     tau["head.weight"][0, 0] = float("nan")
     save_file(tau, str(store / "tau_mtl.safetensors"))
@@ -87,7 +87,7 @@ def test_nan_in_tau_leaves_no_output(store: Path, tmp_path: Path, capsys) -> Non
     assert {p.name for p in tmp_path.iterdir()} == before
 
 
-def test_tau_that_does_not_fit_the_base(store: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_tau_that_does_not_fit_the_base(store: Path, tmp_path: Path, capsys) -> None:
     tau = load_file(str(store / "tau_mtl.safetensors"))
     tau["head.weight"] = torch.zeros(2, 2)
     save_file(tau, str(store / "tau_mtl.safetensors"))

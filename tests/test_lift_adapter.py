@@ -38,7 +38,7 @@ def data(n: int = 96) -> ArrayDataset:
     return ArrayDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
-def tuned(dtype: torch.dtype = torch.float32, **config: object):  # noqa: ANN201
+def tuned(dtype: torch.dtype = torch.float32, **config: object):
     model = Net(dtype)
     lift = prepare(model, LiftConfig(rank=2, lora_rank=1, refresh_every=2, lr=3e-2, **config))  # type: ignore[arg-type]
     train(model, data(), TrainConfig(epochs=2, batch_size=32, amp=False), optimizer=lift.optimizer)
@@ -46,7 +46,7 @@ def tuned(dtype: torch.dtype = torch.float32, **config: object):  # noqa: ANN201
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_save_and_load_round_trip_is_bit_exact(tmp_path, dtype: torch.dtype) -> None:  # noqa: ANN001
+def test_save_and_load_round_trip_is_bit_exact(tmp_path, dtype: torch.dtype) -> None:
     model, lift = tuned(dtype, modules_to_save=("head",))
     folder = lift.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
@@ -71,7 +71,7 @@ def test_entries_that_would_not_round_back_are_stored_exactly() -> None:
     assert saved["values"].dtype == torch.float64 and saved["values"][1].item() == 0.25
 
 
-def test_the_handle_names_the_peft_fields(tmp_path) -> None:  # noqa: ANN001
+def test_the_handle_names_the_peft_fields(tmp_path) -> None:
     _, lift = tuned(modules_to_save=("head",))
     config = json.loads((lift.save_pretrained(tmp_path) / CONFIG_FILE).read_text())
     assert config["peft_type"] == "LIFT" and config["modules_to_save"] == {
@@ -79,7 +79,7 @@ def test_the_handle_names_the_peft_fields(tmp_path) -> None:  # noqa: ANN001
     assert config["targets"]["body.2.weight"] == {"shape": [16, 16], "dtype": "float32"}
 
 
-def corrupt(folder, key: str, value: torch.Tensor) -> None:  # noqa: ANN001
+def corrupt(folder, key: str, value: torch.Tensor) -> None:
     tensors = load_tensors(folder / WEIGHTS_FILE)
     tensors[key] = value
     save_tensors(tensors, folder / WEIGHTS_FILE)
@@ -99,7 +99,7 @@ def corrupt(folder, key: str, value: torch.Tensor) -> None:  # noqa: ANN001
     (lambda f: (f / CONFIG_FILE).write_text("{"), "is not valid JSON"),
     (lambda f: (f / WEIGHTS_FILE).unlink(), "no LIFT adapter at"),
 ])
-def test_reading_a_bad_adapter_fails_with_one_line(tmp_path, change, match: str) -> None:  # noqa: ANN001
+def test_reading_a_bad_adapter_fails_with_one_line(tmp_path, change, match: str) -> None:
     model, lift = tuned()
     folder = lift.save_pretrained(tmp_path / "a")
     corrupt(folder, "body.0.weight.values", torch.zeros(2, dtype=torch.float64))  # a valid 2-entry delta
@@ -113,7 +113,7 @@ def test_reading_a_bad_adapter_fails_with_one_line(tmp_path, change, match: str)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # nothing half-applied
 
 
-def test_loading_onto_another_architecture_names_the_mismatch(tmp_path) -> None:  # noqa: ANN001
+def test_loading_onto_another_architecture_names_the_mismatch(tmp_path) -> None:
     _, lift = tuned()
     folder = lift.save_pretrained(tmp_path)
     with pytest.raises(WeightlabError, match=r"expects 'body.0.weight' of shape \(16, 8\) and dtype float32, the "
@@ -124,7 +124,7 @@ def test_loading_onto_another_architecture_names_the_mismatch(tmp_path) -> None:
         from_pretrained(other, folder)
 
 
-def test_trainable_counts_are_the_lift_entries(capsys) -> None:  # noqa: ANN001
+def test_trainable_counts_are_the_lift_entries(capsys) -> None:
     model = Net()
     lift = prepare(model, LiftConfig(rank=2, lora_rank=1, modules_to_save=("head",)))
     total = sum(p.numel() for p in model.parameters())
@@ -135,7 +135,7 @@ def test_trainable_counts_are_the_lift_entries(capsys) -> None:  # noqa: ANN001
                                        f"trainable%: {100 * expected / total:.4f}\n")
 
 
-def test_an_optimizer_that_never_stepped_fails_loudly(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_an_optimizer_that_never_stepped_fails_loudly(tmp_path, monkeypatch) -> None:
     model = Net()
     lift = prepare(model, LiftConfig(rank=2, lora_rank=1))
     other = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # what Trainer builds alone

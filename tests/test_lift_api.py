@@ -59,7 +59,7 @@ def test_weightlab_loop_changes_only_masked_entries_and_delta_matches() -> None:
             assert torch.equal(value, start[name]), name
 
 
-def test_sparse_delta_round_trips_through_safetensors(tmp_path) -> None:  # noqa: ANN001
+def test_sparse_delta_round_trips_through_safetensors(tmp_path) -> None:
     model = Net()
     lift = prepare(model, LiftConfig(rank=2, lora_rank=1, lr=1e-2))
     train(model, data(), TrainConfig(epochs=1, batch_size=32), optimizer=lift.optimizer)

@@ -10,7 +10,7 @@ from weightlab.methods.lift import from_pretrained
 from weightlab.methods.lift.model import LiftConfig, extract_delta, prepare
 
 
-def tiny_bert():  # noqa: ANN201
+def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -26,7 +26,7 @@ def toy_examples(n: int = 64) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
 
 
-def trainer_args(tmp_path, steps: int = 6, **kwargs: object):  # noqa: ANN001, ANN201
+def trainer_args(tmp_path, steps: int = 6, **kwargs: object):
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16,
@@ -34,7 +34,7 @@ def trainer_args(tmp_path, steps: int = 6, **kwargs: object):  # noqa: ANN001, A
                              learning_rate=1e-2, lr_scheduler_type="constant", **kwargs)
 
 
-def test_hf_model_targets_exclude_the_classifier_and_trainer_trains_it(tmp_path) -> None:  # noqa: ANN001
+def test_hf_model_targets_exclude_the_classifier_and_trainer_trains_it(tmp_path) -> None:
     from transformers import Trainer
 
     model = tiny_bert()
@@ -54,7 +54,7 @@ def test_hf_model_targets_exclude_the_classifier_and_trainer_trains_it(tmp_path)
         assert torch.equal(a, b), name
 
 
-def test_a_trainer_with_its_own_optimizer_fails_loudly(tmp_path) -> None:  # noqa: ANN001
+def test_a_trainer_with_its_own_optimizer_fails_loudly(tmp_path) -> None:
     from transformers import Trainer
 
     from weightlab.integrations.hf import WeightlabCallback
@@ -70,7 +70,7 @@ def test_a_trainer_with_its_own_optimizer_fails_loudly(tmp_path) -> None:  # noq
                 callbacks=[WeightlabCallback(lift=lift)]).train()
 
 
-def test_an_optimizer_that_skips_its_steps_is_caught_at_the_end(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_an_optimizer_that_skips_its_steps_is_caught_at_the_end(tmp_path, monkeypatch) -> None:
     from transformers import Trainer
 
     model = tiny_bert()
@@ -81,7 +81,7 @@ def test_an_optimizer_that_skips_its_steps_is_caught_at_the_end(tmp_path, monkey
                 **lift.trainer_kwargs()).train()
 
 
-def test_trainer_clipping_reaches_the_gathered_gradients(tmp_path) -> None:  # noqa: ANN001
+def test_trainer_clipping_reaches_the_gathered_gradients(tmp_path) -> None:
     from transformers import Trainer
 
     def moved(max_grad_norm: float) -> float:

@@ -90,7 +90,7 @@ def test_carry_over_keeps_the_values_of_entries_that_stay() -> None:
     (lambda: lora_budget((3, 4), 0), "lora_rank must be ≥ 1"),
     (lambda: density_budget((3, 4), 1.5), "density must be in \\(0, 1\\]"),
 ])
-def test_bad_input_is_named(call, message: str) -> None:  # noqa: ANN001
+def test_bad_input_is_named(call, message: str) -> None:
     with pytest.raises(WeightlabError, match=message):
         call()
 

@@ -8,7 +8,7 @@ from torch import nn
 from weightlab.methods.lift.optimizer import SparseAdamW
 
 
-def fixed(*index_lists: list[int]):  # noqa: ANN201
+def fixed(*index_lists: list[int]):
     """A selector returning the given index lists one after the other (the last one repeats)."""
     calls = iter(index_lists)
     last = [None]
@@ -186,11 +186,31 @@ def test_refresh_schedule_survives_a_state_dict_round_trip():
 
 
 def test_masked_gradient_linear_under_bf16_autocast():
+    """Under bf16 autocast the masked-gradient backward (sparse_grad) makes the update the dense gradient makes:
+    float32 weights, only the principal entries of the targets move, and the gradient reaches layer 0 through
+    the masked layer 2 (its autocast-safe input gradient)."""
     from weightlab.methods.lift.model import LiftConfig, prepare
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-    lift = prepare(model, LiftConfig(rank=2, density=0.25, sparse_grad=True, target_modules=("0", "2")))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(torch.randn(4, 8)).float().sum()
-    loss.backward()
-    lift.optimizer.step()
+    def one_step(sparse_grad: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, set[int]]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                    torch.nn.Linear(8, 2))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        lift = prepare(model, LiftConfig(rank=2, density=0.25, sparse_grad=sparse_grad, target_modules=("0", "2")))
+        masks = {f"{n}.weight": set(lift.optimizer.masks()[model[int(n)].weight].tolist()) for n in ("0", "2")}
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().sum()
+        loss.backward()
+        lift.optimizer.step()
+        return before, model.state_dict(), masks
+
+    before, sparse, masks = one_step(True)
+    _, dense, dense_masks = one_step(False)
+    assert masks == dense_masks
+    for name, mask in masks.items():
+        assert sparse[name].dtype == torch.float32 and len(mask) == 16  # 25% of 8×8
+        moved = set((sparse[name] != before[name]).flatten().nonzero().flatten().tolist())  # flat indices
+        assert moved and moved <= mask, name
+        torch.testing.assert_close(sparse[name], dense[name])
+    assert torch.equal(sparse["3.weight"], before["3.weight"])  # not a target: frozen

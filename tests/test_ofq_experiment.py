@@ -16,7 +16,7 @@ from weightlab.cli import main
 from weightlab.experiments.base import run_experiment
 
 
-def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:  # noqa: ANN001
+def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:
     out = tmp_path / "ofq"
     assert main(["run", "ofq", "--profile", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -24,27 +24,27 @@ def test_smoke_profile_runs_and_reports_the_paper_direction(tmp_path) -> None:  
     assert [r["method"] for r in rows] == ["full precision", "LSQ", "StatsQ", "StatsQ + QKR",
                                            "StatsQ + QKR + low-LR steps (control)", "StatsQ + QKR + CGA"]
     assert len(results["claims"]) == 4 and all(isinstance(c["held"], bool) for c in results["claims"])
-    run = results["data"]["runs"]["w2/statsq+qkr+cga"][0]
+    run = results["records"]["0"]["runs"]["w2/statsq+qkr+cga"]
     assert 0 <= run["osc"] <= 1 and 0 < run["trainable"] < 0.1  # CGA kept few weights trainable
     assert (out / "plots" / "oscillation_w2.png").is_file()
-    held = {c["text"]: c["held"] for c in results["claims"]}
-    assert held["at 2 bits StatsQ + QKR + CGA is more accurate than LSQ"]
+    effect = {c["text"]: c["effect"] for c in results["claims"]}
+    assert effect["at 2 bits StatsQ + QKR + CGA is more accurate than LSQ"]["mean"] > 0  # one seed: the direction
     # The oscillation claim is not asserted here: at smoke scale its direction changes with the number of
     # BLAS threads (it held with 1 thread, not with 2), and the quick run shows CGA's freezing is not what
     # lowers oscillation (see docs/quantization.md). The quick profile's claims are checked by the slow test.
 
 
-def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys) -> None:
     assert main(["run", "ofq", "--profile", "smoke", "--set", "bits=9", "--out", str(tmp_path / "a")]) == 2
-    assert "ofq bits must be an integer from 1 to 8, got 9" in capsys.readouterr().err
+    assert "bits must be in [2, 8], got 9" in capsys.readouterr().err
     bad_method = ["--set", "methods=lsq,pact", "--out", str(tmp_path / "b")]
     assert main(["run", "ofq", "--profile", "smoke", *bad_method]) == 2
-    assert "unknown ofq method(s) pact" in capsys.readouterr().err
+    assert "methods: 'pact' is not one of lsq, statsq" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_quick_profile_accuracy_claims(tmp_path) -> None:  # noqa: ANN001
+def test_quick_profile_accuracy_claims(tmp_path) -> None:
     _, results = run_experiment("ofq", profile="quick", out=tmp_path / "quick")
-    held = {c.text: c.held for c in results.claims}
-    assert held["at 2 bits StatsQ + QKR + CGA is more accurate than LSQ"]
-    assert held["the accuracy gap to LSQ is smaller at 3 bits than at 2 bits"]
+    direction = {c.text: c.direction for c in results.claims}
+    assert direction["at 2 bits StatsQ + QKR + CGA is more accurate than LSQ"]
+    assert direction["the accuracy gap to LSQ is smaller at 3 bits than at 2 bits"]

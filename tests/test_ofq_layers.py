@@ -20,7 +20,7 @@ from weightlab.methods.quant.api import (
 )
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_trainable_mask
 from weightlab.methods.quant.layers import QuantAttention, QuantLinear
-from weightlab.methods.quant.oscillation import OscillationTracker
+from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker
 from weightlab.methods.quant.qkr import QKRAttention
 from weightlab.models import MLP, TinyViT
 from weightlab.train import TrainConfig, train
@@ -67,7 +67,7 @@ def test_qkr_quantizes_the_query_key_product_per_head() -> None:
 
 @pytest.mark.parametrize("config", [QuantConfig(method="lsq"), QuantConfig(),
                                     QuantConfig(bits_w=4, bits_a=None), QuantConfig(qkr=True, bits_w=3)])
-def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None:  # noqa: ANN001
+def test_prepare_convert_pack_roundtrip(config: QuantConfig, tmp_path) -> None:
     model = _vit()
     float_bytes = module_bytes(model)
     quant = prepare(model, config)
@@ -111,7 +111,7 @@ def test_tracker_and_cga_in_the_training_loop() -> None:
     gen = torch.Generator().manual_seed(0)
     data = ArrayDataset(torch.rand(64, 1, 16, 16, generator=gen), torch.randint(0, 10, (64,), generator=gen))
     model = prepare(_vit(), QuantConfig(bits_w=2, bits_a=2, qkr=True)).model
-    tracker = OscillationTracker(model, skip=("head",))
+    tracker = OscillationTracker(model, OscillationConfig(skip=("head",)))
     assert "head" not in tracker.modules and "blocks.0.attn" in tracker.modules
     config = TrainConfig(max_steps=6, batch_size=16, lr=0.05, optimizer="adamw", weight_decay=0.5)
     train(model, data, config, callbacks=[tracker])

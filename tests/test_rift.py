@@ -116,9 +116,9 @@ def test_rift_smoke_direction(tmp_path) -> None:
     from weightlab.experiments.base import run_experiment
 
     _, results = run_experiment(
-        "rift", profile="smoke", out=tmp_path / "run", overrides={"at_epochs": "3", "ft_epochs": "2"}
+        "rift", profile="smoke", out=tmp_path / "run", overrides={"at_epochs": "3", "finetune_epochs": "2"}
     )
-    per_seed = results.data["per_seed"][0]
+    per_seed = results.records[0]
     metrics = per_seed["metrics"]
     assert set(per_seed["mrc"]) == {"body.0", "body.4", "body.8", "head"}
     assert all(v >= 0 for v in per_seed["mrc"].values())

@@ -121,6 +121,6 @@ def test_rws_smoke_experiment(tmp_path) -> None:
 
     _, results = run_experiment("rws", profile="smoke", out=tmp_path / "run")
     claims = {c.text.split(" ")[0]: c for c in results.claims}
-    assert claims["unpatch"].held
-    storage = results.data["per_seed"][0]["storage"]
+    assert claims["unpatch"].direction and results.records[0]["unpatch_max_abs_diff"] == 0.0
+    storage = results.records[0]["storage"]
     assert storage["full copy (bytes)"] / storage["8-bit signature (bytes)"] >= 8

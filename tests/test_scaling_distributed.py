@@ -24,8 +24,8 @@ def test_two_gloo_processes_match_one(tmp_path):
     two = torchrun(2, *ARGS, "--out", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
-    R1 = json.loads((tmp_path / "one" / "results.json").read_text())["data"]["accuracy_matrices"]["joint"][0]
-    R2 = json.loads((tmp_path / "two" / "results.json").read_text())["data"]["accuracy_matrices"]["joint"][0]
+    R1 = json.loads((tmp_path / "one" / "results.json").read_text())["records"]["0"]["matrices"]["joint"]
+    R2 = json.loads((tmp_path / "two" / "results.json").read_text())["records"]["0"]["matrices"]["joint"]
     mean1, mean2 = sum(R1[-1]) / 5, sum(R2[-1]) / 5
     assert mean1 > 0.8 and abs(mean1 - mean2) < 0.04, (R1[-1], R2[-1])
     # rank 0 alone wrote the run folder: one config, one results file, one checkpoint per stream

@@ -25,7 +25,7 @@ def test_site_files(runs, tmp_path, capsys):
     site = tmp_path / "site"
     assert main(["report", str(runs), "--out", str(site)]) == 0
     index = (site / "index.html").read_text()
-    assert "<table id='claims'>" in index and "finetune forgets catastrophically" in index
+    assert "<table id='claims-forgetting'>" in index and "finetune forgets catastrophically" in index
     assert "sweeps/" in index
     assert (site / "runs" / "forgetting_a" / "accuracy_matrix_finetune.png").is_file()
     assert (site / "sweeps" / "sweeps_s" / "lr.png").is_file()
@@ -54,7 +54,7 @@ def test_report_renders_in_a_browser(runs, tmp_path):
     url = (site / "index.html").resolve().as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert "finetune forgets catastrophically" in dom and "<table id=\"claims\">" in dom
+    assert "finetune forgets catastrophically" in dom and "<table id=\"claims-forgetting\">" in dom
     rendered = dom.split('data-images-rendered="', 1)[1].split('"', 1)[0]
     ok, total = map(int, rendered.split("/"))
     assert total >= 1 and ok == total, rendered  # every plot thumbnail decoded and laid out

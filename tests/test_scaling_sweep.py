@@ -21,14 +21,18 @@ def test_parse_grid_and_cells():
         parse_grid(["lr"])
 
 
-def test_aggregate_mean_std_known_answer():
-    def rec(point, value, held):
-        return {"point": point, "status": "ok", "params": {}, "claims": [{"measured": {"acc": value}, "held": held}]}
+def test_aggregate_mean_std_and_pooled_verdict_known_answer():
+    def rec(point, value, delta):
+        effect = {"quantity": "Δ", "mean": delta, "ci95": [None, None], "n": 1, "claimed": "> 0.1"}
+        return {"point": point, "status": "ok", "params": {},
+                "claims": [{"measured": {"acc": value}, "held": False, "effect": effect}]}
 
-    rows = aggregate([rec("a", 0.5, True), rec("a", 0.7, False), rec("b", 1.0, True),
+    rows = aggregate([rec("a", 0.5, 0.2), rec("a", 0.7, 0.3), rec("a", 0.6, 0.25), rec("b", 1.0, 0.0),
                       {"point": "b", "status": "failed", "params": {}}])
-    assert rows[0]["acc"] == "0.6 ± 0.1414" and rows[0]["claim 1 held"] == "1/2"
-    assert rows[1]["seeds"] == "1/2" and rows[1]["acc"] == "1 ± 0"
+    assert rows[0]["acc"] == "0.6 ± 0.1" and rows[0]["claim 1"] == "held (n = 3)"  # 0.25 ± 0.124 > 0.1
+    assert rows[1]["seeds"] == "1/2" and rows[1]["acc"] == "1" and rows[1]["claim 1"] == "inconclusive (n = 1)"
+    low = aggregate([rec("c", 0.5, 0.0), rec("c", 0.5, 0.01), rec("c", 0.5, 0.005)])
+    assert low[0]["claim 1"] == "not held (n = 3)"  # interval [−0.007, 0.017], wholly below 0.1
 
 
 def test_local_sweep_resumes_and_reports_failures(tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ def test_tensorboard_logging(tmp_path, capsys):
     assert code == 0
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "finetune/seed0/accuracy/task0", "finetune/seed0/average_accuracy"} <= scalars
-    assert len(events.Scalars("finetune/seed0/accuracy/task0")) == 5  # one point per experience
-    assert "finetune/seed0/accuracy_matrix" in events.Tags()["images"]
+    assert {"train/loss", "train/lr", "seed0/finetune/accuracy/task0", "seed0/finetune/average_accuracy"} <= scalars
+    assert len(events.Scalars("seed0/finetune/accuracy/task0")) == 5  # one point per experience
+    assert "seed0/finetune/accuracy_matrix" in events.Tags()["images"]
 
 
 def test_unknown_logger(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_generator_errors() -> None:
         SCoLeStream(train, train, SCoLeConfig(num_classes=5))
 
 
-def test_stream_experiences(digits8) -> None:  # noqa: ANN001
+def test_stream_experiences(digits8) -> None:
     stream = SCoLeStream(*digits8, SCoLeConfig(n_tasks=30, seed=1))
     assert len(stream) == 30 and len(stream.full_test) == len(digits8[1])
     for i in (0, 17, -1):
@@ -149,12 +149,12 @@ def test_frequency_replay_selection_and_memory() -> None:
     assert int((mem.x[1] != before).sum()) == renewed
 
 
-def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1 task, got 0"):
+def test_experiment_errors_and_cli_exit_status(tmp_path) -> None:
+    with pytest.raises(WeightlabError, match=r"checkpoint_every must be ≥ 1, got 0"):
         run_experiment("scole", profile="smoke", overrides={"checkpoint_every": "0"}, out=tmp_path / "z")
     with pytest.raises(WeightlabError, match=r"checkpoint interval must be ≥ 1 experience, got 0"):
-        RunContext(tmp_path / "ctx").stream("k", 3, lambda i: [0.0], dict, lambda t: None, every=0)
-    with pytest.raises(WeightlabError, match=r"unknown scole variant\(s\) \['x'\]"):
+        RunContext(tmp_path / "ctx").trial(0).stream("k", 3, lambda i, seed: [0.0], {}, every=0)
+    with pytest.raises(WeightlabError, match=r"variants: 'x' is not one of sgd, sgd-mask"):
         run_experiment("scole", profile="smoke", overrides={"variants": "x"}, out=tmp_path / "a")
     assert (
         main(
@@ -178,11 +178,11 @@ RESUME = {"n_tasks": "12", "variants": "adam-mask-keep,imbalanced-mask-freq-repl
           "checkpoint_every": "3"}
 
 
-def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> None:
     run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "whole")
     original = RunContext.save_state
 
-    def interrupt(self: RunContext, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def interrupt(self: RunContext, *args, **kwargs) -> None:
         # 4 checkpoints per variant (tasks 2, 5, 8, 11): stop at the replay variant's task-8 checkpoint, so
         # the resumed run restarts from task 5 and repeats tasks 6-8
         if self.saves == 6:
@@ -194,25 +194,25 @@ def test_resume_mid_stream_gives_identical_results(tmp_path, monkeypatch) -> Non
         run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut")
     resumed_saves = []
 
-    def count(self: RunContext, key: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def count(self: RunContext, key: str, *args, **kwargs) -> None:
         resumed_saves.append(key)
         original(self, key, *args, **kwargs)
 
     monkeypatch.setattr(RunContext, "save_state", count)
     run_experiment("scole", profile="smoke", overrides=RESUME, out=tmp_path / "cut", resume=True)
-    assert resumed_saves == [f"imbalanced-mask-freq-replay/seed0/exp{i}" for i in (8, 11)]
+    assert resumed_saves == [f"seed0/imbalanced-mask-freq-replay/exp{i}" for i in (8, 11)]
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert a == b
 
 
-def test_direction_knowledge_accumulation_and_masking(tmp_path) -> None:  # noqa: ANN001
+def test_direction_knowledge_accumulation_and_masking(tmp_path) -> None:
     _, res = run_experiment(
         "scole",
         profile="smoke",
         out=tmp_path / "run",
         overrides={"n_tasks": "120", "variants": "sgd,sgd-mask", "augment_to": "2874"},
     )
-    held = {c.text.split(":")[0]: c.held for c in res.claims}
-    assert held["sgd-mask"] and held["group masking ends higher than plain SGD"]
+    direction = {c.text.split(":")[0]: c.direction for c in res.claims}  # one seed: the direction of each claim
+    assert direction["sgd-mask"] and direction["group masking ends higher than plain SGD"]
     assert (tmp_path / "run" / "plots" / "accuracy_along_stream.png").is_file()

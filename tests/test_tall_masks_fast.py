@@ -146,7 +146,7 @@ METHOD_SCOPES = [("task-arithmetic", "tensor"), ("ties", "tensor"), ("ties", "gl
 
 @pytest.mark.parametrize(("method", "scope"), METHOD_SCOPES)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_combine_on_workers_equals_state_dict_functions(small_blocks, method: str, scope: str, sign: float) -> None:  # noqa: ANN001
+def test_combine_on_workers_equals_state_dict_functions(small_blocks, method: str, scope: str, sign: float) -> None:
     """Exact cancellations with a negative or positive majority: the entries merged again after the pass."""
     x = cancelling(4, 500, 3)
     x = x + sign * (x == 0) * (torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.3)
@@ -244,7 +244,7 @@ def test_a_file_truncated_during_the_merge_raises_format_error_and_leaves_no_out
     original = streaming.combine
     victim = ft_paths[2]
 
-    def truncating(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def truncating(*args, **kwargs):
         if victim.stat().st_size > 200:  # after the first key: cut the last file down to its header and 'a'
             reader = SafetensorsReader(victim)
             os.truncate(victim, reader._data + reader.tensors["a"].end)
@@ -278,7 +278,7 @@ def test_finite_values_whose_sum_overflows_are_accepted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "scope"), METHOD_SCOPES)
-def test_streamed_merge_equals_in_memory_with_small_chunks_and_blocks(small_blocks, tmp_path: Path, method: str,  # noqa: ANN001
+def test_streamed_merge_equals_in_memory_with_small_chunks_and_blocks(small_blocks, tmp_path: Path, method: str,
                                                                       scope: str) -> None:
     base_path, ft_paths = write_models(tmp_path)
     base, fts = load_file(str(base_path)), [load_file(str(p)) for p in ft_paths]

@@ -147,7 +147,7 @@ def test_tall_masks_class_extracts_masked_models() -> None:
         (lambda: merging.TallMasksConfig(merge="dare"), "merge must be one of"),
     ],
 )
-def test_bad_arguments(call, match: str) -> None:  # noqa: ANN001
+def test_bad_arguments(call, match: str) -> None:
     with pytest.raises(WeightlabError, match=match):
         call()
 
@@ -158,7 +158,7 @@ shapes = st.lists(st.integers(1, 7), min_size=1, max_size=3)
 
 
 @st.composite
-def vectors(draw, n_tasks: int | None = None):  # noqa: ANN001, ANN201
+def vectors(draw, n_tasks: int | None = None):
     t = n_tasks or draw(st.integers(2, 4))
     keys = draw(st.lists(shapes, min_size=1, max_size=3))
     seed = draw(st.integers(0, 2**16))
@@ -170,7 +170,7 @@ def vectors(draw, n_tasks: int | None = None):  # noqa: ANN001, ANN201
 @given(
     vectors(), st.floats(0.05, 1.0), st.sampled_from(["mean", "sum"]), st.sampled_from(["global", "tensor"])
 )
-def test_functions_leave_inputs_unchanged(taus, density: float, reduce: str, scope: str) -> None:  # noqa: ANN001
+def test_functions_leave_inputs_unchanged(taus, density: float, reduce: str, scope: str) -> None:
     base = {k: torch.randn(v.shape) for k, v in taus[0].items()}
     before = copy.deepcopy((base, taus))
     tau = merging.task_arithmetic(taus)
@@ -185,7 +185,7 @@ def test_functions_leave_inputs_unchanged(taus, density: float, reduce: str, sco
 
 @settings(max_examples=25, deadline=None)
 @given(vectors(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_alpha_zero_gives_the_base(taus, dtype: torch.dtype) -> None:  # noqa: ANN001
+def test_alpha_zero_gives_the_base(taus, dtype: torch.dtype) -> None:
     base = {k: torch.randn(v.shape).to(dtype) for k, v in taus[0].items()}
     out = merging.apply(base, merging.task_arithmetic(taus), 0.0)
     assert all(torch.equal(out[k], base[k]) and out[k].dtype == dtype for k in base)
@@ -193,7 +193,7 @@ def test_alpha_zero_gives_the_base(taus, dtype: torch.dtype) -> None:  # noqa: A
 
 @settings(max_examples=25, deadline=None)
 @given(vectors(), st.floats(0.1, 2.0))
-def test_consensus_k_zero_keeps_all_and_k_above_t_keeps_nothing(taus, lam: float) -> None:  # noqa: ANN001
+def test_consensus_k_zero_keeps_all_and_k_above_t_keeps_nothing(taus, lam: float) -> None:
     masks = merging.tall_masks(taus, merging.task_arithmetic(taus), lam)
     assert all(bool(m.all()) for m in merging.consensus_mask(masks, 0).values())
     assert not any(bool(m.any()) for m in merging.consensus_mask(masks, len(taus) + 1).values())
@@ -231,7 +231,7 @@ def test_radix_select_equals_kthvalue(n: int, density: float, seed: int) -> None
     st.integers(0, 4),
     st.sampled_from(["ties", "consensus-ta", "consensus-ties"]),
 )
-def test_streamed_combine_equals_state_dict_functions(taus, density: float, k: int, method: str) -> None:  # noqa: ANN001
+def test_streamed_combine_equals_state_dict_functions(taus, density: float, k: int, method: str) -> None:
     """One tensor at a time (chunked) gives exactly what the state-dict functions give with scope='tensor'."""
     import weightlab.methods.merging.streaming as streaming
 

@@ -12,6 +12,7 @@ from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
 from weightlab.methods.universality.sgld import (
     SGLD,
+    CollectConfig,
     CollectSamples,
     SGLDConfig,
     cyclical_step_size,
@@ -155,7 +156,7 @@ def test_stacked_mlp_roundtrips_and_uses_the_one_loop() -> None:
     opt = SGLD(
         chains.parameters(), SGLDConfig(num_data=40, lr=1e-3, schedule="cyclical", total_steps=20, cycles=2)
     )
-    collect = CollectSamples(every=1, burn_in=0)
+    collect = CollectSamples(CollectConfig(every=1, burn_in=0))
     train(
         chains,
         data,
@@ -190,4 +191,4 @@ def test_errors_name_the_bad_value() -> None:
     with pytest.raises(WeightlabError, match="chain index 5"):
         StackedMLP(2, (3, 1)).chain(5)
     with pytest.raises(WeightlabError, match="every must be"):
-        CollectSamples(every=0)
+        CollectConfig(every=0)

@@ -1,4 +1,5 @@
-"""Variational binary layers, the field-space update, metaplasticity and EWC (known answers, properties)."""
+"""Variational binary layers, the field-space update, metaplasticity and EWC (known answers, properties),
+and their end-to-end directions at tiny scale."""
 
 from __future__ import annotations
 
@@ -10,22 +11,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from weightlab.data import ArrayDataset, Experience
+from weightlab.data import ArrayDataset, Experience, digits, domain_incremental
 from weightlab.errors import WeightlabError
 from weightlab.methods.binary_cl.metaplasticity import (
     BinaryLinear,
+    BinaryMLP,
     MetaplasticAdam,
     MetaplasticityConfig,
     meta_factor,
     sign_ste,
 )
 from weightlab.methods.binary_cl.variational import (
+    BetaAnnealing,
     ProbitPerceptron,
     VariationalBinaryLinear,
+    VariationalBinaryMLP,
     VariationalConfig,
     VariationalFieldAdam,
     annealed_beta,
     binary_kl,
+    binary_layers,
     binary_teacher,
     field_moments,
     forward_mode,
@@ -37,7 +42,7 @@ from weightlab.methods.binary_cl.variational import (
     teacher_data,
 )
 from weightlab.methods.continual.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
-from weightlab.train import TrainConfig, train
+from weightlab.train import TrainConfig, accuracy, train
 
 
 def test_field_moments_known_answer() -> None:
@@ -255,3 +260,43 @@ def test_ewc_penalty_and_callback() -> None:
     assert restored.loss(None, None, None, base).item() == pytest.approx(penalised)
     with pytest.raises(WeightlabError, match="EWC needs train"):
         train(model, data, TrainConfig(epochs=1, batch_size=8), callbacks=[ewc])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _task0_after_two_tasks(make, seed: int = 0) -> float:
+    stream = domain_incremental(digits("train"), digits("test"), 2, seed=3)
+    torch.manual_seed(seed)
+    model, opt_for = make()
+    for i, exp in enumerate(stream):
+        opt, callbacks = opt_for(model, i)
+        train(model, exp.train, TrainConfig(epochs=3, batch_size=64, seed=i), optimizer=opt,
+              callbacks=callbacks, experience=exp)
+    torch.manual_seed(99)
+    return accuracy(model, stream[0].test)
+
+
+def test_metaplasticity_forgets_less_than_plain_binary_training() -> None:
+    def make(m: float):
+        return lambda: (BinaryMLP(64, 10, (64, 64)),
+                        lambda model, i: (MetaplasticAdam(model, MetaplasticityConfig(m=m)), []))
+
+    plain, meta = _task0_after_two_tasks(make(0.0)), _task0_after_two_tasks(make(20.0))
+    assert meta > plain + 0.1
+
+
+def test_previous_task_prior_forgets_less_than_no_prior() -> None:
+    def make(kl_weight: float | None):
+        def opt_for(model, i):
+            vc = VariationalConfig(prior="task", kl_weight=kl_weight)
+            opt = VariationalFieldAdam(binary_layers(model), vc,
+                                       kl_weight=vc.resolved_kl_weight(n_train=1300, batch_size=64))
+            if i:
+                opt.consolidate()
+            return opt, [BetaAnnealing(model, vc, n_tasks=2, epochs=3)]
+
+        return lambda: (VariationalBinaryMLP(64, 10, (64, 64)), opt_for)
+
+    no_prior, prior = _task0_after_two_tasks(make(0.0)), _task0_after_two_tasks(make(None))
+    assert prior > no_prior + 0.05

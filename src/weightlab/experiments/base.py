@@ -1,10 +1,15 @@
-"""The experiment framework: a registered function that reproduces one paper claim.
+"""The experiment framework: two functions reproduce one paper claim, the framework does the rest.
 
-    @experiment("forgetting", paper="foundation", config=ForgettingConfig, profiles={"smoke": {...}})
-    def run(config: ForgettingConfig, ctx: RunContext) -> Results: ...
+    def trial(config: ForgettingConfig, seed: int, ctx: TrialContext) -> dict: ...      # one seed, JSON
+    def summarise(config: ForgettingConfig, records: list[dict]) -> Results: ...       # tables, claims, plots
 
-``quick`` is the config's defaults; ``smoke`` and ``full`` are overrides. :func:`run_experiment` resolves the
-config, creates the run directory, runs, and writes ``config.yaml``, ``results.json`` and ``results.md``.
+    experiment("forgetting", paper="foundation", summary="...", config=ForgettingConfig, trial=trial,
+               summarise=summarise, profiles={"smoke": {...}, "full": {...}})
+
+``quick`` is the config's defaults; ``smoke`` and ``full`` are overrides. :func:`run_experiment` resolves and
+checks the config (before anything is written), creates the run directory, runs ``trial`` for every seed of
+``config.seed_list`` (a finished seed's record is stored and reused on ``--resume``), calls ``summarise`` on
+the records in seed order, and writes ``config.yaml``, ``results.json`` (with provenance) and ``results.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,53 +26,21 @@ import yaml
 
 from weightlab import distributed, registry
 from weightlab.errors import WeightlabError
-from weightlab.report.tables import fmt, markdown_table
-from weightlab.runs import RunContext
-from weightlab.utils import replace_config
+from weightlab.experiments.configs import ExperimentConfig, replace_config
+from weightlab.experiments.provenance import provenance
+from weightlab.experiments.results import Claim, Results, claim, claim_rows
+from weightlab.report.claims import seed_label
+from weightlab.report.progress import track
+from weightlab.runs import RunContext, TrialContext, roundtrip
+from weightlab.utils import derive_seed, seed_everything
 from weightlab.weights.io import write_text_atomic
 
 PROFILES = ("smoke", "quick", "full")
+Trial = Callable[[Any, int, TrialContext], dict[str, Any]]
+Summarise = Callable[[Any, list[dict[str, Any]]], Results]
 
-
-@dataclass
-class Claim:
-    """A paper's claim in one sentence, what this run measured, and whether the direction held."""
-
-    text: str
-    measured: dict[str, Any]
-    held: bool
-    paper: str = ""
-
-
-@dataclass
-class Results:
-    """What an experiment returns: named tables (rows of dicts), claims, extra JSON data and notes."""
-
-    tables: dict[str, list[dict[str, Any]]]
-    claims: list[Claim]
-    data: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tables": self.tables, "claims": [dataclasses.asdict(c) for c in self.claims],
-                "data": self.data, "notes": self.notes}
-
-    def to_markdown(self, title: str) -> str:
-        parts = [f"# {title}\n"]
-        parts.append("## Claims\n")
-        parts.append(markdown_table(claim_rows(self.claims)))
-        for name, rows in self.tables.items():
-            parts.append(f"\n## {name}\n")
-            parts.append(markdown_table(rows))
-        if self.notes:
-            parts.append("\n## Notes\n")
-            parts.append("".join(f"- {n}\n" for n in self.notes))
-        return "\n".join(parts)
-
-
-def claim_rows(claims: list[Claim]) -> list[dict[str, Any]]:
-    return [{"claim": c.text, "measured": ", ".join(f"{k} = {fmt(v)}" for k, v in c.measured.items()),
-             "paper": c.paper, "held": "✅ yes" if c.held else "❌ no"} for c in claims]
+__all__ = ["PROFILES", "Claim", "ExperimentSpec", "Results", "claim", "claim_rows", "experiment", "get",
+           "run_experiment"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +50,12 @@ class ExperimentSpec:
     summary: str
     config: type
     profiles: dict[str, dict[str, Any]]
-    fn: Callable[[Any, RunContext], Results]
+    trial: Trial
+    summarise: Summarise
 
     def resolve(self, profile: str = "quick", *, seed: int | None = None,
                 overrides: dict[str, str] | None = None) -> Any:
-        """The config for ``profile`` with ``seed`` and string ``overrides`` applied (types checked)."""
+        """The config for ``profile`` with ``seed`` and string ``overrides`` applied, every field checked."""
         if profile not in PROFILES:
             raise WeightlabError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
         config = dataclasses.replace(self.config(), **self.profiles.get(profile, {}))
@@ -90,17 +64,18 @@ class ExperimentSpec:
         return replace_config(config, overrides or {})
 
 
-def experiment(name: str, *, paper: str, summary: str, config: type,
-               profiles: dict[str, dict[str, Any]] | None = None) -> Callable:
-    """Register an experiment function under ``name`` (its config dataclass needs a ``seed`` field)."""
-    if "seed" not in {f.name for f in dataclasses.fields(config)}:
-        raise TypeError(f"experiment {name!r}: {config.__name__} needs a 'seed' field")
-
-    def deco(fn: Callable[[Any, RunContext], Results]) -> Callable[[Any, RunContext], Results]:
-        registry.register("experiment", name)(ExperimentSpec(name, paper, summary, config, profiles or {}, fn))
-        return fn
-
-    return deco
+def experiment(name: str, *, paper: str, summary: str, config: type, trial: Trial, summarise: Summarise,
+               profiles: dict[str, dict[str, Any]] | None = None) -> ExperimentSpec:
+    """Register the experiment ``name``: its config class (an :class:`ExperimentConfig`), ``trial`` and
+    ``summarise``; returns the spec."""
+    if not (isinstance(config, type) and issubclass(config, ExperimentConfig)):
+        raise TypeError(f"experiment {name!r}: {config!r} must subclass ExperimentConfig")
+    unknown = set(profiles or {}) - set(PROFILES)
+    if unknown or "quick" in (profiles or {}):
+        raise TypeError(f"experiment {name!r}: profiles are overrides for smoke and full (quick is the defaults)")
+    spec = ExperimentSpec(name, paper, summary, config, profiles or {}, trial, summarise)
+    registry.register("experiment", name)(spec)
+    return spec
 
 
 def get(name: str) -> ExperimentSpec:
@@ -119,13 +94,48 @@ def latest_unfinished(name: str, profile: str, seed: int, root: Path = Path("run
 
 
 def config_record(spec: ExperimentSpec, config: Any, profile: str) -> dict[str, Any]:
-    import torch
-
-    from weightlab import __version__
-
+    """What ``config.yaml`` holds (and ``--dry-run`` prints): experiment, paper, profile, every field."""
     return {"experiment": spec.name, "paper": spec.paper, "profile": profile,
-            "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-            "versions": {"weightlab": __version__, "torch": str(torch.__version__)}}
+            "config": json.loads(json.dumps(dataclasses.asdict(config), default=str))}
+
+
+def config_yaml(spec: ExperimentSpec, config: Any, profile: str) -> str:
+    return yaml.safe_dump(config_record(spec, config, profile), sort_keys=False, allow_unicode=True)
+
+
+def run_trials(spec: ExperimentSpec, config: Any, run: RunContext) -> list[dict[str, Any]]:
+    """Every seed's record, in seed order: read from ``trials/seed<k>.json`` when that seed finished
+    before, else computed by ``trial`` (all generators seeded first) and stored."""
+    trials = run.dir / "trials"
+    records = []
+    for seed in track(config.seed_list, f"{spec.name}: seeds"):
+        path = trials / f"seed{seed}.json"
+        if path.is_file():
+            records.append(run.load_record("", path=path))
+            continue
+        seed_everything(derive_seed(seed, spec.name, "trial"))
+        record = roundtrip(spec.trial(config, seed, run.trial(seed)))
+        if not isinstance(record, dict):
+            raise TypeError(f"{spec.name}: trial must return a dict (a JSON record), got {type(record).__name__}")
+        if distributed.is_main():
+            trials.mkdir(parents=True, exist_ok=True)
+        run.save_record("", record, path=path)
+        records.append(record)
+    return records
+
+
+def _check_folder(spec: ExperimentSpec, config: Any, out: Path, record: dict[str, Any], resume: bool) -> None:
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise WeightlabError(f"--resume: {str(out)!r} holds no config.yaml, so there is no run to resume")
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("config") != record["config"]:
+            diff = sorted(k for k in record["config"] if previous.get("config", {}).get(k) != record["config"][k])
+            raise WeightlabError(f"--resume: the config differs from the interrupted run's in {', '.join(diff)}")
+    elif out.exists():
+        raise WeightlabError(f"output folder {str(out)!r} already exists; pass --resume to continue it "
+                             "or choose another --out")
 
 
 def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None, out: Path | None = None,
@@ -150,38 +160,29 @@ def run_experiment(name: str, *, profile: str = "quick", seed: int | None = None
         out = out or default_dir(name, profile, config.seed, root)
     out = Path(distributed.broadcast(str(out)))  # under torchrun every rank uses rank 0's folder
     record = config_record(spec, config, profile)
-    if resume:
-        saved = out / "config.yaml"
-        if not saved.is_file():
-            raise WeightlabError(f"--resume: {str(out)!r} holds no config.yaml, so there is no run to resume")
-        previous = yaml.safe_load(saved.read_text())
-        if previous.get("config") != record["config"]:
-            diff = sorted(k for k in record["config"] if previous.get("config", {}).get(k) != record["config"][k])
-            raise WeightlabError(f"--resume: the config differs from the interrupted run's in {', '.join(diff)}")
-    elif out.exists():
-        raise WeightlabError(f"output folder {str(out)!r} already exists; pass --resume to continue it "
-                             "or choose another --out")
+    _check_folder(spec, config, out, record, resume)
+    origin = provenance(config)  # reads the data and model it names: a missing one fails before any write
     distributed.barrier()  # every rank has checked the folder before rank 0 creates it
     main = distributed.is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
-    ctx = RunContext(out)  # resuming needs no flag: finished state in checkpoints/ is simply reused
-    ctx.logger = make_logger(log, out) if main else None
+        write_text_atomic(out / "config.yaml", config_yaml(spec, config, profile))
+    run = RunContext(out)  # resuming needs no flag: finished seeds and checkpoints are simply reused
+    run.logger = make_logger(log, out) if main else None
     try:
-        with default_callbacks(*([ctx.logger] if ctx.logger else [])):
-            results = spec.fn(config, ctx)
+        with default_callbacks(*([run.logger] if run.logger else [])):
+            records = run_trials(spec, config, run)
     finally:
-        if ctx.logger is not None:
-            ctx.logger.close()
+        if run.logger is not None:
+            run.logger.close()
+    results = spec.summarise(config, roundtrip(records))
+    results = dataclasses.replace(results, seeds=config.seed_list, records=records, provenance=origin)
+    for fig_name, fig in results.figures.items():
+        run.savefig(fig, fig_name)
     if main:
-        write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=2, default=_json_default))
-        write_text_atomic(out / "results.md", results.to_markdown(f"{name} ({profile}, seed {config.seed})"))
+        write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=2, allow_nan=False,
+                                                           ensure_ascii=False))
+        title = f"{name} ({profile}, {seed_label(config.seed_list)})"
+        write_text_atomic(out / "results.md", results.to_markdown(title))
     distributed.barrier()
     return out, results
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,18 +21,30 @@ from torch import nn
 from weightlab.data import digits
 from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.errors import WeightlabError
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import (
+    Corruption,
+    Count,
+    Digits,
+    DigitsSize,
+    ExperimentConfig,
+    Positive,
+    Probability,
+    Severity,
+)
+from weightlab.experiments.results import Results, claim
 from weightlab.methods.cotta.cotta import CoTTA, CoTTAConfig, anchor_threshold_rule
 from weightlab.methods.cotta.streams import Domain, continual_stream, repeated
 from weightlab.methods.cotta.tent import BNAdapt, Tent, TentConfig
 from weightlab.models import SmallCNN
 from weightlab.report import plots
-from weightlab.report.tables import mean_std, pm
-from weightlab.runs import RunContext
+from weightlab.report.claims import seeds_phrase
+from weightlab.report.tables import pm
+from weightlab.runs import TrialContext
+from weightlab.stats import Effect, Side, effect, paired
 from weightlab.train import TrainConfig, accuracy, predict, train
-from weightlab.utils import choose_device, derive_seed, seed_everything
+from weightlab.utils import choose_device, derive_seed
 
-METHODS = ("source", "bn_adapt", "tent", "cotta")
 LABELS = {"source": "Source", "bn_adapt": "BN adapt", "tent": "Tent-continual", "cotta": "CoTTA"}
 PAPER_CIFAR10C = {"source": 43.5, "bn_adapt": 20.4, "tent": 20.7, "cotta": 16.2}  # Table 2, WRN-28, error %
 SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impulse",
@@ -41,63 +54,56 @@ SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impu
          "pixelate": "pixel", "jpeg_compression": "jpeg"}
 
 
+Method = Literal["source", "bn_adapt", "tent", "cotta"]
+METHODS: tuple[Method, ...] = ("source", "bn_adapt", "tent", "cotta")
+
+
 @dataclass(frozen=True)
-class CoTTAExperimentConfig:
-    seed: int = 0
-    seeds: int = 3
-    image_size: int = 16
-    width: int = 16
-    epochs: int = 8
-    train_lr: float = 0.05
-    train_augment_to: int | None = 5000  # random-affine enlarged training set (CIFAR models train with
+class CoTTAExperimentConfig(ExperimentConfig):
+    data: Digits = "digits"
+    image_size: DigitsSize = 16
+    width: Count = 16
+    epochs: Count = 8  # the source model's training
+    lr: Positive = 0.05
+    augment_to: Count | None = 5000  # random-affine enlarged training set (CIFAR models train with
     # augmentation too, so the source model is not thrown by CoTTA's geometric test-time augmentations)
-    severity: int = 5
-    n_per_domain: int = 128
-    batch_size: int = 64
-    rounds: int = 10
-    corruptions: tuple[str, ...] = CORRUPTIONS
-    methods: tuple[str, ...] = METHODS
-    tent_lr: float = 1e-3
-    cotta_lr: float = 1e-3
-    anchor_threshold: float | None = None  # None: the maintainer's rule on the source training data
-    n_augmentations: int = 32
-    restore_prob: float = 0.01
-    ema_momentum: float = 0.999
-    flip_prob: float = 0.0  # the reference flips half the augmented copies; a mirrored digit is another digit
+    severity: Severity = 5
+    n_per_domain: Count = 128
+    batch_size: Count = 64
+    rounds: Count = 10
+    corruptions: tuple[Corruption, ...] = CORRUPTIONS
+    methods: tuple[Method, ...] = METHODS
+    tent_lr: Positive = 1e-3
+    cotta_lr: Positive = 1e-3
+    anchor_threshold: Probability | None = None  # None: the maintainer's rule on the source training data
+    n_augmentations: Count = 32
+    restore_prob: Probability = 0.01
+    ema_momentum: Probability = 0.999
+    flip_prob: Probability = 0.0  # the reference flips half the augmented copies; a mirrored digit is another digit
 
-    def __post_init__(self) -> None:
-        for name in self.corruptions:
-            if name not in CORRUPTIONS:
-                raise WeightlabError(f"unknown corruption {name!r}; expected one of: "
-                                     f"{', '.join(CORRUPTIONS)}")
-        for method in self.methods:
-            if method not in METHODS:
-                raise WeightlabError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
-        if self.severity not in range(1, 6):
-            raise WeightlabError(f"severity must be an integer from 1 to 5, got {self.severity!r}")
-        if self.rounds < 1 or self.seeds < 1 or self.batch_size < 1:
-            raise WeightlabError(f"rounds, seeds and batch_size must be ≥ 1, got {self.rounds}, "
-                                 f"{self.seeds}, {self.batch_size}")
+    def check(self) -> None:
+        if not self.corruptions or not self.methods:
+            raise WeightlabError("corruptions and methods must not be empty")
 
 
-def source_model(config: CoTTAExperimentConfig, ctx: RunContext) -> tuple[SmallCNN, dict[str, float]]:
-    """The source model trained on clean digits (saved in the run directory, reloaded when resuming)."""
-    seed_everything(derive_seed(config.seed, "source", "init"))
+def source_model(config: CoTTAExperimentConfig, ctx: TrialContext) -> tuple[SmallCNN, dict[str, float]]:
+    """The source model trained on clean digits once, with the first seed (as the paper uses one pretrained
+    model for all seeds); saved in the run directory and reloaded by the other seeds and on resume."""
+    source = ctx.for_seed(config.seed)
+    source.seeded("source", "init")
     model = SmallCNN(10, width=config.width)
-    train_set = digits("train", size=config.image_size, augment_to=config.train_augment_to, seed=config.seed)
-    test_set = digits("test", size=config.image_size)
-    if ctx.has_state("source"):
-        tensors, info = ctx.load_state("source")
-        model.load_state_dict(tensors)
-        return model.to(choose_device("auto")), info  # where train() would have left it: resumed = fresh
-    tc = TrainConfig(epochs=config.epochs, batch_size=64, lr=config.train_lr, schedule="cosine",
-                     seed=derive_seed(config.seed, "source"), description="source model")
-    train(model, train_set, tc)
-    logits, _ = predict(model, digits("train", size=config.image_size))  # the clean source images
-    info = {"clean_test_error": 100 * (1 - accuracy(model, test_set)),
-            "anchor_threshold_rule": anchor_threshold_rule(logits.softmax(1).max(1).values)}
-    ctx.save_state("source", model.state_dict(), info)
-    return model, info
+
+    def fit() -> dict[str, float]:
+        train_set = digits("train", size=config.image_size, augment_to=config.augment_to, seed=config.seed)
+        tc = TrainConfig(epochs=config.epochs, batch_size=64, lr=config.lr, schedule="cosine",
+                         seed=derive_seed(config.seed, "source"), description="source model")
+        train(model, train_set, tc)
+        logits, _ = predict(model, digits("train", size=config.image_size))  # the clean source images
+        return {"clean_test_error": 100 * (1 - accuracy(model, digits("test", size=config.image_size))),
+                "anchor_threshold_rule": anchor_threshold_rule(logits.softmax(1).max(1).values)}
+
+    info = source.fitted("source", {"model": model}, fit)
+    return model.to(choose_device("auto")), info  # where train() leaves it: a reloaded model = a fresh one
 
 
 def make_adapter(method: str, model: nn.Module, config: CoTTAExperimentConfig, seed: int,
@@ -129,39 +135,29 @@ def run_stream(adapter: nn.Module, stream: list[Domain], batch_size: int) -> lis
     return errors
 
 
-def run_method(config: CoTTAExperimentConfig, ctx: RunContext, source: nn.Module, method: str, seed: int,
-               threshold: float) -> dict[str, object]:
-    """Errors per domain (rounds × corruptions) of one method and seed (cached in the run directory)."""
-    def compute() -> dict[str, object]:
+def trial(config: CoTTAExperimentConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
+    """Errors per domain (rounds × corruptions) of every method on this seed's stream."""
+    source, info = source_model(config, ctx)
+    threshold = info["anchor_threshold_rule"] if config.anchor_threshold is None else config.anchor_threshold
+
+    def errors_of(method: Method) -> dict[str, Any]:
         test_set = digits("test", size=config.image_size)
         stream = continual_stream(test_set, severity=config.severity, corruptions=config.corruptions,
                                   seed=seed, n=config.n_per_domain)
-        seed_everything(derive_seed(seed, method))
         adapter = make_adapter(method, copy.deepcopy(source), config, seed, threshold)
         errors = run_stream(adapter, repeated(stream, config.rounds), config.batch_size)
         k = len(config.corruptions)
-        out: dict[str, object] = {"errors": [errors[r * k:(r + 1) * k] for r in range(config.rounds)]}
+        out: dict[str, Any] = {"errors": [errors[r * k:(r + 1) * k] for r in range(config.rounds)]}
         if isinstance(adapter, CoTTA):
             out["augmented_fraction"] = adapter.augmented_steps / max(adapter.step_count, 1)
         return out
 
-    return ctx.cached(f"{method}/seed{seed}", compute)
+    return {"source": info, "threshold": threshold,
+            "methods": {m: ctx.cached(m, lambda m=m: errors_of(m)) for m in config.methods}}
 
 
-@experiment("cotta", paper="cotta", config=CoTTAExperimentConfig,
-            summary="source vs BN-adapt vs Tent vs CoTTA on 15 corruptions of digits at severity 5, repeated",
-            profiles={"smoke": {"seeds": 1, "epochs": 2, "width": 8, "train_augment_to": None,
-                                "n_per_domain": 32, "batch_size": 32, "rounds": 2,
-                                "corruptions": ("gaussian_noise", "fog", "contrast"),
-                                "n_augmentations": 4},
-                      "full": {"seeds": 5, "rounds": 10, "n_per_domain": 360, "epochs": 15}})
-def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
-    source, info = source_model(config, ctx)
-    threshold = info["anchor_threshold_rule"] if config.anchor_threshold is None else config.anchor_threshold
-    seeds = [config.seed + k for k in range(config.seeds)]
-    runs = {m: [run_method(config, ctx, source, m, s, threshold) for s in seeds] for m in config.methods}
-    errors = {m: np.asarray([r["errors"] for r in rs]) for m, rs in runs.items()}  # (seeds, rounds, domains)
-
+def summarise(config: CoTTAExperimentConfig, records: list[dict[str, Any]]) -> Results:
+    errors = {m: np.asarray([r["methods"][m]["errors"] for r in records]) for m in config.methods}
     first = {m: e[:, 0].mean(1) for m, e in errors.items()}  # (seeds,) mean error of round 1
     table = []
     for m, e in errors.items():
@@ -174,37 +170,44 @@ def run(config: CoTTAExperimentConfig, ctx: RunContext) -> Results:
     rounds_table = [{"method": LABELS[m], **{f"round {r + 1}": pm(v[:, r], scale=1.0)
                                              for r in range(v.shape[1])}} for m, v in per_round.items()]
 
+    def lower(a: str, b: str, side: Side = "<") -> Effect:
+        return paired(f"error({a}) − error({b})", first[a].tolist(), first[b].tolist(), side=side)
+
     claims = []
-    means = {m: mean_std(v)[0] for m, v in first.items()}
     if set(METHODS) <= set(config.methods):
-        claims.append(Claim("mean error CoTTA < Tent ≤ BN-adapt < source (round 1, severity 5)",
-                            {f"error({m})": means[m] for m in METHODS},
-                            means["cotta"] < means["tent"] <= means["bn_adapt"] < means["source"],
+        claims.append(claim("mean error CoTTA < Tent ≤ BN-adapt < source (round 1, severity 5)",
+                            lower("cotta", "tent"), lower("tent", "bn_adapt", "<="), lower("bn_adapt", "source"),
+                            measured={f"error({m})": float(first[m].mean()) for m in METHODS},
                             paper="CIFAR10-C: 16.2 < 20.7 vs 20.4 < 43.5 (so Tent > BN-adapt in the paper)"))
     if {"tent", "cotta"} <= set(config.methods) and config.rounds > 1:
-        growth = {m: mean_std(per_round[m][:, -1] - per_round[m][:, 0])[0] for m in ("tent", "cotta")}
-        claims.append(Claim(f"Tent's error grows over {config.rounds} rounds while CoTTA's does not "
+        growth = {m: (per_round[m][:, -1] - per_round[m][:, 0]).tolist() for m in ("tent", "cotta")}
+        claims.append(claim(f"Tent's error grows over {config.rounds} rounds while CoTTA's does not "
                             "(last-round minus first-round mean error, pp)",
-                            {"growth(tent)": growth["tent"], "growth(cotta)": growth["cotta"]},
-                            growth["tent"] > 0 >= growth["cotta"],
+                            effect("growth(tent)", growth["tent"], side=">"),
+                            effect("growth(cotta)", growth["cotta"], side="<="),
                             paper="§4.2: Tent degrades over 10 rounds, CoTTA stays stable"))
-
     series = {LABELS[m]: v.mean(0).tolist() for m, v in per_round.items()}
     band = {LABELS[m]: v.std(0).tolist() for m, v in per_round.items()}
-    ctx.savefig(plots.curves(series, band=band, x=list(range(1, config.rounds + 1)), xlabel="round",
-                             ylabel="mean error (%)",
-                             title=f"{len(seeds)} seeds, severity {config.severity}"),
-                "error_per_round")
+    figure = plots.curves(series, band=band, x=list(range(1, config.rounds + 1)), xlabel="round",
+                          ylabel="mean error (%)", title=f"{seeds_phrase(len(records))}, severity {config.severity}")
+    info, threshold = records[0]["source"], records[0]["threshold"]
     how = "rule: 5% quantile of source confidence − 0.05" if config.anchor_threshold is None else "set"
-    notes = [f"source model: clean test error {info['clean_test_error']:.1f}%; anchor threshold "
-             f"{threshold:.3f} ({how})",
-             f"{config.n_per_domain} images per corruption, batch {config.batch_size}, "
-             f"{config.rounds} rounds"]
-    if "cotta" in runs:
-        frac = float(np.mean([r["augmented_fraction"] for r in runs["cotta"]]))
+    notes = [f"source model (trained once, seed {config.seed}): clean test error {info['clean_test_error']:.1f}%; "
+             f"anchor threshold {threshold:.3f} ({how})",
+             f"{config.n_per_domain} images per corruption, batch {config.batch_size}, {config.rounds} rounds",
+             "quick runs 3 seeds, not 5, to keep its cost (about 2 CPU-minutes); full runs 5."]
+    if "cotta" in errors:
+        frac = float(np.mean([r["methods"]["cotta"]["augmented_fraction"] for r in records]))
         notes.append(f"CoTTA used the augmented teacher on {100 * frac:.0f}% of the batches")
     return Results(tables={f"Error (%) per corruption, round 1, severity {config.severity}": table,
                            "Mean error (%) per round": rounds_table},
-                   claims=claims, notes=notes,
-                   data={"errors": {m: e.tolist() for m, e in errors.items()}, "seeds": seeds,
-                         "anchor_threshold": threshold, **info})
+                   claims=claims, notes=notes, figures={"error_per_round": figure},
+                   data={"anchor_threshold": threshold, **info})
+
+
+experiment("cotta", paper="cotta", config=CoTTAExperimentConfig, trial=trial, summarise=summarise,
+           summary="source vs BN-adapt vs Tent vs CoTTA on 15 corruptions of digits at severity 5, repeated",
+           profiles={"smoke": {"seeds": 1, "epochs": 2, "width": 8, "augment_to": None, "n_per_domain": 32,
+                               "batch_size": 32, "rounds": 2, "corruptions": ("gaussian_noise", "fog", "contrast"),
+                               "n_augmentations": 4},
+                     "full": {"seeds": 5, "rounds": 10, "n_per_domain": 360, "epochs": 15}})

@@ -20,65 +20,67 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import Count, ExperimentConfig, Fraction, Positive, Range
+from weightlab.experiments.results import Claim, Results, claim
 from weightlab.methods.lift.model import LiftConfig, find_targets, prepare
 from weightlab.models.vit import Block
 from weightlab.report import plots
-from weightlab.report.tables import mean_std, pm
-from weightlab.runs import RunContext
+from weightlab.report.tables import pm
+from weightlab.runs import TrialContext
+from weightlab.stats import paired
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed, seed_everything
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
 
-METHODS = ("full", "lora", "lift", "lift_randomized", "magnitude", "random")
+Method = Literal["full", "lora", "lift", "lift_randomized", "magnitude", "random"]
+METHODS: tuple[Method, ...] = ("full", "lora", "lift", "lift_randomized", "magnitude", "random")
 SPARSE = {"lift": ("principal", False), "lift_randomized": ("principal", True),
           "magnitude": ("magnitude", False), "random": ("random", False)}
 TARGETS = ("qkv", "proj", "fc1", "fc2")
-SMOKE_METHODS = ("full", "lift", "lift_randomized", "magnitude", "random")  # no peft: importing it takes ~6 s
+# smoke leaves out LoRA: importing peft takes ~6 s
+SMOKE_METHODS: tuple[Method, ...] = ("full", "lift", "lift_randomized", "magnitude", "random")
 SOURCE_OPS = ("add", "sub", "max", "min", "mul")
 
 
-@dataclass(frozen=True)
-class LiftExperimentConfig:
-    seed: int = 0
-    seeds: int = 3
-    modulus: int = 11
-    dim: int = 64
-    depth: int = 2
-    heads: int = 4
-    pretrain_epochs: int = 60
-    target_fraction: float = 0.3
-    epochs: int = 20
-    batch_size: int = 32
-    lora_rank: int = 4
-    filter_rank: int = 4
-    refresh_every: int = 100
-    lr_full: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    lr_sparse: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
-    lr_lora: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    select_lr_every_seed: bool = False
-    methods: tuple[str, ...] = METHODS
-    minilm: bool = False
-    minilm_steps: int = 120
+Model = Literal["none", "all-minilm-l6-v2"]
 
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise WeightlabError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
-        if self.modulus < 2:
-            raise WeightlabError(f"modulus must be ≥ 2, got {self.modulus}")
+
+@dataclass(frozen=True)
+class LiftExperimentConfig(ExperimentConfig):
+    seeds: Count = 5
+    model: Model = "none"  # "all-minilm-l6-v2": also fine-tune the real MiniLM-L6 with LIFT (first seed)
+    modulus: Annotated[int, Range(2)] = 11
+    dim: Count = 64
+    depth: Count = 2
+    heads: Count = 4
+    pretrain_epochs: Count = 60
+    target_fraction: Fraction = 0.3
+    epochs: Count = 20
+    batch_size: Count = 32
+    lora_rank: Count = 4
+    filter_rank: Count = 4
+    refresh_every: Count = 100
+    full_lrs: tuple[Positive, ...] = (1e-3, 3e-3, 1e-2)
+    sparse_lrs: tuple[Positive, ...] = (1e-2, 3e-2, 1e-1)
+    lora_lrs: tuple[Positive, ...] = (3e-3, 1e-2, 3e-2)
+    select_lr_every_seed: bool = False
+    methods: tuple[Method, ...] = METHODS
+    model_steps: Count = 120
+
+    def check(self) -> None:
         if not 1 <= self.filter_rank <= self.dim:
             raise WeightlabError(f"filter_rank must be in [1, dim = {self.dim}], got {self.filter_rank}")
-        if self.lora_rank < 1:
-            raise WeightlabError(f"lora_rank must be ≥ 1, got {self.lora_rank}")
-        if not 0 < self.target_fraction < 1:
-            raise WeightlabError(f"target_fraction must be in (0, 1), got {self.target_fraction}")
+        if not (self.full_lrs and self.sparse_lrs and self.lora_lrs and self.methods):
+            raise WeightlabError("methods and the learning-rate grids must not be empty")
 
 
 class TinyTransformer(nn.Module):
@@ -134,19 +136,18 @@ def build_model(config: LiftExperimentConfig) -> TinyTransformer:
                            heads=config.heads)
 
 
-def pretrained(config: LiftExperimentConfig, ctx: RunContext, seed: int) -> TinyTransformer:
-    """The source-task model of ``seed`` (trained once, then loaded from the run directory)."""
-    key = f"pretrain/seed{seed}"
-    seed_everything(derive_seed(seed, "pretrain"))
+def pretrained(config: LiftExperimentConfig, ctx: TrialContext) -> TinyTransformer:
+    """The source-task model of the trial's seed (trained once, then loaded from the run directory)."""
+    ctx.seeded("pretrain")
     model = build_model(config)
-    if ctx.has_state(key):
-        model.load_state_dict(ctx.load_state(key)[0])
-        return model
-    tc = TrainConfig(epochs=config.pretrain_epochs, batch_size=64, lr=3e-3, optimizer="adamw",
-                     schedule="cosine", seed=derive_seed(seed, "pretrain", "loop"),
-                     description="pretrain (source)")
-    train(model, source_task(config.modulus), tc)
-    ctx.save_state(key, model.state_dict())
+
+    def fit() -> None:
+        tc = TrainConfig(epochs=config.pretrain_epochs, batch_size=64, lr=3e-3, optimizer="adamw",
+                         schedule="cosine", seed=derive_seed(ctx.seed, "pretrain", "loop"),
+                         description="pretrain (source)")
+        train(model, source_task(config.modulus), tc)
+
+    ctx.fitted("pretrain", {"model": model}, fit)
     return model
 
 
@@ -180,21 +181,20 @@ def fine_tune(config: LiftExperimentConfig, base: nn.Module, method: str, lr: fl
     return model
 
 
-def lr_grid(config: LiftExperimentConfig, method: str) -> tuple[float, ...]:
-    return config.lr_full if method == "full" else config.lr_lora if method == "lora" else config.lr_sparse
+def lr_grid(config: LiftExperimentConfig, method: Method) -> tuple[float, ...]:
+    return config.full_lrs if method == "full" else config.lora_lrs if method == "lora" else config.sparse_lrs
 
 
-def run_one(config: LiftExperimentConfig, ctx: RunContext, method: str, lr: float,
-            seed: int) -> dict[str, float]:
+def run_one(config: LiftExperimentConfig, ctx: TrialContext, method: Method, lr: float) -> dict[str, float]:
+    """Validation, target, source and train accuracy of ``method`` at ``lr`` on the trial's seed (cached)."""
     def compute() -> dict[str, float]:
-        base = pretrained(config, ctx, seed)
-        split_seed = derive_seed(seed, "split")
-        train_set, val, test = target_task(config.modulus, config.target_fraction, seed=split_seed)
-        model = fine_tune(config, base, method, lr, seed, train_set)
+        base = pretrained(config, ctx)
+        train_set, val, test = target_task(config.modulus, config.target_fraction, seed=derive_seed(ctx.seed, "split"))
+        model = fine_tune(config, base, method, lr, ctx.seed, train_set)
         return {"val": accuracy(model, val), "target": accuracy(model, test),
                 "source": accuracy(model, source_task(config.modulus)), "train": accuracy(model, train_set)}
 
-    return ctx.cached(f"{method}/lr{lr:g}/seed{seed}", compute)
+    return ctx.cached(f"{method}/lr{lr:g}", compute)
 
 
 def mask_overlaps(config: LiftExperimentConfig, model: nn.Module) -> dict[str, float]:
@@ -210,92 +210,92 @@ def mask_overlaps(config: LiftExperimentConfig, model: nn.Module) -> dict[str, f
     return out
 
 
-@experiment("lift", paper="lift", config=LiftExperimentConfig,
-            summary="LIFT vs full FT, LoRA, magnitude- and random-sparse FT: target and source accuracy",
-            profiles={"smoke": {"seeds": 1, "methods": SMOKE_METHODS, "modulus": 5, "dim": 32, "depth": 1,
-                                "pretrain_epochs": 8, "epochs": 3, "lr_full": (1e-3,), "lr_sparse": (1e-2,),
-                                "lr_lora": (1e-2,), "refresh_every": 5,
-                                "target_fraction": 0.5},
-                      "full": {"seeds": 5, "epochs": 40, "pretrain_epochs": 100,
-                               "lr_full": (3e-4, 1e-3, 3e-3, 1e-2),
-                               "lr_sparse": (3e-3, 1e-2, 3e-2, 1e-1), "lr_lora": (3e-3, 1e-2, 3e-2, 1e-1),
-                               "select_lr_every_seed": True, "minilm": True}})
-def run(config: LiftExperimentConfig, ctx: RunContext) -> Results:
-    seeds = [config.seed + i for i in range(config.seeds)]
-    chosen: dict[str, dict[int, float]] = {m: {} for m in config.methods}
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in config.methods}
-    grid_rows: list[dict[str, object]] = []
+def trial(config: LiftExperimentConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
+    """Every method at its learning rate, chosen on validation triples with the first seed (or this seed)."""
+    select = ctx if config.select_lr_every_seed else ctx.for_seed(config.seed)
+    record: dict[str, Any] = {"methods": {}, "grid": []}
     for method in config.methods:
-        for i, seed in enumerate(seeds):
-            if i == 0 or config.select_lr_every_seed:
-                grid = {lr: run_one(config, ctx, method, lr, seed) for lr in lr_grid(config, method)}
-                best = max(grid, key=lambda lr: grid[lr]["val"])
-                grid_rows += [{"method": method, "seed": seed, "lr": lr, "chosen": lr == best,
-                               **{f"{k} acc (%)": 100 * v for k, v in r.items()}} for lr, r in grid.items()]
-            chosen[method][seed] = best
-            results[method].append(run_one(config, ctx, method, best, seed))
+        grid = {lr: run_one(config, select, method, lr) for lr in lr_grid(config, method)}
+        best = max(grid, key=lambda lr: grid[lr]["val"])
+        record["methods"][method] = {"lr": best, **run_one(config, ctx, method, best)}
+        if select.seed == seed:
+            record["grid"] += [{"method": method, "seed": seed, "lr": lr, "chosen": lr == best,
+                                **{f"{k} acc (%)": 100 * v for k, v in r.items()}} for lr, r in grid.items()]
+    if seed == config.seed:
+        base = pretrained(config, ctx)
+        record["mask_overlap"] = mask_overlaps(config, base)
+        record["pretrained_source_acc"] = accuracy(base, source_task(config.modulus))
+        if config.model != "none":
+            from weightlab.experiments._lift_minilm import minilm_demo
 
-    overlap = mask_overlaps(config, pretrained(config, ctx, seeds[0]))
-    rows = []
-    for m, rs in results.items():
-        rows.append({"method": m, "lr": ", ".join(sorted({f"{lr:g}" for lr in chosen[m].values()})),
-                     "target acc (%)": pm([r["target"] for r in rs]),
-                     "source acc (%)": pm([r["source"] for r in rs]),
-                     "train acc (%)": pm([r["train"] for r in rs])})
-    mean = {m: {k: mean_std([r[k] for r in rs])[0] for k in ("target", "source")}
-            for m, rs in results.items()}
-    claims = make_claims(mean, overlap)
-    notes = [f"pretrained source accuracy (seed {seeds[0]}): "
-             f"{accuracy(pretrained(config, ctx, seeds[0]), source_task(config.modulus)):.3f}",
+            record["minilm"] = ctx.cached("minilm", lambda: minilm_demo(steps=config.model_steps, seed=seed))
+    return record
+
+
+def summarise(config: LiftExperimentConfig, records: list[dict[str, Any]]) -> Results:
+    results = {m: [r["methods"][m] for r in records] for m in config.methods}
+    first, overlap = records[0], records[0]["mask_overlap"]
+    rows = [{"method": m, "lr": ", ".join(sorted({f"{r['lr']:g}" for r in rs})),
+             "target acc (%)": pm([r["target"] for r in rs]), "source acc (%)": pm([r["source"] for r in rs]),
+             "train acc (%)": pm([r["train"] for r in rs])} for m, rs in results.items()]
+    notes = [f"pretrained source accuracy (seed {config.seed}): {first['pretrained_source_acc']:.3f}",
              f"budget: k = (m + n)·{config.lora_rank} entries per target matrix ({', '.join(TARGETS)}); "
              f"filter rank {config.filter_rank}; refresh every {config.refresh_every} steps",
              "lr of each method chosen on validation triples " + ("per seed" if config.select_lr_every_seed
-                                                                  else f"with seed {seeds[0]}"),
-             "a claim marked 'no' did not hold at this toy scale; the lr-grid table shows the target/source "
-             "trade-off of every method (see docs/lift.md)"]
-    data = {"results": results, "lr": {m: {str(s): lr for s, lr in c.items()} for m, c in chosen.items()},
-            "mask_overlap": overlap}
+                                                                  else f"with seed {config.seed}"),
+             "the lr-grid table shows the target/source trade-off of every method (see docs/lift.md)"]
     tables = {"Fine-tuning on (a+b+c) mod p after pretraining on five 2-operand operations": rows,
               "Exact vs randomized SVD masks (pretrained matrices)":
                   [{"matrix": n, "overlap": v} for n, v in overlap.items()],
-              "Learning-rate grid (validation picks the lr; source accuracy shows the trade-off)": grid_rows}
-    if config.minilm:
-        from weightlab.experiments._lift_minilm import minilm_demo
-
-        tables["MiniLM-L6 (real pretrained) fine-tuned with LIFT on a generated text task"] = minilm_demo(
-            steps=config.minilm_steps, seed=config.seed)
+              "Learning-rate grid (validation picks the lr; source accuracy shows the trade-off)":
+                  [row for r in records for row in r["grid"]]}
+    if "minilm" in first:
+        tables["MiniLM-L6 (real pretrained) fine-tuned with LIFT on a generated text task"] = first["minilm"]
     fig, (ax,) = plots.grid_of(1, ncols=1, size=4.5)
-    for m in results:
-        ax.scatter([r["source"] for r in results[m]], [r["target"] for r in results[m]], label=m)
+    for m, rs in results.items():
+        ax.scatter([r["source"] for r in rs], [r["target"] for r in rs], label=m)
     ax.set(xlabel="source accuracy after fine-tuning", ylabel="target accuracy", title="LIFT vs baselines")
     ax.legend(fontsize=7)
-    ctx.savefig(fig, "target_vs_source")
-    return Results(tables=tables, claims=claims, data=data, notes=notes)
+    return Results(tables=tables, claims=make_claims(results, overlap), notes=notes,
+                   data={"mask_overlap": overlap}, figures={"target_vs_source": fig})
 
 
-def make_claims(mean: dict[str, dict[str, float]], overlap: dict[str, float]) -> list[Claim]:
+def make_claims(results: dict[str, list[dict[str, float]]], overlap: dict[str, float]) -> list[Claim]:
+    def col(method: str, key: str) -> list[float]:
+        return [r[key] for r in results[method]]
+
+    def diff(key: str, a: str, b: str, **side: Any) -> Any:
+        return paired(f"{key}({a}) − {key}({b})", col(a, key), col(b, key), **side)
+
     claims = []
-    if {"lift", "full"} <= set(mean):
-        claims.append(Claim("LIFT ≥ full fine-tuning on the target task",
-                            {"target(lift)": mean["lift"]["target"], "target(full)": mean["full"]["target"]},
-                            mean["lift"]["target"] >= mean["full"]["target"],
+    if {"lift", "full"} <= set(results):
+        claims.append(claim("LIFT ≥ full fine-tuning on the target task", diff("target", "lift", "full", side=">="),
                             paper="LIFT > Full FT (Tables 1–2)"))
-    if {"lift", "full", "lora"} <= set(mean):
-        src = {m: mean[m]["source"] for m in ("lift", "full", "lora")}
-        claims.append(Claim("LIFT retains more source accuracy than full FT and LoRA",
-                            {f"source({m})": v for m, v in src.items()},
-                            src["lift"] > src["full"] and src["lift"] > src["lora"],
+    if {"lift", "full", "lora"} <= set(results):
+        claims.append(claim("LIFT retains more source accuracy than full FT and LoRA",
+                            diff("source", "lift", "full"), diff("source", "lift", "lora"),
+                            measured={f"source({m})": float(np.mean(col(m, "source")))
+                                      for m in ("lift", "full", "lora")},
                             paper="up to 20% more source knowledge"))
-    if {"lift", "magnitude"} <= set(mean):
-        claims.append(Claim("LIFT > magnitude-sparse fine-tuning on the target task",
-                            {"target(lift)": mean["lift"]["target"],
-                             "target(magnitude)": mean["magnitude"]["target"]},
-                            mean["lift"]["target"] > mean["magnitude"]["target"],
-                            paper="weight-magnitude FT is poor"))
-    if {"lift", "lift_randomized"} <= set(mean):
-        loss = 100 * (mean["lift"]["target"] - mean["lift_randomized"]["target"])
-        mean_overlap = sum(overlap.values()) / max(len(overlap), 1)
-        claims.append(Claim("randomized-SVD masks lose ≤ 0.5 points of target accuracy (then they may be the "
-                            "default)", {"points lost": loss, "mean mask overlap": mean_overlap},
-                            loss <= 0.5, paper="issue criterion"))
+    if {"lift", "magnitude"} <= set(results):
+        claims.append(claim("LIFT > magnitude-sparse fine-tuning on the target task",
+                            diff("target", "lift", "magnitude"), paper="weight-magnitude FT is poor"))
+    if {"lift", "lift_randomized"} <= set(results):
+        lost = diff("target", "lift", "lift_randomized", side="<=", threshold=0.005)
+        claims.append(claim("randomized-SVD masks lose ≤ 0.5 points of target accuracy (then they may be the "
+                            "default)", lost,
+                            measured={"points lost": 100 * lost.mean,
+                                      "mean mask overlap": sum(overlap.values()) / max(len(overlap), 1)},
+                            paper="not a claim of the paper: weightlab's criterion for the default"))
     return claims
+
+
+experiment("lift", paper="lift", config=LiftExperimentConfig, trial=trial, summarise=summarise,
+           summary="LIFT vs full FT, LoRA, magnitude- and random-sparse FT: target and source accuracy",
+           profiles={"smoke": {"seeds": 1, "methods": SMOKE_METHODS, "modulus": 5, "dim": 32, "depth": 1,
+                               "pretrain_epochs": 8, "epochs": 3, "full_lrs": (1e-3,), "sparse_lrs": (1e-2,),
+                               "lora_lrs": (1e-2,), "refresh_every": 5, "target_fraction": 0.5},
+                     "full": {"seeds": 5, "epochs": 40, "pretrain_epochs": 100,
+                              "full_lrs": (3e-4, 1e-3, 3e-3, 1e-2), "sparse_lrs": (3e-3, 1e-2, 3e-2, 1e-1),
+                              "lora_lrs": (3e-3, 1e-2, 3e-2, 1e-1), "select_lr_every_seed": True,
+                              "model": "all-minilm-l6-v2"}})

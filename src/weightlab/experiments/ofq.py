@@ -14,27 +14,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from torch import nn
 
 from weightlab.data import digits
 from weightlab.errors import WeightlabError
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import Count, Digits, DigitsSize, ExperimentConfig, NonNegative, Positive, Range
+from weightlab.experiments.results import Results, claim
 from weightlab.methods.quant.api import QuantConfig, prepare
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config
 from weightlab.methods.quant.lsq import check_bits, lsq_range
-from weightlab.methods.quant.oscillation import OscillationTracker
+from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker
 from weightlab.models import TinyViT
 from weightlab.report import plots
+from weightlab.report.claims import seeds_phrase
 from weightlab.report.tables import mean_std, pm
-from weightlab.runs import RunContext
+from weightlab.runs import TrialContext
+from weightlab.stats import Effect, Side, effect, paired
 from weightlab.train import TrainConfig, train
 from weightlab.train.evaluate import accuracy
-from weightlab.utils import derive_seed, seed_everything
+from weightlab.utils import derive_seed
 
-METHODS = ("lsq", "statsq", "statsq+qkr", "statsq+qkr+lowlr", "statsq+qkr+cga")
+Method = Literal["lsq", "statsq", "statsq+qkr", "statsq+qkr+lowlr", "statsq+qkr+cga"]
+METHODS: tuple[Method, ...] = ("lsq", "statsq", "statsq+qkr", "statsq+qkr+lowlr", "statsq+qkr+cga")
 DERIVED = ("statsq+qkr+lowlr", "statsq+qkr+cga")  # continue the statsq+qkr model
 LABELS = {"lsq": "LSQ", "statsq": "StatsQ", "statsq+qkr": "StatsQ + QKR",
           "statsq+qkr+lowlr": "StatsQ + QKR + low-LR steps (control)",
@@ -44,40 +49,37 @@ PAPER = {("statsq+qkr+cga", 2): "64.33 (DeiT-T W2A2)", ("statsq+qkr+cga", 3): "7
 
 
 @dataclass(frozen=True)
-class OfqConfig:
-    seed: int = 0
-    seeds: int = 3
-    image_size: int = 16
-    patch_size: int = 4
-    dim: int = 32
-    depth: int = 2
-    num_heads: int = 2
-    augment_to: int | None = 4000
-    batch_size: int = 64
-    fp_steps: int = 500
-    fp_lr: float = 2e-3
-    qat_steps: int = 150
-    qat_lr: float = 5e-4
-    weight_decay: float = 0.05
-    cga_steps: int = 60
-    cga_lr: float = 1e-5
-    boundary_range: float = 0.005
-    osc_threshold: float = 0.005
-    bits: tuple[int, ...] = (2, 3)
-    methods: tuple[str, ...] = METHODS
+class OfqConfig(ExperimentConfig):
+    data: Digits = "digits"
+    image_size: DigitsSize = 16
+    patch_size: Count = 4
+    dim: Count = 32
+    depth: Count = 2
+    heads: Count = 2
+    augment_to: Count | None = 4000
+    batch_size: Count = 64
+    fp_steps: Count = 500
+    fp_lr: Positive = 2e-3
+    qat_steps: Count = 150
+    qat_lr: Positive = 5e-4
+    weight_decay: NonNegative = 0.05
+    cga_steps: Count = 60
+    cga_lr: Positive = 1e-5
+    boundary_range: Positive = 0.005
+    osc_threshold: Positive = 0.005
+    bits: tuple[Annotated[int, Range(2, 8)], ...] = (2, 3)
+    methods: tuple[Method, ...] = METHODS
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for b in self.bits:
             lsq_range(check_bits(b, what="ofq bits"), signed=True)
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise WeightlabError(f"unknown ofq method(s) {', '.join(bad)}; "
-                                 f"expected some of {', '.join(METHODS)}")
+        if not self.bits or not self.methods:
+            raise WeightlabError("bits and methods must not be empty")
 
 
 def _model(config: OfqConfig) -> TinyViT:
     return TinyViT(10, image_size=config.image_size, patch_size=config.patch_size, dim=config.dim,
-                   depth=config.depth, num_heads=config.num_heads)
+                   depth=config.depth, num_heads=config.heads)
 
 
 def _train_config(config: OfqConfig, *, steps: int, lr: float, seed: int, description: str) -> TrainConfig:
@@ -86,17 +88,16 @@ def _train_config(config: OfqConfig, *, steps: int, lr: float, seed: int, descri
                        seed=seed, description=description)
 
 
-def fp_model(config: OfqConfig, ctx: RunContext, seed: int, train_set: Any) -> TinyViT:
-    """The full-precision model of ``seed`` (trained once, checkpointed, reused by every QAT run)."""
-    seed_everything(derive_seed(seed, "fp", "init"))
+def fp_model(config: OfqConfig, ctx: TrialContext, train_set: Any) -> TinyViT:
+    """The full-precision model of the trial's seed (trained once, checkpointed, reused by every QAT run)."""
+    ctx.seeded("fp", "init")
     model = _model(config)
-    key = f"fp/seed{seed}"
-    if ctx.has_state(key):
-        model.load_state_dict(ctx.load_state(key)[0])
-        return model
-    train(model, train_set, _train_config(config, steps=config.fp_steps, lr=config.fp_lr,
-                                          seed=derive_seed(seed, "fp"), description=f"FP seed {seed}"))
-    ctx.save_state(key, model.state_dict())
+
+    def fit() -> None:
+        train(model, train_set, _train_config(config, steps=config.fp_steps, lr=config.fp_lr,
+                                              seed=derive_seed(ctx.seed, "fp"), description=f"FP seed {ctx.seed}"))
+
+    ctx.fitted("fp", {"model": model}, fit)
     return model
 
 
@@ -106,15 +107,14 @@ def _summary(model: nn.Module, tracker: OscillationTracker, test_set: Any) -> di
             "flipbacks": tracker.oscillations / tracker.num_weights() / max(tracker.steps, 1)}
 
 
-def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int, train_set: Any,
+def qat_runs(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, method: str, train_set: Any,
              test_set: Any) -> dict[str, dict[str, Any]]:
     """QAT from ``fp`` with ``method``; ``statsq+qkr`` also yields the runs that continue it (``DERIVED``)."""
     qkr = method.startswith("statsq+qkr")
     quant = QuantConfig(bits_w=bits, bits_a=bits, method="lsq" if method == "lsq" else "statsq", qkr=qkr)
-    run_seed = derive_seed(seed, bits, method)
-    seed_everything(run_seed)
+    run_seed = ctx.seeded(bits, method)
     model = prepare(copy.deepcopy(fp), quant).model
-    tracker = OscillationTracker(model, threshold=config.osc_threshold, skip=("head",))
+    tracker = OscillationTracker(model, OscillationConfig(threshold=config.osc_threshold, skip=("head",)))
     tc = _train_config(config, steps=config.qat_steps, lr=config.qat_lr, seed=run_seed,
                        description=f"W{bits}A{bits} {method}")
     train(model, train_set, tc, callbacks=[tracker])
@@ -135,31 +135,26 @@ def qat_runs(config: OfqConfig, fp: nn.Module, bits: int, method: str, seed: int
     return out
 
 
-@experiment("ofq", paper="ofq", config=OfqConfig,
-            summary="LSQ vs StatsQ (+QKR, +CGA) low-bit QAT of a tiny ViT on 16×16 digits; oscillation",
-            profiles={"smoke": {"seeds": 1, "augment_to": None, "depth": 1, "fp_steps": 250, "qat_steps": 80,
-                                "cga_steps": 20, "bits": (2,)},
-                      "full": {"seeds": 5, "dim": 64, "depth": 4, "num_heads": 4, "augment_to": 20000,
-                               "fp_steps": 4000, "qat_steps": 3000, "cga_steps": 600}})
-def run(config: OfqConfig, ctx: RunContext) -> Results:
-    seeds = [config.seed + k for k in range(config.seeds)]
+def trial(config: OfqConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
+    """The FP model of this seed, then every (bits, method) QAT run from it."""
     test_set = digits("test", size=config.image_size)
-    fp_acc: list[float] = []
-    results: dict[tuple[int, str], list[dict[str, Any]]] = {
-        (b, m): [] for b in config.bits for m in config.methods}
-    for seed in seeds:
-        train_set = digits("train", size=config.image_size, augment_to=config.augment_to, seed=seed)
-        fp = fp_model(config, ctx, seed, train_set)
-        fp_acc.append(ctx.cached(f"fp-acc/seed{seed}", lambda: {"acc": accuracy(fp, test_set)})["acc"])  # noqa: B023
-        units = dict.fromkeys("statsq+qkr" if m in DERIVED else m for m in config.methods)  # ordered set
-        for bits in config.bits:
-            for base in units:
-                done = ctx.cached(f"qat/seed{seed}/w{bits}/{base}", lambda b=bits, m=base: qat_runs(
-                    config, fp, b, m, seed, train_set, test_set))  # noqa: B023
-                for name, summary in done.items():
-                    if name in config.methods:
-                        results[(bits, name)].append(summary)
+    train_set = digits("train", size=config.image_size, augment_to=config.augment_to, seed=seed)
+    fp = fp_model(config, ctx, train_set)
+    record: dict[str, Any] = {"fp_acc": ctx.cached("fp-acc", lambda: accuracy(fp, test_set)), "runs": {}}
+    units = dict.fromkeys("statsq+qkr" if m in DERIVED else m for m in config.methods)  # ordered set
+    for bits in config.bits:
+        for base in units:
+            done = ctx.cached(f"qat/w{bits}/{base}",
+                              lambda b=bits, m=base: qat_runs(config, ctx, fp, b, m, train_set, test_set))
+            record["runs"].update({f"w{bits}/{name}": summary for name, summary in done.items()
+                                   if name in config.methods})
+    return record
 
+
+def summarise(config: OfqConfig, records: list[dict[str, Any]]) -> Results:
+    seeds = config.seed_list
+    fp_acc = [r["fp_acc"] for r in records]
+    results = {(b, m): [r["runs"][f"w{b}/{m}"] for r in records] for b in config.bits for m in config.methods}
     rows = []
     for bits in config.bits:
         for method in config.methods:
@@ -179,51 +174,57 @@ def run(config: OfqConfig, ctx: RunContext) -> Results:
     def mean(bits: int, method: str, key: str) -> float:
         return mean_std([r[key] for r in results[(bits, method)]])[0]
 
+    def col(bits: int, method: str, key: str) -> list[float]:
+        return [r[key] for r in results[(bits, method)]]
+
+    def fewer(bits: int, a: str, b: str, key: str = "osc", side: Side = "<") -> Effect:
+        return paired(f"{key}({LABELS[a]}) − {key}({LABELS[b]}), W{bits}", col(bits, a, key), col(bits, b, key),
+                      side=side)
+
     claims = []
     extra_notes: list[str] = []
     ours, base = "statsq+qkr+cga", "lsq"
     if {ours, base} <= set(config.methods) and 2 in config.bits:
         osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (base, ours)}
-        claims.append(Claim("at 2 bits StatsQ + QKR + CGA has fewer oscillating weights than LSQ", osc,
-                            mean(2, ours, "osc") < mean(2, base, "osc"), paper="fewer oscillating weights"))
+        claims.append(claim("at 2 bits StatsQ + QKR + CGA has fewer oscillating weights than LSQ",
+                            fewer(2, ours, base), measured=osc, paper="fewer oscillating weights"))
         acc = {f"acc%({LABELS[m]}, W2A2)": 100 * mean(2, m, "acc") for m in (base, ours)}
-        acc["std over seeds (LSQ)"] = 100 * mean_std([r["acc"] for r in results[(2, base)]])[1]
-        claims.append(Claim("at 2 bits StatsQ + QKR + CGA is more accurate than LSQ", acc,
-                            mean(2, ours, "acc") > mean(2, base, "acc"),
+        claims.append(claim("at 2 bits StatsQ + QKR + CGA is more accurate than LSQ",
+                            fewer(2, ours, base, "acc", ">"), measured=acc,
                             paper="DeiT-T W2A2 64.33, above the previous 2-bit state of the art"))
         if "statsq" in config.methods:
             osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (base, "statsq")}
-            claims.append(Claim("at 2 bits StatsQ alone (statistical, not learned, scale) has fewer "
-                                "oscillating weights than LSQ (learned scale)", osc,
-                                mean(2, "statsq", "osc") < mean(2, base, "osc"),
-                                paper="the learnable scale aggravates oscillation"))
+            claims.append(claim("at 2 bits StatsQ alone (statistical, not learned, scale) has fewer "
+                                "oscillating weights than LSQ (learned scale)", fewer(2, "statsq", base),
+                                measured=osc, paper="the learnable scale aggravates oscillation"))
         if 3 in config.bits:
-            gaps = {f"gap W{b} (points)": 100 * (mean(b, ours, "acc") - mean(b, base, "acc")) for b in (2, 3)}
-            claims.append(Claim("the accuracy gap to LSQ is smaller at 3 bits than at 2 bits", gaps,
-                                gaps["gap W3 (points)"] < gaps["gap W2 (points)"],
+            gap = {b: np.subtract(col(b, ours, "acc"), col(b, base, "acc")) for b in (2, 3)}
+            claims.append(claim("the accuracy gap to LSQ is smaller at 3 bits than at 2 bits",
+                                effect("gap W3 − gap W2 (acc(ours) − acc(LSQ))", (gap[3] - gap[2]).tolist(),
+                                       side="<"),
+                                measured={f"gap W{b} (points)": 100 * float(gap[b].mean()) for b in (2, 3)},
                                 paper="W3A3 close to FP for all methods"))
 
     control = "statsq+qkr+lowlr"
     if {ours, control} <= set(config.methods) and 2 in config.bits:
         osc = {f"osc%({LABELS[m]}, W2)": 100 * mean(2, m, "osc") for m in (control, ours)}
-        claims.append(Claim("at 2 bits CGA's freezing leaves fewer oscillating weights than the same "
-                            "low-LR steps without freezing", osc,
-                            mean(2, ours, "osc") < mean(2, control, "osc"),
+        claims.append(claim("at 2 bits CGA's freezing leaves fewer oscillating weights than the same "
+                            "low-LR steps without freezing", fewer(2, ours, control), measured=osc,
                             paper="CGA calms the oscillating weights"))
         if mean(2, ours, "osc") >= 0.9 * mean(2, control, "osc"):
             extra_notes.append("At W2 the control (same low-LR steps, no freezing) has about as few "
                                "oscillating weights as CGA: the reduction against LSQ comes from the extra "
                                "low-LR steps (the oscillation EMA decays), not from CGA's freezing.")
 
+    figures = {}
     for bits in config.bits:
         series = {LABELS[m]: np.mean([r["history"] for r in results[(bits, m)]], axis=0).tolist()
                   for m in config.methods if results[(bits, m)]}
         series = {k: [100 * v for v in vs] for k, vs in series.items()}
-        ctx.savefig(plots.curves(series, title=f"W{bits}A{bits}: oscillating weights during QAT "
-                                 f"(mean of {len(seeds)} seeds)", xlabel="QAT step",
-                                 ylabel=f"% weights with osc. EMA > {config.osc_threshold}"),
-                    f"oscillation_w{bits}")
-    notes = [f"TinyViT dim {config.dim}, depth {config.depth}, {config.num_heads} heads, patch "
+        figures[f"oscillation_w{bits}"] = plots.curves(
+            series, title=f"W{bits}A{bits}: oscillating weights during QAT ({seeds_phrase(len(seeds))})",
+            xlabel="QAT step", ylabel=f"% weights with osc. EMA > {config.osc_threshold}")
+    notes = [f"TinyViT dim {config.dim}, depth {config.depth}, {config.heads} heads, patch "
              f"{config.patch_size} on {config.image_size}×{config.image_size} digits"
              f"{f' (affine-augmented to {config.augment_to})' if config.augment_to else ''}; "
              f"FP {config.fp_steps} steps, QAT {config.qat_steps} steps (AdamW, cosine, lr {config.qat_lr}); "
@@ -240,7 +241,14 @@ def run(config: OfqConfig, ctx: RunContext) -> Results:
             notes.append(f"W{bits}: CGA kept {100 * kept:.2f}% of the StatsQ weights trainable per step "
                          "on average.")
     notes += extra_notes
-    data = {"fp_acc": fp_acc, "seeds": seeds,
-            "runs": {f"w{b}/{m}": rs for (b, m), rs in results.items()}}
+    notes.append("quick runs 3 seeds, not 5, to keep its cost (about 2 CPU-minutes); full runs 5.")
     return Results(tables={"Top-1 and weight oscillation (digits 16×16, TinyViT)": rows}, claims=claims,
-                   data=data, notes=notes)
+                   notes=notes, figures=figures)
+
+
+experiment("ofq", paper="ofq", config=OfqConfig, trial=trial, summarise=summarise,
+           summary="LSQ vs StatsQ (+QKR, +CGA) low-bit QAT of a tiny ViT on 16×16 digits; oscillation",
+           profiles={"smoke": {"seeds": 1, "augment_to": None, "depth": 1, "fp_steps": 250, "qat_steps": 80,
+                               "cga_steps": 20, "bits": (2,)},
+                     "full": {"seeds": 5, "dim": 64, "depth": 4, "heads": 4, "augment_to": 20000,
+                              "fp_steps": 4000, "qat_steps": 3000, "cga_steps": 600}})

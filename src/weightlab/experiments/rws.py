@@ -6,20 +6,34 @@ Per seed: a CNN without BatchNorm (so everything a fine-tune learns is in the we
 Signatures of the first ``k`` conv layers are extracted, quantized to 8 and 4 bits, and patched into the clean
 model; two are composed; and the signatures are patched into a clean model that was fine-tuned further
 (transfer). Accuracy is measured on the corrupted test split.
-Claims: patching recovers most of the robust model's gain on its corruption; unpatch restores the clean model
-bitwise; two signatures compose; 8-bit signatures are ≥ 8× smaller than a full weight copy with a small loss.
+Claims (paired by seed): patching recovers most of the robust model's gain on its corruption; unpatch restores
+the clean model bitwise; two signatures compose; 8-bit signatures are ≥ 8× smaller than a full weight copy
+with a small loss; signatures transfer.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from weightlab.errors import WeightlabError
 from weightlab.experiments._robust import corrupted_sets, digit_splits
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import (
+    Corruption,
+    Count,
+    Digits,
+    DigitsSize,
+    ExperimentConfig,
+    Positive,
+    Range,
+    Severity,
+)
+from weightlab.experiments.results import Results, claim
 from weightlab.methods.rws.signatures import (
     dequantize_signature,
     extract_signature,
@@ -32,31 +46,40 @@ from weightlab.methods.rws.signatures import (
 from weightlab.models import SmallCNN
 from weightlab.report import plots
 from weightlab.report.tables import pm
-from weightlab.runs import RunContext
+from weightlab.runs import TrialContext
+from weightlab.stats import effect, paired
 from weightlab.train import TrainConfig, accuracy, train
-from weightlab.utils import derive_seed, seed_everything
+from weightlab.utils import derive_seed
 from weightlab.weights.io import module_bytes
+
+ALL_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                   "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+                   "jpeg_compression")
 
 
 @dataclass(frozen=True)
-class RwsConfig:
-    seed: int = 0
-    seeds: int = 3
-    image_size: int = 8
-    width: int = 16
-    k: int = 2  # signed layers: the first k conv layers
-    pretrain_epochs: int = 10
-    finetune_epochs: int = 5
-    lr: float = 3e-3
-    finetune_lr: float = 1e-3
-    batch_size: int = 64
-    severity: int = 5
+class RwsConfig(ExperimentConfig):
+    seeds: Count = 5
+    data: Digits = "digits"
+    image_size: DigitsSize = 8
+    width: Count = 16
+    k: Count = 2  # signed layers: the first k conv layers
+    pretrain_epochs: Count = 10
+    finetune_epochs: Count = 5
+    lr: Positive = 3e-3
+    finetune_lr: Positive = 1e-3
+    batch_size: Count = 64
+    severity: Severity = 5
     # the corruptions that hurt the clean 8×8 model most (noise barely does at this size)
-    corruptions: tuple[str, ...] = ("defocus_blur", "motion_blur", "contrast", "pixelate")
-    bits: tuple[int, ...] = (8, 4)
+    corruptions: tuple[Corruption, ...] = ("defocus_blur", "motion_blur", "contrast", "pixelate")
+    bits: tuple[Annotated[int, Range(1, 8)], ...] = (8, 4)
+
+    def check(self) -> None:
+        if not self.corruptions:
+            raise WeightlabError("corruptions must name at least one corruption")
 
 
-def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:  # noqa: ANN001
+def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:
     train(
         model,
         data,
@@ -71,13 +94,13 @@ def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConf
     )
 
 
-def run_seed(config: RwsConfig, seed: int) -> dict:
+def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     """Every model, signature and patched accuracy of one seed."""
     train_set, _, test_set = digit_splits(config.image_size, val_fraction=0.0, seed=seed)
     names = config.corruptions
     train_c = corrupted_sets(train_set, names, config.severity, seed=derive_seed(seed, "train"))
     test_c = corrupted_sets(test_set, names, config.severity, seed=derive_seed(seed, "test"))
-    seed_everything(derive_seed(seed, "rws", "init"))
+    ctx.seeded("rws", "init")
     pre = SmallCNN(10, width=config.width, batchnorm=False)
     _train(pre, train_set, config.pretrain_epochs, config.lr, config, seed, "pre")
     clean = copy.deepcopy(pre)
@@ -88,7 +111,7 @@ def run_seed(config: RwsConfig, seed: int) -> dict:
     s_pre, s_clean = pre.state_dict(), clean.state_dict()
     before = {k: v.clone() for k, v in s_clean.items()}
 
-    def patched_acc(model: torch.nn.Module, sigs: list, data) -> float:  # noqa: ANN001
+    def patched_acc(model: torch.nn.Module, sigs: list, data) -> float:
         handle = patch(model, sigs)
         try:
             return accuracy(model, data)
@@ -117,7 +140,9 @@ def run_seed(config: RwsConfig, seed: int) -> dict:
                 clean, [dequantize_signature(quantize_signature(sig, b))], test_c[name]
             )
         out["per_corruption"][name] = row
-    out["bitwise_restored"] = all(torch.equal(v, before[k]) for k, v in clean.state_dict().items())
+    after = clean.state_dict()
+    out["bitwise_restored"] = all(torch.equal(v, before[k]) for k, v in after.items())
+    out["unpatch_max_abs_diff"] = max(float((v.double() - before[k].double()).abs().max()) for k, v in after.items())
     if len(names) >= 2:
         a, b = names[0], names[1]
         out["compose"] = {
@@ -145,48 +170,8 @@ def run_seed(config: RwsConfig, seed: int) -> dict:
     return out
 
 
-@experiment(
-    "rws",
-    paper="rws",
-    config=RwsConfig,
-    summary="robust weight signatures: patch a clean CNN with per-corruption shallow-layer deltas",
-    profiles={
-        "smoke": {
-            "seeds": 1,
-            "width": 8,
-            "pretrain_epochs": 2,
-            "finetune_epochs": 1,
-            "corruptions": ("defocus_blur", "contrast"),
-        },
-        "full": {
-            "seeds": 5,
-            "image_size": 16,
-            "width": 32,
-            "pretrain_epochs": 30,
-            "finetune_epochs": 15,
-            "corruptions": (
-                "gaussian_noise",
-                "shot_noise",
-                "impulse_noise",
-                "defocus_blur",
-                "glass_blur",
-                "motion_blur",
-                "zoom_blur",
-                "snow",
-                "frost",
-                "fog",
-                "brightness",
-                "contrast",
-                "elastic_transform",
-                "pixelate",
-                "jpeg_compression",
-            ),
-        },
-    },
-)
-def run(config: RwsConfig, ctx: RunContext) -> Results:
-    seeds = [config.seed + k for k in range(config.seeds)]
-    per_seed = [ctx.cached(f"seed{s}", lambda s=s: run_seed(config, s)) for s in seeds]
+def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
+    per_seed = records
     names = config.corruptions
     cols = [
         "clean",
@@ -214,67 +199,50 @@ def run(config: RwsConfig, ctx: RunContext) -> Results:
     patched_gain = sum(float(np.mean(np.subtract(vals(n, "patched"), vals(n, "clean")))) for n in names)
     pooled = patched_gain / sum(gain.values()) if sum(gain.values()) > 0 else float("nan")
     storage = per_seed[0]["storage"]
-    b8 = storage.get("8-bit signature (bytes)")
-    ratio8 = storage["full copy (bytes)"] / b8 if b8 else float("nan")
-    loss8 = float(
-        np.mean([np.mean(np.subtract(vals(n, "patched"), vals(n, "patched 8-bit"))) for n in names])
-    )
-    transfer = float(
-        np.mean([np.mean(np.subtract(vals(n, "further patched"), vals(n, "further"))) for n in names])
-    )
+
+    def per_seed_mean(fn: Any) -> list[float]:  # one value per seed: the mean over corruptions of fn(n, seed)
+        return [float(np.mean([fn(n, i) for n in names])) for i in range(len(per_seed))]
+
+    def value(n: str, i: int, col: str) -> float:
+        return per_seed[i]["per_corruption"][n][col]
+
+    # "recovers > 50% of the gain" per seed without a ratio (unstable when a gain is near 0):
+    # (patched − clean) − 0.5·(robust − clean) > 0, averaged over the corruptions
+    def recovered_beyond_half(n: str, i: int) -> float:
+        clean = value(n, i, "clean")
+        return value(n, i, "patched") - clean - 0.5 * (value(n, i, "robust") - clean)
+
+    recovers = effect("(patched − clean) − 0.5·(robust − clean)", per_seed_mean(recovered_beyond_half))
     claims = [
-        Claim(
-            "patching the clean model recovers most (> 50%) of the robust model's gain on its corruption",
-            {
-                "mean recovery": mean_recovery,
-                "pooled recovery": pooled,
-                **{f"recovery {n}": v for n, v in recovery.items()},
-            },
-            mean_recovery > 0.5,
-            paper="patched ≈ robust accuracy (VGG16, CIFAR-10-C)",
-        ),
-        Claim(
-            "unpatch restores the clean model exactly (bitwise)",
-            {"seeds restored": sum(r["bitwise_restored"] for r in per_seed), "seeds": len(seeds)},
-            all(r["bitwise_restored"] for r in per_seed),
-            paper="in-situ removable",
-        ),
+        claim("patching the clean model recovers most (> 50%) of the robust model's gain on its corruption",
+              recovers, measured={"mean recovery": mean_recovery, "pooled recovery": pooled,
+                                  **{f"recovery {n}": v for n, v in recovery.items()}},
+              paper="patched ≈ robust accuracy (VGG16, CIFAR-10-C)"),
+        claim("unpatch restores the clean model exactly (bitwise)",
+              effect("max |w after unpatch − w before|", [r["unpatch_max_abs_diff"] for r in per_seed],
+                     side="<=", threshold=0.0),
+              measured={"seeds restored": sum(r["bitwise_restored"] for r in per_seed), "seeds": len(per_seed)},
+              paper="in-situ removable"),
     ]
     if all("compose" in r for r in per_seed):
         pair = per_seed[0]["compose"]["pair"]
-        composed = {
-            n: float(
-                np.mean([r["compose"][f"{n} composed"] - r["compose"][f"{n} clean"] for r in per_seed])
-            )
-            for n in pair
-        }
-        claims.append(
-            Claim(
-                f"two signatures compose: {pair[0]} + {pair[1]} patched together beat the clean model "
-                "on both corruptions",
-                {f"Δ composed vs clean, {n}": v for n, v in composed.items()},
-                all(v > 0 for v in composed.values()),
-                paper="composable",
-            )
-        )
-    if b8:
-        claims.append(
-            Claim(
-                "8-bit signatures are ≥ 8× smaller than a full weight copy with a small accuracy loss "
-                "(< 1 point)",
-                {"size ratio": ratio8, "accuracy loss (8-bit vs float)": loss8},
-                ratio8 >= 8 and loss8 < 0.01,
-                paper="up to 13× smaller",
-            )
-        )
-    claims.append(
-        Claim(
-            "signatures transfer to a clean model that was fine-tuned further",
-            {"Δ accuracy on the corruption": transfer},
-            transfer > 0,
-            paper="transferable",
-        )
-    )
+        claims.append(claim(f"two signatures compose: {pair[0]} + {pair[1]} patched together beat the clean model "
+                            "on both corruptions",
+                            *(paired(f"composed − clean, {n}", [r["compose"][f"{n} composed"] for r in per_seed],
+                                     [r["compose"][f"{n} clean"] for r in per_seed]) for n in pair),
+                            paper="composable"))
+    if 8 in config.bits:
+        ratios = [r["storage"]["full copy (bytes)"] / r["storage"]["8-bit signature (bytes)"] for r in per_seed]
+        loss = per_seed_mean(lambda n, i: value(n, i, "patched") - value(n, i, "patched 8-bit"))
+        claims.append(claim("8-bit signatures are ≥ 8× smaller than a full weight copy with a small accuracy loss "
+                            "(< 1 point)", effect("size ratio (full copy / 8-bit signature)", ratios, side=">=",
+                                                  threshold=8.0),
+                            effect("accuracy loss (float − 8-bit signature)", loss, side="<", threshold=0.01),
+                            paper="up to 13× smaller"))
+    claims.append(claim("signatures transfer to a clean model that was fine-tuned further",
+                        effect("further patched − further", per_seed_mean(
+                            lambda n, i: value(n, i, "further patched") - value(n, i, "further"))),
+                        paper="transferable"))
     storage_rows = [
         {"what": k, "bytes": v, "× smaller than full copy": storage["full copy (bytes)"] / v}
         for k, v in storage.items()
@@ -297,30 +265,22 @@ def run(config: RwsConfig, ctx: RunContext) -> Results:
         + ", ".join(f"{n} {g * 100:.1f} pt" for n, g in gain.items()),
         "recovery = (patched − clean) / (robust − clean) on seed means; 'mean recovery' averages it over "
         "corruptions (a corruption with a small gain can exceed 1); 'pooled recovery' is "
-        "Σ patched gain / Σ gain.",
+        "Σ patched gain / Σ gain. The verdict is on the paired per-seed quantity "
+        "(patched − clean) − 0.5·(robust − clean), averaged over the corruptions (no ratio).",
         "'patched clean-test' is the patched model's accuracy on the clean test split "
         f"(clean model: {pm([r['clean test accuracy'] for r in per_seed])} %).",
     ]
-    series = {
-        c: [float(np.mean(vals(n, c))) for n in names]
-        for c in ("clean", "robust", "patched", "further", "further patched")
-    }
-    ctx.savefig(
-        plots.curves(
-            series,
-            title="accuracy on each corruption (x: " + ", ".join(names) + ")",
-            xlabel="corruption",
-            ylabel="accuracy",
-        ),
-        "patching",
-    )
-    return Results(
-        tables={
-            "Accuracy on each corruption (test split)": rows,
-            "Storage": storage_rows,
-            "Composition (accuracy on each corruption of the pair)": compose_rows,
-        },
-        claims=claims,
-        data={"per_seed": per_seed, "seeds": seeds, "recovery": recovery},
-        notes=notes,
-    )
+    series = {c: [float(np.mean(vals(n, c))) for n in names]
+              for c in ("clean", "robust", "patched", "further", "further patched")}
+    figure = plots.curves(series, title="accuracy on each corruption (x: " + ", ".join(names) + ")",
+                          xlabel="corruption", ylabel="accuracy")
+    return Results(tables={"Accuracy on each corruption (test split)": rows, "Storage": storage_rows,
+                           "Composition (accuracy on each corruption of the pair)": compose_rows},
+                   claims=claims, notes=notes, data={"recovery": recovery}, figures={"patching": figure})
+
+experiment("rws", paper="rws", config=RwsConfig, trial=trial, summarise=summarise,
+           summary="robust weight signatures: patch a clean CNN with per-corruption shallow-layer deltas",
+           profiles={"smoke": {"seeds": 1, "width": 8, "pretrain_epochs": 2, "finetune_epochs": 1,
+                               "corruptions": ("defocus_blur", "contrast")},
+                     "full": {"seeds": 5, "image_size": 16, "width": 32, "pretrain_epochs": 30,
+                              "finetune_epochs": 15, "corruptions": ALL_CORRUPTIONS}})

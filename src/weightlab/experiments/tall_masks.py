@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -20,10 +21,14 @@ from torch import Tensor
 
 from weightlab import merging
 from weightlab.data import ArrayDataset, digits, permute_pixels, rotate, stratified_split
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import Count, Digits, ExperimentConfig, NonNegativeInt, Positive, Range
+from weightlab.experiments.results import Results, claim
 from weightlab.models import MLP
+from weightlab.report.claims import over_seeds
 from weightlab.report.tables import mean_std, pm
-from weightlab.runs import RunContext
+from weightlab.runs import TrialContext
+from weightlab.stats import effect, paired
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed, seed_everything
 
@@ -68,31 +73,29 @@ TASKS: dict[str, tuple[Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]], i
 }
 
 
+Model = Literal["none", "all-minilm-l6-v2"]
+Density = Annotated[float, Range(0, 1, lo_open=True)]
+
+
 @dataclass(frozen=True)
-class TallMasksExpConfig:
-    seed: int = 0
-    seeds: int = 3
-    n_tasks: int = 8
-    hidden: int = 512
-    pretrain_images: int = 4000
-    pretrain_epochs: int = 4
-    pretrain_classes: int = 5
-    probe_steps: int = 30
-    finetune_epochs: int = 3
-    lr: float = 0.05
-    finetune_lr: float = 0.05
-    batch_size: int = 64
-    density: float = 0.2
-    k: int = 2
-    k_ablation: tuple[int, ...] = (1, 3)
-    magnitude_density: float = 0.1
-    minilm: bool = False
-
-    def __post_init__(self) -> None:
-        from weightlab.errors import WeightlabError
-
-        if not 2 <= self.n_tasks <= len(TASKS):
-            raise WeightlabError(f"n_tasks must be between 2 and {len(TASKS)}, got {self.n_tasks}")
+class TallMasksExpConfig(ExperimentConfig):
+    seeds: Count = 5
+    data: Digits = "digits"
+    model: Model = "none"  # "all-minilm-l6-v2": also merge three text tasks on the real MiniLM (first seed)
+    n_tasks: Annotated[int, Range(2, len(TASKS))] = 8
+    hidden: Count = 512
+    pretrain_images: NonNegativeInt = 4000
+    pretrain_epochs: Count = 4
+    pretrain_classes: Annotated[int, Range(2, 10)] = 5
+    probe_steps: Count = 30
+    finetune_epochs: Count = 3
+    lr: Positive = 0.05
+    finetune_lr: Positive = 0.05
+    batch_size: Count = 64
+    density: Density = 0.2
+    k: Count = 2
+    k_ablation: tuple[Count, ...] = (1, 3)
+    magnitude_density: Density = 0.1
 
 
 @dataclass
@@ -242,35 +245,18 @@ def storage(method: str, params: int, T: int) -> float:
     return 32.0 * params
 
 
-@experiment(
-    "tall-masks",
-    paper="tall-masks",
-    config=TallMasksExpConfig,
-    summary="TALL masks + TA recover ≥99% of fine-tuned accuracy; Consensus TA beats task arithmetic",
-    profiles={
-        "smoke": {
-            "seeds": 1,
-            "n_tasks": 4,
-            "hidden": 64,
-            "pretrain_images": 0,
-            "pretrain_epochs": 1,
-            "probe_steps": 20,
-            "finetune_epochs": 2,
-            "k_ablation": (),
-        },
-        "full": {
-            "seeds": 5,
-            "n_tasks": 14,
-            "pretrain_images": 10000,
-            "pretrain_epochs": 8,
-            "finetune_epochs": 8,
-            "minilm": True,
-        },
-    },
-)
-def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
-    seeds = [config.seed + k for k in range(config.seeds)]
-    runs = [ctx.cached(f"seed{s}", lambda s=s: run_seed(config, s)) for s in seeds]
+def trial(config: TallMasksExpConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
+    """One seed's merges; the first seed also runs the MiniLM check when ``model`` names it."""
+    record = run_seed(config, seed)
+    if config.model != "none" and seed == config.seed:
+        from weightlab.experiments._tall_masks_minilm import minilm_check
+
+        record["minilm"] = ctx.cached("minilm", lambda: minilm_check(seed=config.seed))
+    return record
+
+
+def summarise(config: TallMasksExpConfig, records: list[dict[str, Any]]) -> Results:
+    runs, seeds = records, config.seed_list
     T, params = config.n_tasks, runs[0]["params"]
     rows, means = [], {}
     for method in METHODS:
@@ -304,24 +290,23 @@ def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
         {"method": m, **{name: pm([r["acc"][m][t] for r in runs]) for t, name in enumerate(runs[0]["tasks"])}}
         for m in METHODS
     ]
-    tall_norm = means["TALL mask + TA"][1]
-    cons, ta = means["Consensus TA"][0], means["task arithmetic"][0]
+    def normalized(r: dict[str, Any], method: str) -> float:
+        return float(np.mean(np.asarray(r["acc"][method]) / np.asarray(r["acc"]["fine-tuned"])))
+
+    def absolute(method: str) -> list[float]:
+        return [float(np.mean(r["acc"][method])) for r in runs]
+
     claims = [
-        Claim(
-            "TALL mask + TA retains ≥ 99% of the fine-tuned accuracy (normalized)",
-            {"normalized accuracy": tall_norm},
-            tall_norm >= 0.99,
-            paper="99.7% (ViT-B/32, 8 tasks)",
-        ),
-        Claim(
-            "Consensus TA beats task arithmetic",
-            {"Consensus TA": cons, "task arithmetic": ta},
-            cons > ta,
-            paper="75.0 vs 70.8 (ViT-B/32, 8 tasks)",
-        ),
+        claim("TALL mask + TA retains ≥ 99% of the fine-tuned accuracy (normalized)",
+              effect("normalized accuracy (TALL mask + TA)", [normalized(r, "TALL mask + TA") for r in runs],
+                     side=">=", threshold=0.99),
+              paper="99.7% (ViT-B/32, 8 tasks)"),
+        claim("Consensus TA beats task arithmetic",
+              paired("acc(Consensus TA) − acc(task arithmetic)", absolute("Consensus TA"), absolute("task arithmetic")),
+              measured={"Consensus TA": means["Consensus TA"][0], "task arithmetic": means["task arithmetic"][0]},
+              paper="75.0 vs 70.8 (ViT-B/32, 8 tasks)"),
     ]
     hist = np.sum([r["agreement"] for r in runs], axis=0) / len(runs)
-    ctx.savefig(_histogram(hist), "mask_agreement")
     bits = merging.storage_bits(base_bits=32 * params, merged_params=params, n_tasks=T)
     notes = [
         f"{T} tasks, backbone of {params} parameters; storage {bits['finetuned_bits'] / 1e6:.1f} Mb for the "
@@ -330,22 +315,19 @@ def run(config: TallMasksExpConfig, ctx: RunContext) -> Results:
         f"Mask agreement (weights active in 0, 1, …, {T} tasks, TA masks, mean over seeds): "
         f"{[int(h) for h in hist]}; 0 = catastrophic, 1 = selfish.",
     ]
-    data = {"runs": runs, "seeds": seeds, "storage_bits": bits}
     tables = {
-        f"Merging {T} digit tasks (mean ± std over {len(seeds)} seeds)": rows,
+        f"Merging {T} digit tasks ({over_seeds(len(seeds))})": rows,
         "Per task (accuracy %)": per_task,
         "Consensus TA: k ablation (k = 0 is task arithmetic)": k_rows,
     }
-    if config.minilm:
-        from weightlab.experiments._tall_masks_minilm import minilm_check
-
-        minilm = ctx.cached("minilm", lambda: minilm_check(seed=config.seed))
+    minilm = runs[0].get("minilm")
+    if minilm is not None:
         tables["MiniLM-L6 (Hugging Face transformer), 3 generated text tasks"] = minilm["rows"]
-        data["minilm"] = minilm
-    return Results(tables=tables, claims=claims, data=data, notes=notes)
+    return Results(tables=tables, claims=claims, data={"storage_bits": bits}, notes=notes,
+                   figures={"mask_agreement": _histogram(hist)})
 
 
-def _histogram(hist: np.ndarray):  # noqa: ANN202
+def _histogram(hist: np.ndarray):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -357,3 +339,11 @@ def _histogram(hist: np.ndarray):  # noqa: ANN202
         xticks=range(len(hist)),
     )
     return fig
+
+
+experiment("tall-masks", paper="tall-masks", config=TallMasksExpConfig, trial=trial, summarise=summarise,
+           summary="TALL masks + TA recover ≥99% of fine-tuned accuracy; Consensus TA beats task arithmetic",
+           profiles={"smoke": {"seeds": 1, "n_tasks": 4, "hidden": 64, "pretrain_images": 0, "pretrain_epochs": 1,
+                               "probe_steps": 20, "finetune_epochs": 2, "k_ablation": ()},
+                     "full": {"seeds": 5, "n_tasks": 14, "pretrain_images": 10000, "pretrain_epochs": 8,
+                              "finetune_epochs": 8, "model": "all-minilm-l6-v2"}})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 
 from weightlab.data.arrays import ArrayDataset
 from weightlab.errors import WeightlabError
-from weightlab.experiments.base import Claim, Results, experiment
+from weightlab.experiments.base import experiment
+from weightlab.experiments.configs import Count, ExperimentConfig, Positive, Range
+from weightlab.experiments.results import Results, claim
 from weightlab.methods.universality.hypothesis_weight import (
     expected_divergence,
     fisher_information,
@@ -36,12 +39,13 @@ from weightlab.methods.universality.hypothesis_weight import (
     resolvability_bound,
 )
 from weightlab.methods.universality.mixture import StreamingMixture
-from weightlab.methods.universality.sgld import SGLD, CollectSamples, SGLDConfig
+from weightlab.methods.universality.sgld import SGLD, CollectConfig, CollectSamples, SGLDConfig
 from weightlab.methods.universality.sgld_chains import StackedMLP, chain_nll, ensemble_log_proba
 from weightlab.methods.universality.teacher_student import SignNetClass, bernoulli_log_probs, tanh_unit_log_probs
 from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
-from weightlab.runs import RunContext
+from weightlab.runs import TrialContext
+from weightlab.stats import effect
 from weightlab.train import TrainConfig, train
 from weightlab.utils import derive_seed
 
@@ -50,36 +54,29 @@ THETA_STAR = (1.5, -1.0, 2.5)  # continuous teacher (w1, w2, v)
 
 
 @dataclass(frozen=True)
-class UniversalityConfig:
-    seed: int = 0
-    seeds: int = 3
-    hidden_sizes: tuple[int, ...] = (1, 2, 3, 4)
-    beta: float = 2.0
-    n: int = 256
-    sequences: int = 8
-    kl_inputs: int = 1000
-    mc_samples: int = 20000
-    n_train: int = 64
-    n_test: int = 400
-    prior_std: float = 2.0
-    grid: int = 61
-    chains: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    sgld_steps: int = 1500
-    sgld_lr: float = 0.5
-    sgld_b: float = 100.0
-    sgld_gamma: float = 0.55
-    batch_size: int = 16
-    samples_per_chain: int = 1
+class UniversalityConfig(ExperimentConfig):
+    seeds: Count = 5
+    hidden_sizes: tuple[Annotated[int, Range(1, 5)], ...] = (1, 2, 3, 4)
+    beta: Positive = 2.0
+    n: Count = 256
+    sequences: Count = 8
+    kl_inputs: Count = 1000
+    mc_samples: Count = 20000
+    n_train: Count = 64
+    n_test: Count = 400
+    prior_std: Positive = 2.0
+    grid: Count = 61
+    chains: tuple[Count, ...] = (1, 2, 4, 8, 16, 32, 64)
+    sgld_steps: Count = 1500
+    sgld_lr: Positive = 0.5
+    sgld_b: Positive = 100.0
+    sgld_gamma: Positive = 0.55
+    batch_size: Count = 16
+    samples_per_chain: Count = 1
 
-    def __post_init__(self) -> None:
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1 or max(self.hidden_sizes) > 5:
-            raise WeightlabError(f"hidden_sizes must lie in 1..5, got {self.hidden_sizes}")
-        if not self.chains or min(self.chains) < 1:
-            raise WeightlabError(f"chains must be positive counts, got {self.chains}")
-        for name in ("seeds", "n", "sequences", "kl_inputs", "mc_samples", "n_train", "n_test", "grid",
-                     "sgld_steps", "batch_size", "samples_per_chain"):
-            if getattr(self, name) < 1:
-                raise WeightlabError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+    def check(self) -> None:
+        if not self.hidden_sizes or not self.chains:
+            raise WeightlabError("hidden_sizes and chains must not be empty")
 
 
 EPS = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-4, 0, 33, dtype=torch.float64)])
@@ -178,7 +175,7 @@ def run_chains(config: UniversalityConfig, data: ArrayDataset, seed: int, *,
                       gamma=config.sgld_gamma, temperature=temperature)
     opt = SGLD(chains.parameters(), sgld, generator=_gen(seed, "noise", temperature))
     every = max(1, config.sgld_steps // (2 * config.samples_per_chain))
-    collect = CollectSamples(every=every, burn_in=config.sgld_steps - every * config.samples_per_chain)
+    collect = CollectSamples(CollectConfig(every=every, burn_in=config.sgld_steps - every * config.samples_per_chain))
     tc = TrainConfig(max_steps=config.sgld_steps, batch_size=config.batch_size, device="cpu",
                      seed=derive_seed(seed, "batches"), description=f"SGLD T={temperature}")
     train(chains, data, tc, optimizer=opt, loss_fn=chain_nll, callbacks=[collect])
@@ -249,19 +246,16 @@ def _stack(values: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     return arr.mean(0), arr.std(0)
 
 
-@experiment("universality", paper="universality", config=UniversalityConfig,
-            summary="mixture regret vs the weight of the hypothesis; SGLD ensembles vs the exact mixture",
-            profiles={"smoke": {"seeds": 1, "hidden_sizes": (1, 2), "n": 48, "sequences": 2, "kl_inputs": 200,
-                                "mc_samples": 1000, "n_train": 32, "n_test": 100, "grid": 17,
-                                "chains": (1, 4, 16), "sgld_steps": 200},
-                      "full": {"seeds": 5, "hidden_sizes": (1, 2, 3, 4, 5), "n": 1024, "sequences": 32,
-                               "kl_inputs": 4000, "mc_samples": 200000, "grid": 81,
-                               "chains": (1, 2, 4, 8, 16, 32, 64, 128, 256), "sgld_steps": 5000,
-                               "samples_per_chain": 4}})
-def run(config: UniversalityConfig, ctx: RunContext) -> Results:
-    seeds = [config.seed + k for k in range(config.seeds)]
-    finite = [ctx.cached(f"finite/seed{s}", lambda s=s: finite_class_run(config, s)) for s in seeds]
-    cont = [ctx.cached(f"continuous/seed{s}", lambda s=s: continuous_run(config, s)) for s in seeds]
+def trial(config: UniversalityConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
+    """Both parts at one seed, each a resumable unit."""
+    return {"finite": ctx.cached("finite", lambda: finite_class_run(config, seed)),
+            "continuous": ctx.cached("continuous", lambda: continuous_run(config, seed))}
+
+
+def summarise(config: UniversalityConfig, records: list[dict[str, Any]]) -> Results:
+    finite = [r["finite"] for r in records]
+    cont = [r["continuous"] for r in records]
+    figures = {}
     n = config.n
 
     # ---- part 1 table and plots
@@ -290,8 +284,8 @@ def run(config: UniversalityConfig, ctx: RunContext) -> Results:
             mean, std = _stack([f[k]["regret_mean"] for f in finite])
             series[f"regret, hidden={hidden}"], band[f"regret, hidden={hidden}"] = mean, std
             series[f"bound (MC weight), hidden={hidden}"] = _stack([f[k]["bound_mc"] for f in finite])[0]
-        ctx.savefig(plots.curves(series, x=xs, band=band, title=f"{teacher} teacher: regret vs n",
-                                 xlabel="n", ylabel="nats"), f"regret_{teacher}")
+        figures[f"regret_{teacher}"] = plots.curves(series, x=xs, band=band, title=f"{teacher} teacher: regret vs n",
+                                                    xlabel="n", ylabel="nats")
 
     # ---- part 2 table and plots
     methods = list(cont[0]["methods"])
@@ -307,16 +301,15 @@ def run(config: UniversalityConfig, ctx: RunContext) -> Results:
                        title="SGLD ensemble vs exact mixture", xlabel="chains K", ylabel="nats")
     fig.axes[0].set_xscale("log", base=2)
     fig.axes[0].set_yscale("log")
-    ctx.savefig(fig, "sgld_vs_exact")
+    figures["sgld_vs_exact"] = fig
     steps = list(range(1, config.n_train + 1))
     reg_c = _stack([c["regret"] for c in cont])
     cont_series = {"regret (grid mixture)": reg_c[0],
                    "bound (MC weight)": _stack([c["bound_mc"] for c in cont])[0],
                    "bound (Laplace weight)": _stack([c["bound_laplace"] for c in cont])[0],
                    "(d/2) log n": [1.5 * math.log(t) for t in steps]}
-    ctx.savefig(plots.curves(cont_series, x=steps, band={"regret (grid mixture)": reg_c[1]},
-                             title="continuous class: regret vs bounds", xlabel="n", ylabel="nats"),
-                "regret_continuous")
+    figures["regret_continuous"] = plots.curves(cont_series, x=steps, band={"regret (grid mixture)": reg_c[1]},
+                                                title="continuous class: regret vs bounds", xlabel="n", ylabel="nats")
     cont_rows = [{"n": t, "regret": pm([c["regret"][t - 1] for c in cont], scale=1, digits=2),
                   **{name: float(vals[t - 1]) for name, vals in list(cont_series.items())[1:]}}
                  for t in sorted({1, 4, 16, config.n_train // 2, config.n_train})]
@@ -326,33 +319,41 @@ def run(config: UniversalityConfig, ctx: RunContext) -> Results:
     lo, hi = f"simple/{hs[0]}", f"simple/{hs[-1]}"
     r_lo, r_hi = mean_std(final[lo])[0], mean_std(final[hi])[0]
     dsize = finite[0][hi]["log_size"] - finite[0][lo]["log_size"]
-    claims = [Claim(f"a much larger class (log size +{dsize:.1f}) with similar weight has similar regret "
+    w_lo, w_hi = ([f[k]["log_inv_weight_0"] for f in finite] for k in (lo, hi))
+    claims = [claim(f"a much larger class (log size +{dsize:.1f}) with similar weight has similar regret "
                     "(|Δ regret| < 0.25·Δ log size)",
-                    {f"regret(hidden={hs[0]})": r_lo, f"regret(hidden={hs[-1]})": r_hi, "Δ log size": dsize,
-                     "Δ log 1/W(A_0)": rows[keys.index(hi)]["log 1/W(A_0) exact"]
-                     - rows[keys.index(lo)]["log 1/W(A_0) exact"]},
-                    abs(r_hi - r_lo) < 0.25 * dsize,
+                    effect("0.25·Δ log size − |Δ regret|",
+                           [0.25 * dsize - abs(a - b) for a, b in zip(final[hi], final[lo], strict=True)]),
+                    measured={f"regret(hidden={hs[0]})": r_lo, f"regret(hidden={hs[-1]})": r_hi, "Δ log size": dsize,
+                              "Δ log 1/W(A_0)": float(np.mean(np.subtract(w_hi, w_lo)))},
                     paper="regret is governed by the weight, not the class size")]
     big = f"complex/{hs[-1]}"
     if big in final:
-        r_c = mean_std(final[big])[0]
-        w_s, w_c = rows[keys.index(hi)]["log 1/W(A_0) exact"], rows[keys.index(big)]["log 1/W(A_0) exact"]
-        claims.append(Claim(f"in one class (hidden={hs[-1]}), the teacher of smaller weight has more regret",
-                            {"regret(simple)": r_hi, "regret(complex)": r_c, "log 1/W simple": w_s,
-                             "log 1/W complex": w_c}, (r_c > r_hi) == (w_c > w_s) and r_c != r_hi,
+        w_c = [f[big]["log_inv_weight_0"] for f in finite]
+        # more regret for the teacher of smaller weight (larger log 1/W), per seed
+        signed = [float(np.sign(wc - ws)) * (rc - rs)
+                  for wc, ws, rc, rs in zip(w_c, w_hi, final[big], final[hi], strict=True)]
+        claims.append(claim(f"in one class (hidden={hs[-1]}), the teacher of smaller weight has more regret",
+                            effect("sign(Δ log 1/W)·Δ regret (complex − simple)", signed),
+                            measured={"regret(simple)": r_hi, "regret(complex)": float(np.mean(final[big])),
+                                      "log 1/W simple": float(np.mean(w_hi)), "log 1/W complex": float(np.mean(w_c))},
                             paper="simple = large weight = fewer samples"))
-    mean_regret = {k: _stack([f[k]["regret_mean"] for f in finite])[0] for k in keys}
-    mean_bound = {k: _stack([f[k]["bound"] for f in finite])[0] for k in keys}
-    over = [(k, t) for k in keys for t in range(n) if mean_regret[k][t] > mean_bound[k][t] + 1e-9]  # fp slack
-    claims.append(Claim("mean measured regret ≤ min_ε nε + log 1/W(A_ε) at every n, every class",
-                        {"violations": len(over), "checked": len(keys) * n}, not over,
+    # every (class, n): regret − bound ≤ 0 (1e-9: floating-point slack); the claim holds when every point does
+    gaps = np.asarray([[np.asarray(f[k]["regret_mean"]) - np.asarray(f[k]["bound"]) for k in keys] for f in finite])
+    points = [effect(f"regret − bound ({k}, n={t + 1})", gaps[:, i, t].tolist(), side="<=", threshold=1e-9)
+              for i, k in enumerate(keys) for t in range(n)]
+    claims.append(claim("mean measured regret ≤ min_ε nε + log 1/W(A_ε) at every n, every class", *points,
+                        measured={"violations (seed means)": int((gaps.mean(0) > 1e-9).sum()), "checked": len(points)},
                         paper="E[R_n] ≤ min_ε nε + log 1/W(A_ε)"))
-    claims.append(Claim(f"the SGLD ensemble's predictive approaches the exact mixture's as chains grow "
+    kl = {k: [c["methods"][f"SGLD ensemble K={k}"]["kl"] for c in cont] for k in (ks[0], ks[-1])}
+    claims.append(claim(f"the SGLD ensemble's predictive approaches the exact mixture's as chains grow "
                         f"(KL at K={ks[-1]} < half of K={ks[0]})",
-                        {f"KL(K={ks[0]})": kl_k[0], f"KL(K={ks[-1]})": kl_k[-1],
-                         f"loss gap(K={ks[0]})": loss_gap[0], f"loss gap(K={ks[-1]})": loss_gap[-1]},
-                        kl_k[-1] < 0.5 * kl_k[0], paper="SGLD + ensembling approximates the mixture learner"))
-    notes = [f"seeds {seeds}; part 1: {config.sequences} sequences of n={n} per seed and teacher; weights in "
+                        effect(f"0.5·KL(K={ks[0]}) − KL(K={ks[-1]})",
+                               [0.5 * a - b for a, b in zip(kl[ks[0]], kl[ks[-1]], strict=True)]),
+                        measured={f"KL(K={ks[0]})": kl_k[0], f"KL(K={ks[-1]})": kl_k[-1],
+                                  f"loss gap(K={ks[0]})": loss_gap[0], f"loss gap(K={ks[-1]})": loss_gap[-1]},
+                        paper="SGLD + ensembling approximates the mixture learner"))
+    notes = [f"part 1: {config.sequences} sequences of n={n} per seed and teacher; weights in "
              f"{{-1,0,1}}, d=3; part 2: grid {config.grid}³ quadrature as the exact mixture.",
              "A class with h hidden units has 4h parameters; at n=16 the hidden=4 class has no more samples "
              "than parameters.",
@@ -362,5 +363,15 @@ def run(config: UniversalityConfig, ctx: RunContext) -> Results:
     return Results(tables={"Finite classes: regret vs class size and weight": rows,
                            "SGLD ensembles vs the exact mixture (held-out)": sgld_rows,
                            "Continuous class: regret vs bounds": cont_rows},
-                   claims=claims, data={"finite": finite, "continuous": cont, "seeds": seeds,
-                                        "eps": EPS.tolist()}, notes=notes)
+                   claims=claims, data={"eps": EPS.tolist()}, notes=notes, figures=figures)
+
+
+experiment("universality", paper="universality", config=UniversalityConfig, trial=trial, summarise=summarise,
+           summary="mixture regret vs the weight of the hypothesis; SGLD ensembles vs the exact mixture",
+           profiles={"smoke": {"seeds": 1, "hidden_sizes": (1, 2), "n": 48, "sequences": 2, "kl_inputs": 200,
+                               "mc_samples": 1000, "n_train": 32, "n_test": 100, "grid": 17,
+                               "chains": (1, 4, 16), "sgld_steps": 200},
+                     "full": {"seeds": 5, "hidden_sizes": (1, 2, 3, 4, 5), "n": 1024, "sequences": 32,
+                              "kl_inputs": 4000, "mc_samples": 200000, "grid": 81,
+                              "chains": (1, 2, 4, 8, 16, 32, 64, 128, 256), "sgld_steps": 5000,
+                              "samples_per_chain": 4}})

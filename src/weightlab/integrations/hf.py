@@ -84,7 +84,7 @@ class WeightlabCallback(TrainerCallback):
         self._lift_steps = 0
 
     # ------------------------------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = _unwrap(optimizer)
         if self.lift is not None:
             self._check_lift(args, optimizer)
@@ -98,7 +98,7 @@ class WeightlabCallback(TrainerCallback):
                                      total_steps=state.max_steps)
         self.runner.experience_start()
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         runner = self._running()
         penalties = runner.uses("loss")
         if penalties:
@@ -112,10 +112,10 @@ class WeightlabCallback(TrainerCallback):
         if self.max_grad_norm > 0:
             clip_gradients(model, runner.state.optimizer, self.max_grad_norm)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_optimizer_step(self, args, state, control, **kwargs):
         self._running().after_step()
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_end(self, args, state, control, **kwargs):
         runner = self._running()
         if self.max_grad_norm > 0:
             args.max_grad_norm, self.max_grad_norm = self.max_grad_norm, 0.0

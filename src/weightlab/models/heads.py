@@ -49,11 +49,6 @@ class MultiHead(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(in_features, c) for c in classes_per_task)
 
-    def add_head(self, num_classes: int) -> int:
-        device = next(self.parameters()).device
-        self.heads.append(nn.Linear(self.heads[0].in_features, num_classes).to(device))
-        return len(self.heads) - 1
-
     def forward(self, features: Tensor, task_id: int | Tensor) -> Tensor:
         if isinstance(task_id, int):
             return self.heads[task_id](features)

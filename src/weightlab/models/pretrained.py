@@ -168,7 +168,7 @@ def lite0_weights() -> Path:
         try:
             if read_metadata(dest).get("source_sha256") == LITE0_SHA256:
                 return dest
-        except Exception:  # noqa: BLE001 - an unreadable cache entry is rebuilt
+        except Exception:
             pass
     src = _lite0_source()
     check_sha256(f"{str(src)!r}", file_sha256(src, decompress=False), LITE0_SHA256,

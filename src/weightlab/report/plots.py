@@ -7,12 +7,13 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def heatmap(matrix: Sequence[Sequence[float]], *, title: str, xlabel: str = "evaluated on task",
-            ylabel: str = "after training task", vmin: float = 0.0, vmax: float = 1.0):  # noqa: ANN201
+            ylabel: str = "after training task", vmin: float = 0.0, vmax: float = 1.0):
     """An accuracy-matrix heatmap with each cell annotated."""
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * m.shape[1], 0.8 + 0.55 * m.shape[0]))
@@ -25,8 +26,8 @@ def heatmap(matrix: Sequence[Sequence[float]], *, title: str, xlabel: str = "eva
 
 
 def curves(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
-           x: Sequence[float] | None = None, band: Mapping[str, Sequence[float]] | None = None):  # noqa: ANN201
-    """Line plot of named series (optionally with a ± band per series)."""
+           x: Sequence[float] | None = None, band: Mapping[str, Sequence[float]] | None = None):
+    """Line plot of named series (optionally with a ± band per series); integer x values get integer ticks."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, ys in series.items():
         xs = np.arange(len(ys)) if x is None else np.asarray(x)
@@ -36,12 +37,14 @@ def curves(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str, yl
             hi = np.asarray(ys) + np.asarray(band[name])
             ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if x is None or all(float(v).is_integer() for v in x):  # task, round, step indices: no 0.5 ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
 
-def grid_of(n: int, *, ncols: int = 3, size: float = 3.2):  # noqa: ANN201
+def grid_of(n: int, *, ncols: int = 3, size: float = 3.2):
     """A figure with ``n`` axes in rows of ``ncols`` (unused axes hidden)."""
     nrows = max(1, -(-n // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 0.85 * nrows), squeeze=False)

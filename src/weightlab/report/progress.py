@@ -39,10 +39,6 @@ def display(*, enabled: bool = True) -> Iterator[None]:
         _ACTIVE.remove(progress)
 
 
-def active() -> bool:
-    return bool(_ACTIVE)
-
-
 def track(items: Iterable[T], description: str, *, total: int | None = None, transient: bool = True) -> Iterator[T]:
     """Iterate over ``items``, advancing a bar when a display is active (a plain loop otherwise)."""
     if not _ACTIVE:

@@ -19,12 +19,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def pm(values: Sequence[float], *, scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± std"`` of ``values`` × ``scale`` (accuracies in percent by default)."""
+    """``"mean ± std"`` of ``values`` × ``scale`` (accuracies in percent by default); one value has no std."""
     m, s = mean_std(values)
+    if len(values) == 1:
+        return f"{m * scale:.{digits}f}"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def fmt(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, NaN and None as "–", booleans as yes / no."""
+    if value is None:
+        return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -43,5 +48,5 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cols += [k for k in r if k not in cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
     return "\n".join(lines) + "\n"

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightlab.errors import WeightlabError
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 LOGGERS = ("tensorboard",)
 
@@ -29,7 +33,7 @@ class TensorBoardLogger(Callback):
         self.every = every
         self.global_step = 0
 
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         self.global_step += 1
         if self.global_step % self.every == 0 and state.loss is not None:
             self.writer.add_scalar("train/loss", state.loss.item(), self.global_step)

@@ -23,9 +23,14 @@ A callback overrides the hooks it needs; the loop calls only overridden hooks. I
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from weightlab.data.arrays import Batch
+
+if TYPE_CHECKING:  # the loop imports this module, so LoopState is for type checkers only
+    from weightlab.train.loop import LoopState
 
 HOOKS = ("on_experience_start", "on_batch", "transform_logits", "sample_weights", "loss", "after_backward",
          "after_step", "on_experience_end")
@@ -34,28 +39,28 @@ HOOKS = ("on_experience_start", "on_batch", "transform_logits", "sample_weights"
 class Callback:
     """Base class: every hook is a no-op."""
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001 - LoopState (import cycle)
+    def on_experience_start(self, state: LoopState) -> None:
         return None
 
-    def on_batch(self, state, batch: Batch) -> Batch:  # noqa: ANN001
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         return batch
 
-    def transform_logits(self, state, batch: Batch, logits: Tensor) -> Tensor:  # noqa: ANN001
+    def transform_logits(self, state: LoopState, batch: Batch, logits: Tensor) -> Tensor:
         return logits
 
-    def sample_weights(self, state, batch: Batch, losses: Tensor) -> Tensor | None:  # noqa: ANN001
+    def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor | None:
         return None
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         return loss
 
-    def after_backward(self, state) -> None:  # noqa: ANN001
+    def after_backward(self, state: LoopState) -> None:
         return None
 
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         return None
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         return None
 
 

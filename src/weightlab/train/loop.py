@@ -100,7 +100,7 @@ def make_optimizer(params: Sequence[nn.Parameter] | Any, config: TrainConfig) ->
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):  # noqa: ANN201
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.schedule == "constant" and config.warmup_steps == 0:
         return None
     warm = max(config.warmup_steps, 0)
@@ -118,7 +118,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _sharded_batches(data: Dataset, batch_size: int, generator: torch.Generator):  # noqa: ANN202
+def _sharded_batches(data: Dataset, batch_size: int, generator: torch.Generator):
     """Every rank draws the same global permutation and takes its slice of each full global batch."""
     distributed.check_batch(batch_size)
     fast = array_view(data)

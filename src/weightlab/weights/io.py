@@ -274,10 +274,6 @@ def check_not_pickle(path: Path) -> None:
         )
 
 
-def state_dict_to_cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu") for k, v in state.items()}
-
-
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes taken by a module's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))

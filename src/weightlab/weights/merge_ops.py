@@ -53,7 +53,7 @@ def trim_thresholds(stack: Tensor, density: float) -> Tensor:
     if rank <= 0:
         return torch.zeros(stack.shape[0], dtype=flat.dtype, device=flat.device)
     if flat.dtype == torch.float32:
-        return kth_smallest_magnitude(flat, [rank] * flat.shape[0])
+        return kth_smallest_magnitude(flat, [rank] * flat.shape[0]).to(flat.device)
     # one row at a time: kthvalue copies its input, so this keeps the temporary at one task's size
     return torch.stack([row.abs().kthvalue(rank).values for row in flat])
 
@@ -186,8 +186,8 @@ def radix_counts(rows: Tensor, prefix: Sequence[int] | None = None, *, chunk: in
     """
     n_rows, n = rows.shape
     bins = HIST_BINS if prefix is None else 1 << 16
-    counts = torch.zeros(n_rows, bins, dtype=torch.int64)
-    scratch = torch.empty(2, min(chunk, max(n, 1)), dtype=torch.int32)
+    counts = torch.zeros(n_rows, bins, dtype=torch.int64, device=rows.device)
+    scratch = torch.empty(2, min(chunk, max(n, 1)), dtype=torch.int32, device=rows.device)
     bits = rows.view(torch.int32)  # (T, n) float32 bit patterns
     for t in range(n_rows):
         for start in range(0, n, chunk):
@@ -208,7 +208,7 @@ def radix_counts(rows: Tensor, prefix: Sequence[int] | None = None, *, chunk: in
 def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th smallest (1-based) entry and the rank within that bin."""
     cum = hist.cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype)).item())
+    b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype, device=cum.device)).item())
     before = int(cum[b - 1].item()) if b > 0 else 0
     return b, rank - before
 

@@ -230,7 +230,7 @@ class SafetensorsReader:
 
     def _open(self) -> BinaryIO:
         if self._file is None:
-            file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            file = open(self.path, "rb", buffering=0)  # closed in close()
             if os.fstat(file.fileno()).st_size != self._size:
                 file.close()
                 raise FormatError(f"{str(self.path)!r} changed size since its header was read")
@@ -283,7 +283,7 @@ class SafetensorsWriter:
             self._expect.append((key, dtype, tuple(shape)))
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * ((-len(text)) % 8)  # align the data section to 8 bytes
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")  # closed in close()
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._next = 0
 

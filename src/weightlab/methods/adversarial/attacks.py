@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,12 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset, Batch, DataLike, array_view, iter_batches
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.evaluate import predict
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 Norm = Literal["linf", "l2"]
 
@@ -212,16 +216,20 @@ def tail_metrics(per_class: Tensor, *, tail_fraction: float = 0.3) -> dict[str, 
     }
 
 
+@register("method", "adversarial-training")
 class AdversarialTraining(Callback):
     """Adversarial training (Madry et al.): every mini-batch is replaced by its adversarial examples.
 
     The attack runs in eval mode (see :class:`PGD`) and draws its random start from the loop's generator,
-    so a run is deterministic for a given seed.
+    so a run is deterministic for a given seed. It acts on ``state.model``, so it holds no model.
+
+    Args:
+        attack: the frozen attack settings (its config; Madry et al.'s ℓ∞ PGD by default).
     """
 
-    def __init__(self, attack: PGD) -> None:
+    def __init__(self, attack: PGD = PGD()) -> None:
         self.attack = attack
 
-    def on_batch(self, state, batch: Batch) -> Batch:  # noqa: ANN001 - LoopState
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         x_adv = self.attack(state.model, batch.x, batch.y, generator=state.generator, check=False)
         return Batch(x_adv, batch.y, batch.t)

@@ -11,23 +11,24 @@ BatchNorm parameters are not modulated. ``m = 0`` is plain binary training (BNN 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 
 
 class _SignSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return grad * (x.abs() <= 1).to(grad.dtype)
 
@@ -96,6 +97,7 @@ class MetaplasticityConfig:
             raise WeightlabError(f"lr must be > 0, got {self.lr}")
 
 
+@register("method", "metaplasticity")
 class MetaplasticAdam(torch.optim.Optimizer):
     """Adam whose step on the hidden weights of binary layers is damped towards sign flips (``Adam_meta``).
 
@@ -116,7 +118,7 @@ class MetaplasticAdam(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:  # noqa: ANN001 - torch signature
+    def step(self, closure: Callable[[], float] | None = None) -> None:
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

@@ -31,15 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.data.arrays import Batch
+    from weightlab.train.loop import LoopState
 
 Mode = Literal["meanfield", "mean", "sample"]
 MODES = ("meanfield", "mean", "sample")
@@ -187,6 +192,7 @@ class VariationalConfig:
         return 1.0 / max(batch_size if self.prior == "step" else n_train, 1)
 
 
+@register("method", "variational-binary-cl")
 class VariationalFieldAdam(torch.optim.Optimizer):
     """Adam over the fields with the KL-to-prior gradient ``kl_weight·β²σ²(θ − θ_prior)`` added first.
 
@@ -234,7 +240,7 @@ class VariationalFieldAdam(torch.optim.Optimizer):
             self.state[layer.field]["prior"] = layer.field.detach().clone()
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:  # noqa: ANN001 - torch signature
+    def step(self, closure: Callable[[], float] | None = None) -> None:
         group = self.param_groups[0]
         b1, b2 = group["betas"]
         for layer in self.layers:
@@ -254,31 +260,43 @@ class VariationalFieldAdam(torch.optim.Optimizer):
             st["last_delta"] = delta
 
 
+@register("method", "beta-annealing")
 class BetaAnnealing(Callback):
-    """Set β of every binary layer from :func:`annealed_beta` at each batch (task = experience's task_id)."""
+    """Set β of every binary layer from :func:`annealed_beta` at each batch (task = experience's task_id).
 
-    def __init__(self, model: nn.Module, *, n_tasks: int, epochs: int, beta_max: float = 10.0) -> None:
+    Args:
+        model: the network whose :class:`VariationalBinaryLinear` layers are annealed.
+        config: the field-space settings; the schedule's asymptote is ``config.beta_max``.
+        n_tasks, epochs: the length of the schedule (tasks × epochs per task).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: VariationalConfig = VariationalConfig(), *, n_tasks: int, epochs: int
+    ) -> None:
+        if n_tasks < 1 or epochs < 1:
+            raise WeightlabError(f"BetaAnnealing needs n_tasks ≥ 1 and epochs ≥ 1, got {n_tasks}, {epochs}")
         self.layers = binary_layers(model)
-        self.n_tasks, self.epochs, self.beta_max = n_tasks, epochs, beta_max
-        self.beta = annealed_beta(0, 0, n_tasks=n_tasks, epochs=epochs, beta_max=beta_max)
+        self.config, self.n_tasks, self.epochs = config, n_tasks, epochs
+        self.beta = annealed_beta(0, 0, n_tasks=n_tasks, epochs=epochs, beta_max=config.beta_max)
 
-    def on_batch(self, state, batch):  # noqa: ANN001, ANN201
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         task = getattr(state.experience, "task_id", 0)
         self.beta = annealed_beta(
-            task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.beta_max
+            task, state.epoch, n_tasks=self.n_tasks, epochs=self.epochs, beta_max=self.config.beta_max
         )
         for layer in self.layers:
             layer.beta = self.beta
         return batch
 
 
+@register("method", "consolidate-field")
 class ConsolidateField(Callback):
     """At the end of each experience, make the fields the prior of the next one (``prior="task"``)."""
 
     def __init__(self, optimizer: VariationalFieldAdam) -> None:
         self.optimizer = optimizer
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         self.optimizer.consolidate()
 
 

@@ -16,6 +16,7 @@ from weightlab.methods.continual.exemplars import (
 from weightlab.methods.continual.replay import (
     Replay,
     ReplayBuffer,
+    ReplayConfig,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "NearestMeanClassifier",
     "Replay",
     "ReplayBuffer",
+    "ReplayConfig",
     "class_means",
     "diagonal_fisher",
     "ewc_penalty",

@@ -21,8 +21,9 @@ from torch.utils.data import Dataset
 
 from weightlab.data.arrays import ArrayDataset, Batch
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import ForwardFn, LossFn, default_forward, per_sample_cross_entropy
+from weightlab.train.loop import ForwardFn, LoopState, LossFn, default_forward, per_sample_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def ewc_penalty(params: dict[str, Tensor], anchor: dict[str, Tensor], fisher: di
     return total
 
 
+@register("method", "ewc")
 class EWC(Callback):
     """The EWC penalty through the ``loss`` hook; Fisher and anchor updated at each experience's end.
 
@@ -94,13 +96,13 @@ class EWC(Callback):
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         if not self.fisher or self.config.lam == 0:
             return loss
         params = dict(self.model.named_parameters())
         return loss + self.config.lam * ewc_penalty(params, self.anchor, self.fisher).to(loss.device)
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         data: Dataset | None = getattr(state.experience, "train", None)
         if not isinstance(data, ArrayDataset):
             raise WeightlabError(

@@ -10,13 +10,19 @@ each class (iCaRL's reduction).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 Selector = Callable[[ArrayDataset, int], Tensor]
 """``selector(data_of_one_class, m) -> (≤ m,)`` indices into the data, best first."""
@@ -117,26 +123,38 @@ class ReplayBuffer:
         self.seen = tensors.get(f"{prefix}.seen", torch.unique(self.y) if self.y is not None else self.seen)
 
 
+@dataclass(frozen=True)
+class ReplayConfig:
+    """``batch_size``: replayed samples appended to each batch (None: as many as the incoming batch)."""
+
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise WeightlabError(f"replay batch_size must be ≥ 1 or None, got {self.batch_size}")
+
+
+@register("method", "replay")
 class Replay(Callback):
-    """Append ``batch_size`` replayed samples to every batch; add the experience to memory at its end.
+    """Append replayed samples to every batch; add the experience to memory at its end.
 
     Args:
         buffer: the memory (shared across experiences).
-        batch_size: replayed samples per batch (default: as many as the incoming batch).
+        config: how many samples to replay per batch.
     """
 
-    def __init__(self, buffer: ReplayBuffer, *, batch_size: int | None = None) -> None:
+    def __init__(self, buffer: ReplayBuffer, config: ReplayConfig = ReplayConfig()) -> None:
         self.buffer = buffer
-        self.batch_size = batch_size
+        self.config = config
 
-    def on_batch(self, state, batch: Batch) -> Batch:  # noqa: ANN001
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
         if len(self.buffer) == 0:
             return batch
-        mem = self.buffer.sample(self.batch_size or len(batch), generator=state.generator).to(state.device)
+        mem = self.buffer.sample(self.config.batch_size or len(batch), generator=state.generator).to(state.device)
         t = None if batch.t is None or mem.t is None else torch.cat([batch.t, mem.t])
         return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), t)
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         if state.experience is None:
             raise WeightlabError("Replay needs train(..., experience=exp) to know what to memorise")
         self.buffer.update(state.experience.train, generator=state.generator)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from weightlab.errors import WeightlabError
 from weightlab.methods.cotta.tent import Adapter, make_tta_optimizer, use_batch_statistics
 from weightlab.methods.cotta.transforms import augment, sample_params
+from weightlab.registry import register
 from weightlab.utils import derive_seed
 
 
@@ -167,6 +168,40 @@ def stochastic_restore_(params: list[Tensor], source: list[Tensor], prob: float,
         p.copy_(torch.where(mask, p0.to(p.device), p))
 
 
+def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class PairMaxPool2d(nn.Module):
+    """2×2, stride-2 max pooling as two elementwise maxima of strided views (rows, then columns): the same
+    numbers as ``nn.MaxPool2d(2)`` (a maximum rounds nothing; NaNs propagate as there), about 10× faster on a
+    CPU than the NCHW pooling kernel, which also computes indices. Falls back to ``F.max_pool2d`` when a gradient is
+    needed (its tie-breaking routes gradients)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return nn.functional.max_pool2d(x, 2)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]  # floor mode drops an odd last row / column
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # (..., h/2, w)
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])  # (..., h/2, w/2)
+
+
+def use_inference_ops_(model: nn.Module) -> nn.Module:
+    """For the no-autograd teacher and anchor copies, in place: every plain 2×2 stride-2 ``nn.MaxPool2d``
+    becomes :class:`PairMaxPool2d` (same numbers; an in-place ReLU would be faster too, but is unsafe in a
+    model that reuses a ReLU's input)."""
+    for name, child in list(model.named_children()):
+        if (isinstance(child, nn.MaxPool2d) and _pair(child.kernel_size) == (2, 2)
+                and _pair(child.stride or child.kernel_size) == (2, 2) and _pair(child.padding) == (0, 0)
+                and _pair(child.dilation) == (1, 1) and not child.ceil_mode and not child.return_indices):
+            setattr(model, name, PairMaxPool2d())
+        else:
+            use_inference_ops_(child)
+    return model
+
+
+@register("method", "cotta")
 class CoTTA(Adapter):
     """The CoTTA wrapper: ``forward(x)`` adapts on the batch and returns the teacher's logits.
 
@@ -191,8 +226,8 @@ class CoTTA(Adapter):
         self._copy_teacher_and_anchor()
 
     def _copy_teacher_and_anchor(self) -> None:
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        self.anchor = copy.deepcopy(self.model).requires_grad_(False)
+        self.teacher = use_inference_ops_(copy.deepcopy(self.model).requires_grad_(False))
+        self.anchor = use_inference_ops_(copy.deepcopy(self.model).requires_grad_(False))
         if self.config.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.anchor.to(memory_format=torch.channels_last)

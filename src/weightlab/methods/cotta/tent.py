@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 
 NormLayers = Literal["auto", "batchnorm", "all"]
 NORM_LAYERS = ("auto", "batchnorm", "all")
@@ -190,6 +191,7 @@ class Adapter(nn.Module, metaclass=abc.ABCMeta):
         self.optimizer.load_state_dict(self._optimizer_state)
 
 
+@register("method", "tent")
 class Tent(Adapter):
     """Tent: entropy minimisation on the normalisation affine parameters, one update per test batch.
 
@@ -220,6 +222,7 @@ class Tent(Adapter):
         return logits.detach()
 
 
+@register("method", "bn-adapt")
 class BNAdapt(nn.Module):
     """BN-adapt ("Norm" in the CoTTA code): BatchNorm normalises with each test batch's statistics.
 

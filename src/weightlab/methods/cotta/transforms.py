@@ -141,14 +141,20 @@ def _colour_op(x: Tensor, op: int, factor: Tensor) -> Tensor:
 
 
 def colour_jitter(x: Tensor, params: AugmentParams) -> Tensor:
-    """Brightness, contrast, saturation, hue and gamma in each copy's own random order."""
+    """Brightness, contrast, saturation, hue and gamma in each copy's own random order. A position where every
+    copy applies the same op (always with one copy) runs it on the whole tensor; otherwise each op runs on its
+    own copies (the same numbers either way: the ops act on each copy alone)."""
     factors = (params.brightness, params.contrast, params.saturation, params.hue, params.gamma)
+    order = params.order.tolist()  # (k, 5), one host read instead of 25 index searches
     for position in range(5):
+        ops = [row[position] for row in order]
+        if len(set(ops)) == 1:
+            x = _colour_op(x, ops[0], factors[ops[0]].view(-1, 1, 1, 1, 1))
+            continue
         out = x.clone()
-        for op in range(5):
-            idx = (params.order[:, position] == op).nonzero().squeeze(1)
-            if idx.numel():
-                out[idx] = _colour_op(x[idx], op, factors[op][idx].view(-1, 1, 1, 1, 1))
+        for op in sorted(set(ops)):
+            idx = torch.tensor([i for i, o in enumerate(ops) if o == op], device=x.device)
+            out[idx] = _colour_op(x[idx], op, factors[op][idx].view(-1, 1, 1, 1, 1))
         x = out
     return x
 

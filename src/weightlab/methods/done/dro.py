@@ -10,7 +10,7 @@ paper's CID, without its implicit second-order term) replaces the batch normalis
 an SCGD running estimate ``u_t = (1 − β)·u_{t−1} + β·mean_batch exp(ℓ / r)`` tracked across batches, giving
 weights ``exp(ℓ_i / r) / (n·u_t)`` that sum to ≈ 1. Everything is done in log space.
 
-    train(model, data, cfg, callbacks=[DONE(DONEConfig(r=1.0), PGD(eps=0.2, steps=3))])
+    train(model, data, cfg, callbacks=[DONE(PGD(eps=0.2, steps=3), DONEConfig(r=1.0))])
 
 Not implemented (see ``docs/robustness.md``): the log-barrier lower level and the implicit gradient
 ``∂δ*/∂θ`` (Hessian-vector products); the attack is plain PGD.
@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.registry import register
+
+if TYPE_CHECKING:
+    from weightlab.data.arrays import Batch
+    from weightlab.train.loop import LoopState
 
 
 def dro_weights(losses: Tensor, r: float) -> Tensor:
@@ -88,19 +94,25 @@ class DONEConfig:
             raise WeightlabError(f"DONE beta must be in (0, 1] or None, got {self.beta}")
 
 
+@register("method", "done")
 class DONE(AdversarialTraining):
-    """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback)."""
+    """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback).
 
-    def __init__(self, config: DONEConfig, attack: PGD) -> None:
+    Args:
+        attack: the attack of :class:`~weightlab.methods.adversarial.AdversarialTraining`.
+        config: the DRO settings.
+    """
+
+    def __init__(self, attack: PGD = PGD(), config: DONEConfig = DONEConfig()) -> None:
         super().__init__(attack)
         self.config = config
         self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001 - LoopState
+    def on_experience_start(self, state: LoopState) -> None:
         if self.normaliser is not None:
             self.normaliser.log_u = None
 
-    def sample_weights(self, state, batch, losses: Tensor) -> Tensor:  # noqa: ANN001
+    def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor:
         if self.normaliser is None or math.isinf(self.config.r):
             weights = dro_weights(losses, self.config.r)
         else:

@@ -41,8 +41,9 @@ from torch.func import functional_call
 
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import per_sample_cross_entropy
+from weightlab.train.loop import LoopState, per_sample_cross_entropy
 
 
 def param_shapes(module: nn.Module) -> dict[str, torch.Size]:
@@ -109,6 +110,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@register("method", "mlp-hypernetwork")
 class MLPHyperNet(HyperNetwork):
     """The full hypernetwork: ``e_t → MLP(hidden) → P`` weights at once."""
 
@@ -145,6 +147,7 @@ class _Chunked(HyperNetwork):
         """``(T, K, E + C)`` chunk inputs to ``(T, K, chunk_size)`` chunks."""
 
 
+@register("method", "chunked-mlp-hypernetwork")
 class ChunkedMLPHyperNet(_Chunked):
     """One MLP maps ``[e_t; c_k]`` to chunk ``k`` (hypnettorch's ``ChunkedHMLP``); chunks are independent."""
 
@@ -164,6 +167,7 @@ class ChunkedMLPHyperNet(_Chunked):
         return self.net(inputs)
 
 
+@register("method", "rnn-hypernetwork")
 class LSTMHyperNet(_Chunked):
     """The RNN hypernetwork: an LSTM over the chunks; chunk ``k`` is read out from hidden state ``h_k``."""
 
@@ -227,7 +231,7 @@ class HyperModel(nn.Module):
     def target(self) -> nn.Module:
         return self._target[0]
 
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def _apply(self, fn, *args, **kwargs):
         self._target[0]._apply(fn, *args, **kwargs)  # ``.to(device)`` moves the target's buffers too
         return super()._apply(fn, *args, **kwargs)
 
@@ -278,6 +282,7 @@ class HnetRegConfig:
             raise WeightlabError(f"n_sampled must be ≥ 1 or None, got {self.n_sampled}")
 
 
+@register("method", "output-regularizer")
 class OutputRegularizer(Callback):
     """The output regulariser as a callback: targets ``h(e_j*, θ*)`` of tasks ``j < t`` are frozen at the
     start of task ``t`` (``state.experience.task_id``), and ``β·R`` is added to every step's loss."""
@@ -287,12 +292,12 @@ class OutputRegularizer(Callback):
         self.targets: Tensor | None = None  # (t, P)
         self.importance: list[Tensor] = []  # one (P,) per finished task, mean 1
 
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
+    def on_experience_start(self, state: LoopState) -> None:
         task = int(getattr(state.experience, "task_id", 0))
         with torch.no_grad():
             self.targets = self.model.hnet(list(range(task))).detach() if task > 0 else None
 
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
         if self.targets is None or self.config.beta == 0:
             return loss
         ids = list(range(self.targets.shape[0]))
@@ -304,7 +309,7 @@ class OutputRegularizer(Callback):
             self.model.hnet, self.targets[ids], ids, importance=imp
         )
 
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
+    def on_experience_end(self, state: LoopState) -> None:
         if not self.config.importance:
             return
         task = int(getattr(state.experience, "task_id", 0))

@@ -14,12 +14,8 @@ from weightlab.methods.lift.model import (
     merge_and_unload,
     prepare,
 )
-from weightlab.methods.lift.optimizer import (
-    SparseAdamW,
-    index_dtype,
-    masked_grad_linear,
-    moment_dtype,
-)
+from weightlab.methods.lift.optimizer import SparseAdamW, index_dtype, moment_dtype
+from weightlab.methods.lift.sampled import masked_grad_linear, masked_weight_grad
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -35,6 +31,7 @@ __all__ = [
     "lift_config",
     "make_selector",
     "masked_grad_linear",
+    "masked_weight_grad",
     "merge_and_unload",
     "moment_dtype",
     "prepare",

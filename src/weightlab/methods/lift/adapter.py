@@ -115,7 +115,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def lift_config(path: str | Path):  # noqa: ANN201 - LiftConfig (import cycle)
+def lift_config(path: str | Path):
     """The :class:`~weightlab.methods.lift.model.LiftConfig` an adapter was trained with (to continue)."""
     from weightlab.methods.lift.model import LiftConfig
 

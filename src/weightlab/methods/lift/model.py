@@ -30,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift.optimizer import Selector, SparseAdamW, masked_grad_linear
+from weightlab.methods.lift.optimizer import Selector, SparseAdamW
+from weightlab.methods.lift.sampled import masked_grad_linear, unmask_grad_linear
+from weightlab.registry import register
 from weightlab.weights.lowrank import (
     density_budget,
     gradient_mask,
@@ -257,7 +259,7 @@ class Lift:
         return {"optimizers": (self.optimizer, None), "callbacks": [callback]}
 
 
-def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:  # noqa: ANN001
+def _build(groups: list[dict], config: LiftConfig, record) -> SparseAdamW:
     return SparseAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, refresh_every=config.refresh_every,
                        needs_grad=config.mask == "gradient",
@@ -342,9 +344,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     lift.check_stepped("merge_and_unload")
     lift.optimizer.remove_hooks()
     for m in lift.targets.values():
-        if "forward" in m.__dict__:  # sparse_grad
-            del m.forward
+        unmask_grad_linear(m)  # sparse_grad
     for n, p in model.named_parameters():
         p.requires_grad_(lift._requires_grad.get(n, True))
     del model._weightlab_lift
     return model
+
+
+register("method", "lift")(prepare)  # LIFT's entry: prepare(model, LiftConfig()) returns the Lift handle

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.lift.sampled import masked_weight_grad, row_pointers
 from weightlab.weights.lowrank import carry_over
 
 UNSTEPPED_WARNING = 1000
@@ -79,6 +80,7 @@ class SparseAdamW(torch.optim.Optimizer):
             else []
         self._selectors: dict[nn.Parameter, Selector] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
+        self._crow: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # indices -> their CSR row pointers
         self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
         self._unstepped: dict[nn.Parameter, int] = {}  # gradients gathered since the last step
         self._hooks: list[Any] = []
@@ -125,6 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
         st["exp_avg"] = carry_over(old, new, st["exp_avg"])
         st["exp_avg_sq"] = carry_over(old, new, st["exp_avg_sq"])
         st["indices"] = new
+        self._crow.pop(p, None)  # (the cache would keep the old indices alive)
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
@@ -140,25 +143,23 @@ class SparseAdamW(torch.optim.Optimizer):
     def accumulate_masked(self, p: nn.Parameter, x: Tensor, grad_out: Tensor, *,
                           chunk_elements: int | None = None) -> None:
         """Add the masked gradient of ``y = x Wᵀ`` to ``p``'s ``(k,)`` buffer without forming the dense one:
-        ``g[i] = Σ_t grad_out[t, row_i] · x[t, col_i]`` (a sampled matmul), in chunks of about
-        ``chunk_elements`` products (default ``max(k, 2²⁰)``: the temporary stays O(k); used by
-        :func:`masked_grad_linear`)."""
+        ``g[i] = Σ_t grad_out[t, row_i] · x[t, col_i]`` (:func:`~weightlab.methods.lift.sampled.masked_weight_grad`:
+        a sampled matmul, or row blocks of about ``chunk_elements`` dense entries at high mask densities; used
+        by :func:`masked_grad_linear`)."""
         if p in self._pending:
             raise WeightlabError("gradient masks need the dense gradient; use sparse_grad=False")
         st = self.state[p]
-        idx = st["indices"].long()
-        n = p.shape[1]
-        x2, g2 = x.reshape(-1, n), grad_out.reshape(-1, p.shape[0])  # (T, n), (T, m)
-        rows, cols = idx // n, idx % n  # (k,)
-        out = torch.empty(idx.numel(), dtype=st["exp_avg"].dtype, device=p.device)  # (k,)
-        budget = chunk_elements or max(idx.numel(), 1 << 20)
-        step = max(1, budget // max(x2.shape[0], 1))
-        for s in range(0, idx.numel(), step):
-            out[s:s + step] = (g2[:, rows[s:s + step]] * x2[:, cols[s:s + step]]).sum(0)
+        m, n = p.shape
+        idx = st["indices"]
+        cached = self._crow.get(p)
+        if cached is None or cached[0] is not idx:  # a new mask: its CSR row pointers (m + 1 ints)
+            cached = self._crow[p] = (idx, row_pointers(idx, (m, n)))
+        g = masked_weight_grad(grad_out.reshape(-1, m), x.reshape(-1, n), idx, (m, n),
+                               dtype=st["exp_avg"].dtype, chunk_elements=chunk_elements, crow=cached[1])  # (k,)
         if p in self._grads:
-            self._grads[p].add_(out)
+            self._grads[p].add_(g)
         else:
-            self._grads[p] = out
+            self._grads[p] = g
         self._count_unstepped(p)
 
     @torch.no_grad()
@@ -208,6 +209,7 @@ class SparseAdamW(torch.optim.Optimizer):
         transformers Trainer round-trip the state), and the refresh schedule's step counter is restored."""
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("steps", 0))
+        self._crow.clear()
         keys = ("indices", "exp_avg", "exp_avg_sq")
         state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}
@@ -271,13 +273,14 @@ class SparseAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**t)).add_(eps)
                 step_size = lr / (1 - beta1**t)
                 if group["sparse"]:
                     flat = p.view(-1)
                     idx = st["indices"]
-                    w = flat.index_select(0, idx).to(exp_avg.dtype)  # (k,)
-                    delta = exp_avg.div(denom).mul_(-step_size).sub_(w * (lr * wd))  # (k,)
+                    delta = torch.div(exp_avg, denom, out=denom).mul_(-step_size)  # (k,)
+                    if wd:  # the weights are read only when they decay
+                        delta.sub_(flat.index_select(0, idx).to(exp_avg.dtype).mul_(lr * wd))
                     flat.index_add_(0, idx, delta.to(p.dtype))
                 else:
                     p.mul_(1 - lr * wd)
@@ -310,35 +313,10 @@ class SparseAdamW(torch.optim.Optimizer):
                     if isinstance(t, Tensor))
         return total + sum(g.numel() * g.element_size() for g in self._grads.values())
 
+    def is_sparse(self, p: Tensor) -> bool:
+        """Whether ``p`` is one of this optimizer's sparse (masked) weights."""
+        return p in self._selectors
+
     def masks(self) -> dict[nn.Parameter, Tensor]:
         """The current sorted flat indices of every sparse parameter."""
         return {p: self.state[p]["indices"] for p in self._selectors}
-
-
-class _MaskedGradLinear(torch.autograd.Function):
-    """``F.linear`` whose weight gradient goes straight into the optimizer's ``(k,)`` buffer."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, opt: SparseAdamW) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, weight)
-        ctx.opt, ctx.has_bias = opt, bias is not None
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None  # autocast-safe
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        ctx.opt.accumulate_masked(weight, x, grad_out)
-        return grad_x, None, grad_b, None
-
-
-def masked_grad_linear(module: nn.Linear, opt: SparseAdamW) -> None:
-    """Make ``module`` compute only the masked entries of its weight gradient (no dense ``(m, n)`` buffer);
-    undo with ``del module.forward``."""
-    def forward(x: Tensor) -> Tensor:
-        return _MaskedGradLinear.apply(x, module.weight, module.bias, opt)
-
-    module.forward = forward  # type: ignore[method-assign]

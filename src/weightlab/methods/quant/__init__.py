@@ -18,13 +18,14 @@ from weightlab.methods.quant.api import (
 )
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing, cga_train_config, cga_trainable_mask
 from weightlab.methods.quant.layers import QuantAttention, QuantLinear
-from weightlab.methods.quant.oscillation import OscillationTracker, oscillation_step
+from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTracker, oscillation_step
 from weightlab.methods.quant.qkr import QKRAttention
 
 __all__ = [
     "CGAConfig",
     "ConfidenceGuidedAnnealing",
     "METHODS",
+    "OscillationConfig",
     "OscillationTracker",
     "QKRAttention",
     "QuantAttention",

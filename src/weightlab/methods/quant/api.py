@@ -28,6 +28,7 @@ from weightlab.methods.quant.layers import IntWeight, QuantAttention, QuantLinea
 from weightlab.methods.quant.lsq import check_bits, lsq_range
 from weightlab.methods.quant.pack import pack_codes, unpack_codes
 from weightlab.methods.quant.qkr import QKRAttention
+from weightlab.registry import register
 
 METHODS = ("lsq", "statsq")
 
@@ -203,3 +204,6 @@ def load_packed_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 def state_nbytes(state: dict[str, Tensor]) -> int:
     """Bytes of the tensors in a state dict."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+register("method", "ofq")(prepare)  # OFQ's entry: prepare(model, QuantConfig()) quantizes the model

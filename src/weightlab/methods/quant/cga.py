@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from weightlab.errors import WeightlabError
 from weightlab.methods.quant.layers import QuantLinear
 from weightlab.methods.quant.statsq import StatsQuantizer, statsq_position
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import TrainConfig
+from weightlab.train.loop import LoopState, TrainConfig
 
 
 def cga_trainable_mask(weight: Tensor, bits: int, boundary_range: float) -> Tensor:
@@ -56,6 +57,7 @@ def cga_train_config(base: TrainConfig, config: CGAConfig) -> TrainConfig:
                                max_steps=None, description=f"{base.description} CGA")
 
 
+@register("method", "cga")
 class ConfidenceGuidedAnnealing(Callback):
     """Callback: freezes the confident weights of every StatsQ :class:`~.layers.QuantLinear` in each step.
 
@@ -75,7 +77,7 @@ class ConfidenceGuidedAnnealing(Callback):
         self.trainable_fraction: list[float] = []
 
     @torch.no_grad()
-    def after_backward(self, state) -> None:  # noqa: ANN001
+    def after_backward(self, state: LoopState) -> None:
         trainable = total = 0
         for name, layer in self.layers.items():
             weight = layer.weight
@@ -88,7 +90,7 @@ class ConfidenceGuidedAnnealing(Callback):
         self.trainable_fraction.append(trainable / max(total, 1))
 
     @torch.no_grad()
-    def after_step(self, state) -> None:  # noqa: ANN001
+    def after_step(self, state: LoopState) -> None:
         for name, (frozen, saved) in self._frozen.items():
             weight = self.layers[name].weight
             weight.copy_(torch.where(frozen, saved, weight))

@@ -53,9 +53,41 @@ def lsq_quantize(x: Tensor, step: Tensor, *, qn: int, qp: int, g: float) -> Tens
     """Fake-quantize ``x`` with the (broadcastable) ``step``: ``round_ste(clamp(x/s, −Qn, Qp))·s``.
 
     The gradient reaching ``step`` is scaled by ``g``; values outside the range pass no gradient to ``x``.
+    One autograd node (:class:`_LsqQuantize`) with the same numbers, forward and backward, as composing
+    :func:`grad_scale`, ``clamp`` and :func:`round_ste` (tested bit for bit), in fewer passes over ``x``.
     """
-    s = grad_scale(step.clamp_min(1e-5), g)
-    return round_ste((x / s).clamp(-qn, qp)) * s
+    return _LsqQuantize.apply(x, step, qn, qp, g)
+
+
+class _LsqQuantize(torch.autograd.Function):
+    """LSQ fake quantization as one node. Backward repeats, op for op, what autograd computes for the
+    composition, so the gradients are the same numbers (up to the sign of zero gradients of clamped
+    entries): ``∂u = grad·s`` in range and 0 outside, ``∂x = ∂u/s`` and
+    ``∂step = where(step ≥ 1e-5, g·(Σ grad·r − Σ ∂u·(u/s)), 0)`` with ``u = x/s`` and ``r`` the rounded codes
+    (negating a sum is exact, so ``Σ −a = −Σ a``). The in-range mask is kept as a float ``s``-or-0 tensor:
+    on a CPU, comparisons into bool tensors, ``where`` and ``masked_fill`` cost about 10× a multiply."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
+        s = step.clamp_min(1e-5)
+        u = x / s  # (x's shape)
+        codes = u.clamp(-qn, qp)
+        s_inside = torch.eq(codes, u, out=torch.empty_like(u)).mul_(s)  # s in range, 0 clamped (or NaN)
+        codes.round_()  # the integer codes r
+        ctx.save_for_backward(u, step, s, codes, s_inside)
+        ctx.g = g
+        return codes * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, step, s, codes, s_inside = ctx.saved_tensors
+        grad_u = grad * s_inside  # through ·s, round (identity) and clamp
+        grad_x = grad_u / s if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * codes).sum_to_size(s.shape) - (grad_u * (u / s)).sum_to_size(s.shape)
+            grad_step = grad_s.mul_(ctx.g).masked_fill_(step.ge(1e-5).logical_not_(), 0.0)  # clamp_min
+        return grad_x, grad_step, None, None, None
 
 
 class LsqWeightQuantizer(nn.Module):
@@ -105,7 +137,7 @@ class LsqActQuantizer(nn.Module):
                 self.step.copy_((2 * x.abs().mean() / math.sqrt(self.qp)).clamp_min(1e-5))
                 self.initialized.fill_(True)
             self._initialized = True
-        n = x[0].numel() if x.dim() > 1 else x.numel()
+        n = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()  # features per sample
         return lsq_quantize(x, self.step, qn=self.qn, qp=self.qp, g=lsq_grad_scale(self.qp, n))
 
     def extra_repr(self) -> str:

@@ -40,10 +40,25 @@ def statsq_dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def statsq(weight: Tensor, bits: int) -> Tensor:
-    """Fake-quantized ``weight`` with an identity straight-through gradient."""
-    scale = statsq_scale(weight)
-    quantized = statsq_dequantize(statsq_codes(weight, bits, scale), scale, bits)
-    return quantized + (weight - weight.detach())  # exact levels forward, identity backward
+    """Fake-quantized ``weight`` with an identity straight-through gradient (one autograd node: the same
+    numbers as ``quantized + (weight − weight.detach())`` without its three)."""
+    return _StatsQ.apply(weight, check_bits(bits))
+
+
+class _StatsQ(torch.autograd.Function):
+    """StatsQ's exact levels forward, the identity backward."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bits: int) -> Tensor:
+        # statsq_dequantize(statsq_codes(weight, bits, s), s, bits) with the temporaries reused in place
+        scale = statsq_scale(weight)
+        n = 2 ** (bits - 1)
+        codes = (weight / scale).clamp_(-1.0, CLIP_HIGH).mul_(n).floor_()
+        return codes.add_(0.5).mul_(scale).div_(n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 class StatsQuantizer(nn.Module):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset, DataLike, as_array_dataset
 from weightlab.errors import WeightlabError, closest
 from weightlab.methods.adversarial.attacks import PGD, adversarial_dataset, adversarial_predict, check_images, eval_mode
+from weightlab.registry import register
 from weightlab.train.evaluate import accuracy
 from weightlab.train.loop import TrainConfig, train
 
@@ -222,6 +223,7 @@ def interpolation_search(
     return best["alpha"], rows
 
 
+@register("method", "rift")
 class RiFT:
     """Robust critical fine-tuning (paper key ``rift``) in scikit-learn form: ``fit`` sets ``mrc_``,
     ``module_``, ``alpha_``, ``search_`` and ``model_`` (the interpolated model; the input is untouched)."""

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from weightlab.data.arrays import ArrayDataset, Batch, concat
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import TrainConfig, make_optimizer
+from weightlab.train.loop import LoopState, TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------------------------------------- strategies
 
 
+@register("method", "group-masking")
 class GroupMasking(Callback):
     """Mask the logits of classes absent from the mini-batch before the training loss (per mini-batch).
 
@@ -31,7 +33,7 @@ class GroupMasking(Callback):
     device.
     """
 
-    def transform_logits(self, state, batch: Batch, logits: Tensor) -> Tensor:  # noqa: ANN001
+    def transform_logits(self, state: LoopState, batch: Batch, logits: Tensor) -> Tensor:
         present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         present[batch.y] = True  # (classes,)
         fill = -1e9 if logits.dtype in (torch.float32, torch.float64) else torch.finfo(logits.dtype).min
@@ -74,6 +76,7 @@ class TaskOptimizer:
                 optimizer.state[param][name] = value.clone() if name == "step" else value.to(param.device, copy=True)
 
 
+@register("method", "frequency-replay")
 class FrequencyReplay:
     """The official ``FrequencyReplay``: a per-class memory, and replay of the rarely seen classes.
 

@@ -18,6 +18,7 @@ from weightlab.methods.universality.mixture import (
 )
 from weightlab.methods.universality.sgld import (
     SGLD,
+    CollectConfig,
     CollectSamples,
     SGLDConfig,
     cycle_position,
@@ -40,6 +41,7 @@ from weightlab.methods.universality.teacher_student import (
 __all__ = [
     "ACTIVATIONS",
     "BayesMixture",
+    "CollectConfig",
     "CollectSamples",
     "SGLD",
     "SGLDConfig",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 
 
 def normalize_log_weights(log_weights: Tensor) -> Tensor:
@@ -100,6 +101,7 @@ def _check_lik(log_lik: Tensor, log_prior: Tensor) -> None:
         )
 
 
+@register("method", "universality")
 class BayesMixture:
     """Sequential Bayes over a finite class, one observation at a time (log space).
 
@@ -132,6 +134,7 @@ class BayesMixture:
         return loss
 
 
+@register("method", "streaming-mixture")
 class StreamingMixture:
     """``log q(y^t|x^t)`` for a class too large to hold at once, accumulated over chunks of hypotheses.
 

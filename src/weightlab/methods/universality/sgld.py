@@ -18,7 +18,7 @@ which is what the one training loop produces; ``num_data`` (N) and ``prior_std``
 prior) turn it into ``∇U`` inside the step. So SGLD is used with the ordinary loop:
 
     opt = SGLD(model.parameters(), SGLDConfig(num_data=len(data), prior_std=1.0, lr=1e-3))
-    samples = CollectSamples(every=10, burn_in=200)
+    samples = CollectSamples(CollectConfig(every=10, burn_in=200))
     train(model, data, TrainConfig(max_steps=1000), optimizer=opt, callbacks=[samples])
 
 The step size comes from :class:`SGLDConfig` alone: ``TrainConfig.lr`` and ``TrainConfig.schedule`` do not
@@ -31,13 +31,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from weightlab.train.loop import LoopState
 
 
 def polynomial_step_size(t: int, *, a: float, b: float, gamma: float) -> float:
@@ -114,6 +118,7 @@ class SGLDConfig:
                 raise WeightlabError(f"explore_fraction must lie in [0, 1), got {self.explore_fraction}")
 
 
+@register("method", "sgld")
 class SGLD(torch.optim.Optimizer):
     """SGLD / pSGLD / cyclical SGLD over ``params`` (see the module docstring for the update).
 
@@ -154,7 +159,7 @@ class SGLD(torch.optim.Optimizer):
         return self.config.temperature > 0 and not self.in_exploration(t)
 
     @torch.no_grad()
-    def step(self, closure=None, *, noise: Sequence[Tensor | None] | None = None):  # noqa: ANN001, ANN201
+    def step(self, closure=None, *, noise: Sequence[Tensor | None] | None = None):
         """One SGLD step. ``noise`` optionally gives the standard-normal draws ``ξ``, one per parameter with
         a gradient, in parameter order (for tests that compare batched and sequential chains)."""
         loss = None
@@ -203,27 +208,39 @@ class SGLD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
+@dataclass(frozen=True)
+class CollectConfig:
+    """Thinning of the posterior samples: one every ``every`` steps after the first ``burn_in`` steps."""
+
+    every: int = 1
+    burn_in: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise WeightlabError(f"every must be ≥ 1, got {self.every}")
+        if self.burn_in < 0:
+            raise WeightlabError(f"burn_in must be ≥ 0, got {self.burn_in}")
+
+
+@register("method", "collect-samples")
 class CollectSamples(Callback):
     """Keep copies of the model's parameters during training: the posterior samples of one run.
 
     A sample is taken after every ``every``-th step once ``burn_in`` steps are done; with a cyclical
-    :class:`SGLD` schedule only after steps of the sampling stage (not the exploration stage).
+    :class:`SGLD` schedule only after steps of the sampling stage (not the exploration stage). It reads
+    ``state.model``, so it holds no model.
 
     Attributes:
         samples: list of ``{name: tensor}`` snapshots.
     """
 
-    def __init__(self, *, every: int = 1, burn_in: int = 0) -> None:
-        if every < 1:
-            raise WeightlabError(f"every must be ≥ 1, got {every}")
-        if burn_in < 0:
-            raise WeightlabError(f"burn_in must be ≥ 0, got {burn_in}")
-        self.every, self.burn_in = every, burn_in
+    def __init__(self, config: CollectConfig = CollectConfig()) -> None:
+        self.config = config
         self.samples: list[dict[str, Tensor]] = []
 
-    def after_step(self, state) -> None:  # noqa: ANN001 - LoopState
-        done = state.step  # steps completed
-        if done <= self.burn_in or (done - self.burn_in) % self.every:
+    def after_step(self, state: LoopState) -> None:
+        done, c = state.step, self.config  # steps completed
+        if done <= c.burn_in or (done - c.burn_in) % c.every:
             return
         opt = state.optimizer
         if isinstance(opt, SGLD) and opt.in_exploration(opt.steps - 1):

@@ -31,8 +31,9 @@ from weightlab.errors import WeightlabError
 from weightlab.methods.continual.exemplars import HerdingSelector, NearestMeanClassifier
 from weightlab.methods.continual.replay import ReplayBuffer
 from weightlab.models.heads import ExpandableHead
+from weightlab.registry import register
 from weightlab.train.callbacks import Callback
-from weightlab.train.loop import TrainConfig, train
+from weightlab.train.loop import LoopState, TrainConfig, train
 
 Selection = Literal["herding", "random"]
 
@@ -134,71 +135,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-# ---------------------------------------------------------------------------------------------- callbacks
-
-
-class KnowledgeDistillation(Callback):
-    """``L = (1 − λ)·L_CE + λ·kd_loss(o[:, :n_old], teacher(x)[:, :n_old])`` with ``λ = n_old / n_total``.
-
-    Args:
-        teacher: the frozen previous model (see :func:`frozen_copy`).
-        n_old: classes the teacher knows (its first ``n_old`` logits are distilled).
-        temperature: T (2 in WA).
-        weight: λ; default ``n_old / n_total`` from the logits' width (PyCIL's ``kd_lambda``).
-    """
-
-    def __init__(
-        self, teacher: nn.Module, n_old: int, *, temperature: float = 2.0, weight: float | None = None
-    ) -> None:
-        if n_old < 1:
-            raise WeightlabError(f"KnowledgeDistillation needs n_old ≥ 1 old classes, got {n_old}")
-        self.teacher, self.n_old, self.temperature, self.weight = teacher, n_old, temperature, weight
-
-    def on_experience_start(self, state) -> None:  # noqa: ANN001
-        self.teacher.to(state.device).eval()
-
-    def loss(self, state, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:  # noqa: ANN001
-        with torch.no_grad():
-            old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
-        lam = self.weight if self.weight is not None else self.n_old / logits.shape[1]
-        return (1 - lam) * loss + lam * kd_loss(logits[:, : self.n_old], old, temperature=self.temperature)
-
-
-class ClipHeadWeights(Callback):
-    """Clip the head's weights to ``≥ minimum`` after every optimizer step (WA's optional weight clipping)."""
-
-    def __init__(self, head: nn.Module, *, minimum: float = 0.0) -> None:
-        self.head, self.minimum = head, minimum
-
-    def after_step(self, state) -> None:  # noqa: ANN001
-        with torch.no_grad():
-            self.head.weight.clamp_(min=self.minimum)
-
-
-class AlignHead(Callback):
-    """Weight Aligning after training: scale the new rows of ``model.head`` by γ (in place).
-
-    After the experience, ``gamma``, ``norms_before`` and ``norms_after`` ``(classes,)`` hold what happened.
-    """
-
-    def __init__(self, head: nn.Module, n_old: int, *, align_bias: bool = False) -> None:
-        self.head, self.n_old, self.align_bias = head, n_old, align_bias
-        self.gamma = float("nan")
-        self.norms_before = self.norms_after = torch.zeros(0)
-
-    def on_experience_end(self, state) -> None:  # noqa: ANN001
-        self.norms_before = row_norms(self.head.weight).cpu()
-        self.gamma, aligned = weight_align(self.head, self.n_old, align_bias=self.align_bias)
-        with torch.no_grad():
-            self.head.weight.copy_(aligned.weight)
-            if self.head.bias is not None:
-                self.head.bias.copy_(aligned.bias)
-        self.norms_after = row_norms(self.head.weight).cpu()
-
-
-# ---------------------------------------------------------------------------------------------- the recipe
-
-
 @dataclass(frozen=True)
 class WAConfig:
     """Weight Aligning and its baselines (paper key ``weight-aligning``; defaults from PyCIL
@@ -239,6 +175,73 @@ class WAConfig:
         return self.memory > 0 or self.memory_per_class is not None
 
 
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+@register("method", "knowledge-distillation")
+class KnowledgeDistillation(Callback):
+    """``L = (1 − λ)·L_CE + λ·kd_loss(o[:, :n_old], teacher(x)[:, :n_old])`` with ``λ = n_old / n_total``
+    (PyCIL's ``kd_lambda``, from the logits' width).
+
+    Args:
+        teacher: the frozen previous model (see :func:`frozen_copy`).
+        n_old: classes the teacher knows (its first ``n_old`` logits are distilled).
+        config: WA's settings; the KD temperature is ``config.temperature`` (T = 2).
+    """
+
+    def __init__(self, teacher: nn.Module, n_old: int, config: WAConfig = WAConfig()) -> None:
+        if n_old < 1:
+            raise WeightlabError(f"KnowledgeDistillation needs n_old ≥ 1 old classes, got {n_old}")
+        self.teacher, self.n_old, self.config = teacher, n_old, config
+
+    def on_experience_start(self, state: LoopState) -> None:
+        self.teacher.to(state.device).eval()
+
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
+        with torch.no_grad():
+            old = self.teacher(batch.x)[:, : self.n_old]  # (B, n_old)
+        lam = self.n_old / logits.shape[1]
+        return (1 - lam) * loss + lam * kd_loss(logits[:, : self.n_old], old, temperature=self.config.temperature)
+
+
+@register("method", "clip-head-weights")
+class ClipHeadWeights(Callback):
+    """Clip the head's weights to ``≥ 0`` after every optimizer step (WA's optional weight clipping)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def after_step(self, state: LoopState) -> None:
+        with torch.no_grad():
+            self.head.weight.clamp_(min=0.0)
+
+
+@register("method", "align-head")
+class AlignHead(Callback):
+    """Weight Aligning after training: scale the new rows of ``model.head`` by γ (in place).
+
+    After the experience, ``gamma``, ``norms_before`` and ``norms_after`` ``(classes,)`` hold what happened.
+    The new rows' bias is scaled too when ``config.align_bias``.
+    """
+
+    def __init__(self, head: nn.Module, n_old: int, config: WAConfig = WAConfig()) -> None:
+        self.head, self.n_old, self.config = head, n_old, config
+        self.gamma = float("nan")
+        self.norms_before = self.norms_after = torch.zeros(0)
+
+    def on_experience_end(self, state: LoopState) -> None:
+        self.norms_before = row_norms(self.head.weight).cpu()
+        self.gamma, aligned = weight_align(self.head, self.n_old, align_bias=self.config.align_bias)
+        with torch.no_grad():
+            self.head.weight.copy_(aligned.weight)
+            if self.head.bias is not None:
+                self.head.bias.copy_(aligned.bias)
+        self.norms_after = row_norms(self.head.weight).cpu()
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
 @dataclass
 class StepRecord:
     """What one incremental step did: γ and the head's row norms before/after aligning (NaN/empty if none)."""
@@ -250,6 +253,7 @@ class StepRecord:
     norms_after: Tensor | None = None
 
 
+@register("method", "weight-aligning")
 class ClassIncrementalLearner:
     """Class-incremental training with an expanding head: WA, KD + replay, replay or finetune (by ``config``).
 
@@ -286,11 +290,11 @@ class ClassIncrementalLearner:
         head = expand_head(self.model, n_new)
         callbacks: list[Callback] = []
         if teacher is not None:
-            callbacks.append(KnowledgeDistillation(teacher, n_old, temperature=self.config.temperature))
+            callbacks.append(KnowledgeDistillation(teacher, n_old, self.config))
         if self.config.clip:
             callbacks.append(ClipHeadWeights(head))
         aligner = (
-            AlignHead(head, n_old, align_bias=self.config.align_bias)
+            AlignHead(head, n_old, self.config)
             if (self.config.align and n_old)
             else None
         )
