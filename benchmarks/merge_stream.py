@@ -11,15 +11,15 @@ with the same number of threads (``--threads``, default 2: ``OMP_NUM_THREADS`` a
   installed in a separate virtualenv (a benchmark-only extra, never a dependency).
 
     python benchmarks/merge_stream.py --params 100e6 --skip inmemory --repeats 3 \\
-        --mergekit /work/venvs/tall-masks/bin/mergekit-yaml
+        --mergekit /tmp/venv-mergekit/bin/mergekit-yaml
 
 Prints each run's wall time, CPU time, peak RSS and the load average before it; then weightlab's ratios
 against the others (medians over interleaved repeats); whether weightlab's output equals the in-memory
 path's tensor for tensor (the flattened contender when it ran, and always, key by key, weightlab's in-memory
 state-dict functions with the same scope); and a final JSON line with ``results`` (``wall_s``, ``cpu_s``,
-``peak_gib`` per contender), ``ratios`` (``wall_vs_mergekit``, ``peak_vs_mergekit``, ...), ``targets``
-and ``targets_met``. Generated checkpoints are deleted at the end. Timings on a shared machine are noisy:
-read the load averages.
+``peak_gib`` per contender), ``ratios`` (``wall_vs_mergekit``, ``peak_vs_mergekit``, ...), ``targets``,
+``targets_met`` and ``skipped`` (each contender not measured, and why). Generated checkpoints are deleted at
+the end. Timings on a shared machine are noisy: read the load averages.
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
     skip = set(filter(None, args.skip.split(",")))
+    skipped: dict[str, str] = {}
     try:
         t0 = time.perf_counter()
         base, fts, n = generate(args.work / "models", args.params, args.tasks)
@@ -281,7 +282,12 @@ def main() -> None:
                 "-j", str(args.threads),
             ]
         else:
-            print("mergekit: not measured (no mergekit-yaml given or found)")
+            reason = f"not found at {args.mergekit!r}" if args.mergekit else "no --mergekit given"
+            skipped["mergekit"] = (f"not measured: {reason} (make a private venv with `python "
+                                   "benchmarks/merge_recipes.py --install-mergekit VENV`, then pass --mergekit "
+                                   "VENV/bin/mergekit-yaml)")
+            print(f"mergekit: {skipped['mergekit']}")
+        skipped.update({name: "not measured: --skip" for name in cmds if name in skip})
         cmds = {name: cmd for name, cmd in cmds.items() if name not in skip}
         runs: dict[str, list[dict]] = {name: [] for name in cmds}
         for repeat in range(args.repeats):  # interleaved, so that a change in the machine's load hits all
@@ -316,6 +322,7 @@ def main() -> None:
             "params": n, "tasks": args.tasks, "threads": args.threads, "repeats": args.repeats,
             "load_average": os.getloadavg(), "results": results, "ratios": named, "targets": targets,
             "targets_met": met, "identical": identical,
+            "skipped": skipped,
         }))
     finally:
         if not args.keep:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from weightlab import merging
 from weightlab.cli import main
 from weightlab.errors import WeightlabError
-from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
+from weightlab.methods.merging.config import MergeConfig
+from weightlab.methods.merging.streaming import merge_checkpoints
 from weightlab.weights.stream_io import SafetensorsReader
 
 SHAPES = {

@@ -19,7 +19,8 @@ import weightlab.methods.merging.workers as workers_module
 from weightlab import merging
 from weightlab.errors import FormatError, WeightlabError
 from weightlab.methods.merging.checkpoints import open_all
-from weightlab.methods.merging.streaming import MergeConfig, combine, merge_checkpoints
+from weightlab.methods.merging.config import MergeConfig
+from weightlab.methods.merging.streaming import combine, merge_checkpoints
 from weightlab.methods.merging.vector_stream import VectorStream
 from weightlab.methods.merging.workers import ColumnWorkers
 from weightlab.weights import merge_ops
@@ -188,6 +189,11 @@ def test_column_workers_cover_the_columns_and_keep_the_callers_threads(monkeypat
         with pytest.raises(ValueError, match="block 0"):
             pool.map(fail_first, 10)
         assert sorted(finished) == [3, 6]  # the others ran to the end before the error came out
+        with pool.serial_caller():  # the caller's own operations are single-threaded while it merges
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == before
+    with ColumnWorkers(1) as inline, inline.serial_caller():  # one worker runs inline, with torch's threads
+        assert torch.get_num_threads() == before
 
 
 # --------------------------------------------------------------------------- reading: arena and read-ahead

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from weightlab.methods.merging.checkpoints import Source
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.methods.merging.consensus import agreement_histogram, consensus_mask, mask_agreement, masked
 from weightlab.methods.merging.execute import merge_checkpoints, merge_state_dicts
 from weightlab.methods.merging.methods import NAMES as METHODS
@@ -27,7 +28,6 @@ from weightlab.methods.merging.methods import MergeMethod
 from weightlab.methods.merging.recipe import MergePlan, load_recipe, run_plan
 from weightlab.methods.merging.selection import normalized_average, select_alpha, select_lambdas
 from weightlab.methods.merging.store import compress, extract, read_manifest, storage_bits
-from weightlab.methods.merging.streaming import MergeConfig
 from weightlab.methods.merging.tall_masks import (
     ALPHA_GRID,
     LAMBDA_GRID,

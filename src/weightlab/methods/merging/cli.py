@@ -104,8 +104,8 @@ def merge_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Merge fine-tuned checkpoints into one, tensor by tensor (keeps the base's layout), from options or a recipe."""
+    from weightlab.methods.merging.config import OPTIONS_USED, MergeConfig, ignored_options
     from weightlab.methods.merging.recipe import MergePlan, run_plan
-    from weightlab.methods.merging.streaming import OPTIONS_USED, MergeConfig, ignored_options
     from weightlab.report.progress import display
 
     if config is None and not checkpoints:

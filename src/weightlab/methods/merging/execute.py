@@ -29,8 +29,9 @@ from weightlab.methods.merging.checkpoints import (
     source_path,
     write_like,
 )
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.methods.merging.lora import is_adapter
-from weightlab.methods.merging.streaming import InputCheck, MergeConfig
+from weightlab.methods.merging.streaming import InputCheck
 from weightlab.methods.merging.task_arithmetic import StateDict, check_finite
 from weightlab.report.progress import track
 from weightlab.weights import merge_ops
@@ -138,7 +139,8 @@ class Merger:
         balance = 0  # Σ sign(Σ_t τ̂_t) over the model, counted exactly as an integer
         for key in track(keys, "majority-sign pass"):
             deltas = self.group(key)[1].deltas
-            balance += int(merge_ops.raw_sign(merge_ops.trim(deltas, thresholds.to(deltas.device))).sum())
+            signs = merge_ops.raw_sign(merge_ops.trim(deltas, thresholds.to(deltas.device)))  # (n,)
+            balance += int(signs.sum(dtype=torch.int64))
         return thresholds, torch.sign(torch.tensor(float(balance)))
 
     def produce(self, key: str) -> Tensor:

@@ -30,7 +30,7 @@ from weightlab.weights import interpolate, merge_ops, sparsify
 from weightlab.weights.weighted_merge import column, weighted_sum
 
 if TYPE_CHECKING:
-    from weightlab.methods.merging.streaming import MergeConfig
+    from weightlab.methods.merging.config import MergeConfig
 
 KIND = "merge"
 

@@ -26,7 +26,7 @@ import yaml
 from weightlab.errors import WeightlabError, closest, warn
 from weightlab.methods.merging import methods
 from weightlab.methods.merging.checkpoints import DTYPE_NAMES, Source
-from weightlab.methods.merging.streaming import MergeConfig
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.paths import contained
 
 STORE = "tall-masks"  # a recipe with this method writes a compression store (weightlab compress)

@@ -37,9 +37,9 @@ from torch import Tensor
 from weightlab.errors import FormatError, WeightlabError, warn
 from weightlab.methods.merging import methods, provenance
 from weightlab.methods.merging.checkpoints import Checkpoint, Source, check_output, open_all, write_like
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.methods.merging.streaming import (
     InputCheck,
-    MergeConfig,
     combine,
     global_majority,
     global_thresholds,

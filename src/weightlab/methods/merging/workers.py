@@ -10,8 +10,9 @@ block without spinning, and keep every core busy, including on the serial ``binc
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
@@ -65,6 +66,19 @@ class ColumnWorkers(PoolOwner):
             for f in started:
                 f.result()
             torch.set_num_threads(previous)  # the caller's threads keep their setting
+
+    @contextlib.contextmanager
+    def serial_caller(self) -> Iterator[None]:
+        """With several workers, run the calling thread's own torch operations single-threaded too (restored
+        after): a small key is not split, and an OpenMP region per operation would wait for a descheduled
+        partner thread on a busy machine just as the workers' would."""
+        previous = torch.get_num_threads()
+        if self._pool is not None:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
     def blocks(self, n: int) -> list[slice]:
         """``[0, n)`` in at most ``threads`` contiguous blocks of at least :data:`MIN_BLOCK` columns."""
