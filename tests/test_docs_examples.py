@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/lift.md", "docs/quantization.md", "docs/test_time_adaptation.md", "docs/callbacks.md"]
+PAGES = ["docs/lift.md", "docs/quantization.md", "docs/test_time_adaptation.md", "docs/callbacks.md",
+         "docs/merging.md"]
 CONTINUES = "<!-- continues -->"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 

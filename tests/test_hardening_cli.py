@@ -224,6 +224,7 @@ def test_warnings_on_suspicious_inputs(tmp_path: Path, capsys) -> None:
     assert "--density is ignored by --method task-arithmetic" in line
     assert warnings_of(["merge", str(base), *map(str, fts), "--method", "consensus-ta", "--k", "3", "--lam", "0.3",
                         "--out", str(next(out))], capsys) == []
-    (line,) = warnings_of(["compress", str(base), str(fts[0]), str(fts[0]), "--names", "a,b", "--out",
-                           str(tmp_path / "store")], capsys)
+    line, size = warnings_of(["compress", str(base), str(fts[0]), str(fts[0]), "--names", "a,b", "--out",
+                              str(tmp_path / "store")], capsys)
     assert "is given twice" in line
+    assert "the store is larger than the 2 fine-tuned models it replaces" in size  # two float32 tasks

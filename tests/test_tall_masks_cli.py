@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from weightlab import merging
 from weightlab.cli import main
 from weightlab.errors import WeightlabError
-from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
+from weightlab.methods.merging.config import MergeConfig
+from weightlab.methods.merging.streaming import merge_checkpoints
 from weightlab.weights.stream_io import SafetensorsReader
 
 SHAPES = {
@@ -137,7 +139,9 @@ def test_cli_merge_equals_in_memory_functions(ckpts, tmp_path: Path, method: str
     assert main(args) == 0
     config = MergeConfig(method=method, alpha=0.7, k=2, density=0.3, scope=scope, lambdas=(0.3, 0.4, 0.5))
     assert_same(load_file(str(out)), expected_merge(base, fts, config))
-    assert SafetensorsReader(out).metadata == {"format": "pt"}
+    metadata = SafetensorsReader(out).metadata
+    assert metadata["format"] == "pt" and set(metadata) == {"format", "merge_config"}
+    assert yaml.safe_load(metadata["merge_config"])["merge_method"] == method  # the provenance of a file
 
 
 def test_merge_of_sharded_hf_folder_keeps_layout(tmp_path: Path) -> None:
@@ -200,7 +204,8 @@ def test_compress_extract_round_trip_file_and_folder(tmp_path: Path) -> None:
 def test_compress_with_task_arithmetic_matches_apply(ckpts, tmp_path: Path) -> None:
     base_path, ft_paths, base, fts = ckpts
     store = tmp_path / "store"
-    merging.compress(base_path, ft_paths, store, merge="ta", lambdas=(0.2, 0.4, 0.6), names=["x", "y", "z"])
+    merging.compress(base_path, ft_paths, store, merge="task-arithmetic", lambdas=(0.2, 0.4, 0.6),
+                     names=["x", "y", "z"])
     taus = merging.task_vectors(base, fts)
     tau = merging.task_arithmetic(taus)
     masks = merging.tall_masks(taus, tau, [0.2, 0.4, 0.6])
@@ -288,8 +293,8 @@ def test_pickle_checkpoint_is_refused(ckpts, tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (["--alpha", "0"], "alpha must be in (0, 1], got 0.0"),
-        (["--alpha", "1.5"], "alpha must be in (0, 1], got 1.5"),
+        (["--alpha", "nan"], "alpha must be a finite number, got nan"),
+        (["--alpha", "inf"], "alpha must be a finite number, got inf"),
         (["--density", "0"], "density must be in (0, 1], got 0.0"),
         (["--density", "2"], "density must be in (0, 1], got 2.0"),
         (["--k", "-1"], "k must be an integer ≥ 0, got -1"),

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from weightlab import merging
 from weightlab.errors import WeightlabError
-from weightlab.methods.merging.streaming import MergeConfig, combine
+from weightlab.methods.merging.config import MergeConfig
+from weightlab.methods.merging.streaming import combine
 from weightlab.weights import merge_ops
 
 T_ = torch.tensor

@@ -5,16 +5,29 @@
     tau = merging.task_arithmetic(taus)                      # Σ τ_t
     masks = merging.tall_masks(taus, tau, lambdas=0.4)       # |τ_t| > λ |τ − τ_t|
     merged = merging.apply(base, tau, alpha=0.4, mask=merging.consensus_mask(masks, k=2))
+    soup = merging.merge(base, [ft_a, ft_b], "dare-ties", density=0.3, seed=0)   # any method of the table
 
 Every function takes and returns state dicts (``dict[str, Tensor]``) and never modifies its inputs; the
 tensor-level operations they are built from are in :mod:`weightlab.weights.merge_ops`, and the streaming
 versions for checkpoints on disk (``merge_checkpoints``, ``compress``, ``extract``) read one tensor at a time.
+``merge`` / ``merge_checkpoints`` run any method of the one table of merge methods (``METHODS``) in memory or
+streamed from disk; ``load_recipe`` reads a mergekit-style YAML recipe and ``run_plan`` runs it.
 """
 
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from weightlab.methods.merging.checkpoints import Source
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.methods.merging.consensus import agreement_histogram, consensus_mask, mask_agreement, masked
+from weightlab.methods.merging.execute import merge_checkpoints, merge_state_dicts
+from weightlab.methods.merging.methods import NAMES as METHODS
+from weightlab.methods.merging.methods import MergeMethod
+from weightlab.methods.merging.recipe import MergePlan, load_recipe, run_plan
 from weightlab.methods.merging.selection import normalized_average, select_alpha, select_lambdas
 from weightlab.methods.merging.store import compress, extract, read_manifest, storage_bits
-from weightlab.methods.merging.streaming import MergeConfig, merge_checkpoints
 from weightlab.methods.merging.tall_masks import (
     ALPHA_GRID,
     LAMBDA_GRID,
@@ -28,7 +41,11 @@ from weightlab.methods.merging.ties import magnitude_masks, ties_merge
 __all__ = [
     "ALPHA_GRID",
     "LAMBDA_GRID",
+    "METHODS",
     "MergeConfig",
+    "MergeMethod",
+    "MergePlan",
+    "Source",
     "TallMasks",
     "TallMasksConfig",
     "agreement_histogram",
@@ -36,12 +53,16 @@ __all__ = [
     "compress",
     "consensus_mask",
     "extract",
+    "load_recipe",
     "magnitude_masks",
     "mask_agreement",
     "masked",
+    "merge",
     "merge_checkpoints",
+    "merge_state_dicts",
     "normalized_average",
     "read_manifest",
+    "run_plan",
     "select_alpha",
     "select_lambdas",
     "storage_bits",
@@ -52,22 +73,29 @@ __all__ = [
 ]
 
 
-# ------------------------------------------------------------------------------------------------ registry
-# Every merge method as one function from task vectors to a multi-task vector (scale it with ``apply``), with
-# the paper's defaults. ``tests/test_merging_conformance.py`` runs every registered method through the same
-# checks: inputs unchanged, finite, deterministic, identity at zero strength.
-from weightlab.registry import register
+# ------------------------------------------------------------------------------------------------ the table
+# Every merge method is an entry of one table (methods.py), registered under the kind "merge"; ``merge`` runs
+# any of them in memory, ``merge_checkpoints`` streams any of them from disk, with the same rules.
 
 
-def _consensus(vectors, *, merge, lambdas: float = 0.4, k: int = 2):
-    merged = merge(vectors)
-    return masked(merged, consensus_mask(tall_masks(vectors, merged, lambdas), k=k))
+def merge(
+    base: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    method: str = "task-arithmetic",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    **options: object,
+) -> dict[str, Tensor]:
+    """The merged state dict of ``finetuned`` on ``base`` by a method of the table.
 
-
-register("merge", "task-arithmetic")(task_arithmetic)
-register("merge", "weight-averaging")(
-    lambda vectors: {k: v / len(vectors) for k, v in task_arithmetic(vectors).items()})
-register("merge", "ties")(lambda vectors: ties_merge(vectors, density=0.2, reduce="mean"))
-register("merge", "consensus-ta")(lambda vectors: _consensus(vectors, merge=task_arithmetic))
-register("merge", "consensus-ties")(
-    lambda vectors: _consensus(vectors, merge=lambda v: ties_merge(v, density=0.2, reduce="sum")))
+    Args:
+        method: a name of :data:`METHODS` (``task-arithmetic``, ``linear``, ``ties``, ``dare-ties``, ...).
+        dtype: the floating-point dtype of the result (default: the base's).
+        device: where the arithmetic runs (``cpu`` or ``cuda``).
+        options: fields of :class:`MergeConfig` (``alpha``, ``weights``, ``density``, ``seed``, ``k``,
+            ``lambdas``, ``t``, ``gamma``, ``normalize``, ``convention``, ...); sequences become tuples.
+    """
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}
+    config = MergeConfig(method=method, **fields)  # type: ignore[arg-type]
+    return merge_state_dicts(base, finetuned, config, dtype=dtype, device=device)

@@ -16,10 +16,14 @@ Conventions follow the reference code (``nik-dim/tall_masks``, see ``spec/mergin
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
 HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit 0)
+HIST_CHUNK = 1 << 18  # entries per piece of a radix histogram (two 1 MB int32 scratch rows)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,11 +43,17 @@ def keep_rank(numel: int, density: float) -> int:
 
 
 def trim_thresholds(stack: Tensor, density: float) -> Tensor:
-    """Per-row trim thresholds ``(T,)`` of ``stack`` ``(T, ...)``: the ``keep_rank``-th smallest ``|τ|``."""
+    """Per-row trim thresholds ``(T,)`` of ``stack`` ``(T, ...)``: the ``keep_rank``-th smallest ``|τ|``.
+
+    float32 rows take the exact radix select (:func:`kth_smallest_magnitude`, no copy of a row); other dtypes
+    ``kthvalue``. Both return the same value (NaN sorts above ``inf``, as in ``torch.sort``).
+    """
     flat = stack.reshape(stack.shape[0], -1)  # (T, d)
     rank = keep_rank(flat.shape[1], density)
     if rank <= 0:
         return torch.zeros(stack.shape[0], dtype=flat.dtype, device=flat.device)
+    if flat.dtype == torch.float32:
+        return kth_smallest_magnitude(flat, [rank] * flat.shape[0]).to(flat.device)
     # one row at a time: kthvalue copies its input, so this keeps the temporary at one task's size
     return torch.stack([row.abs().kthvalue(rank).values for row in flat])
 
@@ -113,13 +123,21 @@ def consensus(masks: Tensor, k: int) -> Tensor:
     return agreement(masks) >= k
 
 
-def apply_delta(base: Tensor, vector: Tensor, alpha: float = 1.0, mask: Tensor | None = None) -> Tensor:
-    """``θ_0 + α · (mask ∘ vector)`` computed in float32 and cast back to ``base``'s dtype."""
+def apply_delta(
+    base: Tensor, vector: Tensor, alpha: float = 1.0, mask: Tensor | None = None, *, out: Tensor | None = None
+) -> Tensor:
+    """``θ_0 + α · (mask ∘ vector)`` computed in float32 and cast back to ``base``'s dtype.
+
+    ``out`` (of the compute dtype and ``base``'s shape; it may be ``vector`` itself) takes the sum in place of
+    a new tensor; the result is the same.
+    """
     dtype = compute_dtype(base.dtype)
     delta = vector.to(dtype)
     if mask is not None:
         delta = delta * mask
-    return (base.to(dtype) + alpha * delta).to(base.dtype)
+    if out is None:
+        return (base.to(dtype) + alpha * delta).to(base.dtype)
+    return torch.mul(delta, alpha, out=out).add_(base.to(dtype)).to(base.dtype)  # + is commutative in IEEE
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -151,20 +169,46 @@ def radix_histogram(magnitudes: Tensor, *, prefix: int | None = None) -> Tensor:
     """Histogram for an exact streamed k-th smallest (two-level radix select over float32 bit patterns).
 
     Without ``prefix``: counts of the high 16 bits ``(2**15,)``. With ``prefix``: counts of the low 16 bits
-    ``(2**16,)`` among entries whose high bits equal ``prefix``.
+    ``(2**16,)`` among entries whose high bits equal ``prefix``. (One tensor; :func:`radix_counts` is the
+    chunked per-row form the merges use.)
     """
-    bits = magnitudes.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
-    high = high_bits(magnitudes).reshape(-1)
-    if prefix is None:
-        return torch.bincount(high, minlength=HIST_BINS)
-    low = bits[high == prefix] & 0xFFFF
-    return torch.bincount(low, minlength=1 << 16)
+    rows = magnitudes.to(torch.float32).reshape(1, -1)
+    return radix_counts(rows, None if prefix is None else [prefix])[0]
+
+
+def radix_counts(rows: Tensor, prefix: Sequence[int] | None = None, *, chunk: int = HIST_CHUNK) -> Tensor:
+    """Per-row radix histograms of ``|rows|`` for float32 ``rows`` ``(T, n)`` (each row's last stride 1).
+
+    Without ``prefix``: ``(T, 2**15)`` counts of the high 16 bits of ``|x|``'s bit pattern. With ``prefix``
+    (one bin per row): ``(T, 2**16)`` counts of the low 16 bits among the entries of row ``t`` whose high bits
+    are ``prefix[t]``. Works in ``chunk``-entry pieces through one int32 scratch buffer (no copy of a row);
+    sums over the rows of several tensors add up, which is how a merge finds thresholds over a whole model.
+    """
+    n_rows, n = rows.shape
+    bins = HIST_BINS if prefix is None else 1 << 16
+    counts = torch.zeros(n_rows, bins, dtype=torch.int64, device=rows.device)
+    scratch = torch.empty(2, min(chunk, max(n, 1)), dtype=torch.int32, device=rows.device)
+    bits = rows.view(torch.int32)  # (T, n) float32 bit patterns
+    for t in range(n_rows):
+        for start in range(0, n, chunk):
+            part, outside = scratch[:, : min(chunk, n - start)]
+            torch.bitwise_and(bits[t, start : start + part.numel()], 0x7FFFFFFF, out=part)  # bits of |x|
+            if prefix is None:
+                counts[t] += torch.bincount(part.bitwise_right_shift_(16), minlength=HIST_BINS)
+                continue
+            # low bits of the prefix bin → 0 .. 2**16 − 1; any other entry → 2**16 + its low bits, spread over
+            # 2**16 bins (not piled into one, whose counter every increment would have to wait for)
+            part.sub_(prefix[t] << 16)
+            torch.bitwise_right_shift(part, 16, out=outside).ne_(0).bitwise_left_shift_(16)
+            part.bitwise_and_(0xFFFF).bitwise_or_(outside)
+            counts[t] += torch.bincount(part, minlength=2 * bins)[:bins]
+    return counts
 
 
 def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th smallest (1-based) entry and the rank within that bin."""
     cum = hist.cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype)).item())
+    b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype, device=cum.device)).item())
     before = int(cum[b - 1].item()) if b > 0 else 0
     return b, rank - before
 
@@ -172,3 +216,57 @@ def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
 def value_from_bits(high: int, low: int) -> float:
     """The float32 whose bit pattern is ``high << 16 | low``."""
     return torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item()
+
+
+def select_from_counts(high: Tensor, ranks: Sequence[int], low_counts: Callable[[list[int]], Tensor]) -> Tensor:
+    """Finish a two-level radix select: per-row high-bit counts ``(T, 2**15)`` and 1-based ``ranks`` give each
+    row's bin; ``low_counts(bins)`` returns the ``(T, 2**16)`` low-bit counts within them. Returns ``(T,)``."""
+    located = [locate_rank(high[t], r) for t, r in enumerate(ranks)]
+    low = low_counts([b for b, _ in located])
+    values = [value_from_bits(b, locate_rank(low[t], r)[0]) for t, (b, r) in enumerate(located)]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def kth_smallest_magnitude(rows: Tensor, ranks: Sequence[int]) -> Tensor:
+    """The ``ranks[t]``-th smallest (1-based) ``|x|`` of each float32 row ``(T, n)`` → ``(T,)``, exactly.
+
+    A two-level radix select over the bit patterns of ``|x|`` (monotone in the value for non-negative floats;
+    NaN patterns lie above ``inf``, so the order is ``torch.sort``'s): two passes over the rows, no copy.
+    """
+    return select_from_counts(radix_counts(rows), ranks, lambda bins: radix_counts(rows, bins))
+
+
+# -- fused forms for large tensors: identical results to trim / elect_sign / disjoint_merge on finite input ---
+
+
+def shrink_lambdas(thresholds: Tensor) -> list[float]:
+    """For each trim threshold, the largest float below it: ``|x| ≥ thr ⇔ |x| > λ`` (``hardshrink``'s test)."""
+    return torch.nextafter(thresholds, torch.full_like(thresholds, -math.inf)).tolist()
+
+
+def trim_into(out: Tensor, stack: Tensor, lambdas: Sequence[float]) -> Tensor:
+    """``out[t] = trim(stack[t], thr_t)`` for ``(T, c)`` views, one ``hardshrink`` per row (λ from
+    :func:`shrink_lambdas`). Equal to :func:`trim` wherever the input is finite (a dropped entry is +0)."""
+    for t, lam in enumerate(lambdas):
+        torch.ops.aten.hardshrink.out(stack[t], lam, out=out[t])
+    return out
+
+
+def effective_sign(total: Tensor, majority: float) -> Tensor:
+    """The sign (±1) :func:`disjoint_merge` keeps for ``sign(total)`` with zeros set to ``majority``: entries
+    with ``sign > 0`` keep positive task values, all others negative ones (so a zero majority acts as −1)."""
+    if majority > 0:
+        return torch.where(total < 0, -1.0, 1.0)
+    return torch.where(total > 0, 1.0, -1.0)
+
+
+def disjoint_merge_(trimmed: Tensor, sign: Tensor, reduce: str = "mean") -> Tensor:
+    """:func:`disjoint_merge` for an effective sign ``(c,)`` of ±1 (:func:`effective_sign`), overwriting
+    ``trimmed`` ``(T, c)``: ``sign · Σ_t relu(sign · τ̂_t)`` (and ÷ the count of agreeing entries for the mean).
+    Negating is exact and the sum runs over the same entries in the same order, so the result is identical."""
+    trimmed.mul_(sign).relu_()  # the agreeing entries' magnitudes
+    total = trimmed.sum(dim=0).mul_(sign)  # (c,)
+    if reduce == "sum":
+        return total
+    count = trimmed.sign_().sum(dim=0).clamp_(min=1)  # (c,) agreeing entries (exact small integers)
+    return total.div_(count)

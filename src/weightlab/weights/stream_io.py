@@ -1,7 +1,8 @@
 """Tensor-at-a-time safetensors I/O for checkpoints larger than memory.
 
-:class:`SafetensorsReader` parses a file's header and reads one tensor with ``readinto`` (no memory map, so
-the resident memory of a merge does not grow with the files it has read). :class:`SafetensorsWriter` writes
+:class:`SafetensorsReader` parses a file's header and reads one tensor at a time, into memory the caller may
+reuse (positional reads, no memory map, so the resident memory of a merge does not grow with the files it
+has read). :class:`SafetensorsWriter` writes
 the header first (shapes and dtypes are known in advance: a merged checkpoint has the layout of its base)
 and then each tensor's bytes in order, so a file is written without holding it in memory. Files written
 here are ordinary safetensors files (``safetensors.torch.load_file`` reads them).
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -38,6 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000  # bytes, as the safetensors library
+HAVE_PREADV = hasattr(os, "preadv")
 USIZE = 1 << 64  # offsets, shapes and sizes are u64 in the safetensors library; larger values overflow
 
 
@@ -179,33 +183,79 @@ def _short(value: object) -> str:
 
 
 class SafetensorsReader:
-    """Read single tensors of one safetensors file (keeps one file handle open)."""
+    """Read single tensors of one safetensors file (keeps one file handle open).
+
+    Reads are positional (``os.preadv``) where the platform has it, so threads may read different tensors of
+    one file at once (a merge reads the next key ahead while it computes this one); elsewhere a lock
+    serialises them.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.tensors, self.metadata, self._data = read_header(self.path)
         self._size = self._data + max((i.end for i in self.tensors.values()), default=0)
         self._file: BinaryIO | None = None
+        self._lock = threading.Lock()
 
     def read(self, key: str) -> Tensor:
         info = self.tensors[key]
-        if self._file is None:
-            self._file = open(self.path, "rb")  # closed in close()
-            if os.fstat(self._file.fileno()).st_size != self._size:
-                self.close()
-                raise FormatError(f"{str(self.path)!r} changed size since its header was read")
-        out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        return self.read_into(key, torch.empty(info.shape, dtype=DTYPES[info.dtype]))
+
+    def read_into(self, key: str, out: Tensor) -> Tensor:
+        """Read tensor ``key`` straight into ``out`` (contiguous, its dtype and number of entries; no copy).
+
+        Returns:
+            ``out`` viewed with the tensor's shape.
+        """
+        info = self.tensors[key]
+        dtype = DTYPES[info.dtype]
+        if out.dtype != dtype or out.numel() != info.numel or not out.is_contiguous():
+            raise WeightlabError(f"read_into({key!r}) needs a contiguous {dtype} tensor of {info.numel} entries, "
+                                 f"got {out.dtype} {tuple(out.shape)}")
         if info.end > info.start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            self._file.seek(self._data + info.start)
-            if self._file.readinto(view) != info.end - info.start:
+            start = self._data + info.start
+            if HAVE_PREADV:
+                with self._lock:
+                    fd = self._open().fileno()
+                got = _read_fully(lambda part, done: os.preadv(fd, [part], start + done), view)
+            else:
+                with self._lock:
+                    file = self._open()
+                    file.seek(start)
+                    got = _read_fully(lambda part, _done: file.readinto(part), view)
+            if got != info.end - info.start:
                 raise FormatError(f"{str(self.path)!r}: tensor {key!r} is truncated")
-        return out
+        return out.view(info.shape)
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            file = open(self.path, "rb", buffering=0)  # closed in close()
+            if os.fstat(file.fileno()).st_size != self._size:
+                file.close()
+                raise FormatError(f"{str(self.path)!r} changed size since its header was read")
+            self._file = file
+        return self._file
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _read_fully(read: Callable[[memoryview, int], int | None], view: memoryview) -> int:
+    """Call ``read(rest_of_view, bytes_so_far)`` until ``view`` is full or the file ends; the bytes read.
+
+    One system call reads at most about 2 GiB on Linux, so a large tensor takes several.
+    """
+    done = 0
+    while done < len(view):
+        got = read(view[done:], done)
+        if not got:
+            break
+        done += got
+    return done
 
 
 class SafetensorsWriter:
@@ -243,7 +293,8 @@ class SafetensorsWriter:
             raise WeightlabError(
                 f"writer expected {name!r} {dtype} {shape}, got {key!r} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        if tensor.numel():
+            self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def abort(self) -> None:

@@ -5,16 +5,19 @@ Format ``weightlab-tall-store``, version 2 — a folder::
     STORE/
       store.json               {"format": "weightlab-tall-store", "version": 2, "tasks": [...],
                                 "lambdas": [...],
-                                "merge": "ta" | "ties", "density": ..., "scope": ..., "base": "base/<name>",
+                                "merge": "task-arithmetic" | "ties" ("ta" in older stores), "density": ...,
+                                "scope": ..., "base": "base/<name>",
                                 "mask_sha256": {task: hex digest of masks/<task>.safetensors},
                                 "storage_bits": {...}}
       base/<name>              the base checkpoint, copied as it was (a .safetensors file or an HF folder)
       tau_mtl.safetensors      the unscaled multi-task vector (float32) of every floating-point key
       masks/<task>.safetensors one uint8 tensor per key: the task's mask packed 1 bit per weight (MSB first,
                                np.packbits order); the key's shape is the base's
+      merge_config.yaml        the resolved recipe (``merge_method: tall-masks``) with the inputs' SHA-256
 
-``extract(store, task)`` rebuilds ``θ̂_t = θ_0 + m_t ∘ τ_MTL`` with the base's layout and dtypes. Every file is
-written tensor by tensor, and the store appears atomically (a temporary folder renamed at the end).
+``extract(store, task)`` rebuilds ``θ̂_t = θ_0 + m_t ∘ τ_MTL`` with the base's layout and dtypes, and its
+provenance (``merge_config.yaml`` and a model card in a folder, the same recipe in a file's metadata). Every
+file is written tensor by tensor, and the store appears atomically (a temporary folder renamed at the end).
 
 A manifest is checked before anything is read through it (:func:`validate_manifest`): every path in it stays
 inside the store (:func:`weightlab.paths.contained`), a mask must have the digest the manifest records (a
@@ -23,7 +26,6 @@ mask copied from another store is refused), and τ_MTL must be finite. Version 1
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -32,11 +34,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightlab.errors import FormatError, WeightlabError
-from weightlab.methods.merging.checkpoints import Checkpoint, check_output, open_all, write_like
+from weightlab.errors import FormatError, WeightlabError, warn
+from weightlab.methods.merging import methods, provenance
+from weightlab.methods.merging.checkpoints import Checkpoint, Source, check_output, open_all, write_like
+from weightlab.methods.merging.config import MergeConfig
 from weightlab.methods.merging.streaming import (
     InputCheck,
-    MergeConfig,
     combine,
     global_majority,
     global_thresholds,
@@ -91,42 +94,68 @@ def check_task_names(names: object, folder: Path) -> list[str]:
     return names
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = provenance.file_sha256
+MERGES = tuple(m.name for m in methods.TABLE if m.store)  # what a store's multi-task vector can be
+
+
+def break_even(bits: dict[str, float], n_tasks: int) -> int | None:
+    """The fewest tasks for which a store of these models is smaller than the fine-tuned models (None: never)."""
+    base = bits["single_model_bits"]
+    merged = (bits["tall_bits"] - base) / (32 + n_tasks)  # merged parameters: 32 bits of τ_MTL + 1 per mask
+    if base <= merged:
+        return None
+    return math.floor((base + 32 * merged) / (base - merged)) + 1
+
+
+def describe_storage(bits: dict[str, float], n_tasks: int) -> str:
+    """One phrase comparing a store's size with the fine-tuned models it replaces (smaller or larger)."""
+    tall, finetuned, ratio = bits["tall_bits"] / 1e9, bits["finetuned_bits"] / 1e9, bits["ratio"]
+    if ratio >= 1:
+        return f"{tall:.3f} Gb instead of {finetuned:.3f} Gb for the fine-tuned models ({ratio:.2f}x smaller)"
+    return (f"{tall:.3f} Gb, larger than the {finetuned:.3f} Gb of the {n_tasks} fine-tuned models "
+            f"({1 / ratio:.2f}x larger)")
+
+
+def warn_if_larger(bits: dict[str, float], n_tasks: int) -> None:
+    """Warn when the store takes more room than the fine-tuned models (too few tasks for the float32 τ_MTL)."""
+    if bits["ratio"] >= 1:
+        return
+    even = break_even(bits, n_tasks)
+    when = f"from {even} tasks of these models on" if even else "for no number of tasks of these models"
+    warn(f"the store is larger than the {n_tasks} fine-tuned models it replaces ({1 / bits['ratio']:.2f}x): it "
+         f"keeps the base and a float32 τ_MTL beside 1-bit masks, which is smaller only {when}")
 
 
 def compress(
     base: str | Path,
-    finetuned: Sequence[str | Path],
+    finetuned: Sequence[str | Path | Source],
     out: str | Path,
     *,
-    merge: str = "ta",
+    merge: str = "task-arithmetic",
     lambdas: Sequence[float] = (0.4,),
     density: float = 0.2,
     scope: str = "global",
     names: Sequence[str] | None = None,
+    root: Path | None = None,
 ) -> dict:
-    """Write a compression store of ``finetuned`` (see the module docstring); returns its manifest."""
-    if merge not in ("ta", "ties"):
-        raise WeightlabError(f"merge must be 'ta' or 'ties', got {merge!r}")
+    """Write a compression store of ``finetuned`` (see the module docstring); returns its manifest.
+
+    Args:
+        merge: the multi-task vector: ``task-arithmetic`` (Σ τ_t) or ``ties`` (the TIES disjoint sum).
+        root: the recipe's folder, if any (the store's ``merge_config.yaml`` records paths relative to it).
+    """
+    if merge not in MERGES:
+        raise WeightlabError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
     out = check_output(out, [base, *finetuned])
-    config = MergeConfig(
-        method="ties" if merge == "ties" else "task-arithmetic",
-        density=density,
-        scope=scope,
-        lambdas=tuple(lambdas),
-    )
+    config = MergeConfig(method=merge, density=density, scope=scope, lambdas=tuple(lambdas))
     base_ckpt, fts = open_all(base, list(finetuned))
     try:
         tasks = task_names(fts, names, out.parent)
         lams = config.lambdas_for(len(fts))
         keys = base_ckpt.float_keys()
+        recipe = provenance.store_recipe(base, finetuned, config, tasks, root=root)
         with exclusive_output(out, what="store"):
-            manifest = _write_store(base_ckpt, fts, out, config, tasks, lams, keys)
+            manifest = _write_store(base_ckpt, fts, out, config, tasks, lams, keys, recipe)
     finally:
         base_ckpt.close()
         for ft in fts:
@@ -142,6 +171,7 @@ def _write_store(
     tasks: list[str],
     lams: list[float],
     keys: list[str],
+    recipe: str,
 ) -> dict:
     thresholds = majority = None
     if config.uses_ties and config.scope == "global":
@@ -180,7 +210,7 @@ def _write_store(
             "version": VERSION,
             "tasks": tasks,
             "lambdas": lams,
-            "merge": "ties" if config.uses_ties else "ta",
+            "merge": config.method,
             "density": config.density,
             "scope": config.scope,
             "base": base_rel,
@@ -192,7 +222,9 @@ def _write_store(
             ),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / provenance.CONFIG).write_text(recipe, encoding="utf-8")
     check.warn()
+    warn_if_larger(manifest["storage_bits"], len(tasks))
     return manifest
 
 
@@ -292,8 +324,9 @@ def extract(store: str | Path, task: str, out: str | Path) -> Path:
             mask = merge_ops.unpack_bits(masks.read(key), layout[key][1])
             return merge_ops.apply_delta(theta0, vector, 1.0, mask)
 
+        files = provenance.extract_files(store, task, manifest, [store / MANIFEST, store / TAU, mask_path])
         with exclusive_output(out):
-            write_like(base, out, produce, description=f"extract {task}")
+            write_like(base, out, produce, description=f"extract {task}", provenance=files)
     finally:
         for r in readers:
             r.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.merging import methods
 from weightlab.methods.merging.consensus import check_k, consensus_mask, masked
 from weightlab.methods.merging.task_arithmetic import (
     StateDict,
@@ -27,7 +28,7 @@ from weightlab.weights import merge_ops
 
 LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
-MERGES = ("ta", "ties")
+MERGES = tuple(m.name for m in methods.TABLE if m.store)  # the table's names: task-arithmetic, ties
 
 
 def check_lambda(lam: float) -> None:
@@ -67,13 +68,14 @@ class TallMasksConfig:
     """TALL masks and Consensus Merging (Wang et al., ICML 2024; paper key ``tall-masks``).
 
     Attributes:
-        merge: the multi-task vector the masks act on: ``"ta"`` (sum) or ``"ties"`` (TIES disjoint sum).
+        merge: the multi-task vector the masks act on: ``"task-arithmetic"`` (sum) or ``"ties"`` (TIES disjoint
+            sum), names of the merge-method table.
         density: TIES trim density (the paper's k = 20).
         lambdas: the grid λ_t is chosen from on each task's validation data.
         k: consensus threshold (tasks a weight must serve to survive).
     """
 
-    merge: str = "ta"
+    merge: str = "task-arithmetic"
     density: float = 0.2
     lambdas: tuple[float, ...] = LAMBDA_GRID
     k: int = 2
@@ -119,7 +121,7 @@ class TallMasks:
         return self
 
     def multi_task_vector(self, vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:
-        if self.config.merge == "ta":
+        if self.config.merge == "task-arithmetic":
             return task_arithmetic(vectors)
         return ties_merge(vectors, density=self.config.density, reduce="sum", scope="global")
 
