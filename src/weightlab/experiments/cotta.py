@@ -350,6 +350,6 @@ experiment("cotta", paper="cotta", config=CoTTAExperimentConfig, trial=trial, su
                    "corruptions of Fashion-MNIST at severity 5, repeated for 10 rounds",
            profiles={"smoke": {"seeds": 1, "data": "digits", "epochs": 2, "width": 8, "augment_copies": 0,
                                "val_fraction": 0.2, "n_per_domain": 32, "batch_size": 32, "rounds": 2,
-                               "corruptions": ("gaussian_noise", "fog", "contrast"), "n_augmentations": 4,
+                               "corruptions": ("gaussian_noise", "contrast"), "n_augmentations": 2,
                                "flip_prob": 0.0},
                      "full": {"n_per_domain": 1088, "ema_momentum": 0.999}})
