@@ -125,7 +125,7 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
         data="digits",
         epochs=4,
         augment_copies=0,
-        val_fraction=0.2,
+        val_fraction=0.05,
         flip_prob=0.0,
         width=8,
         n_per_domain=64,
