@@ -145,11 +145,14 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
         adapter = make_adapter(method, copy.deepcopy(source), config, 0, 0.9)
         errors[method] = float(np.mean(run_stream(adapter, test_set, config.batch_size)))
     assert errors["bn_adapt"] < errors["source"] and errors["cotta"] < errors["source"], errors
-    # the same images ordered by class (Dirichlet, α = 0.1): batch statistics of one or two classes hurt
-    shifted = continual_stream(digits("test", size=16), severity=5, corruptions=config.corruptions, seed=0, n=64,
-                               label_shift=0.1, slot_size=config.batch_size)
-    adapter = make_adapter("bn_adapt", copy.deepcopy(source), config, 0, 0.9)
-    assert float(np.mean(run_stream(adapter, shifted, config.batch_size))) > errors["bn_adapt"] + 5
+    # the same images ordered by class (Dirichlet, α = 0.1): batch statistics of a few classes hurt BN-adapt
+    bn = {}
+    for shift in (None, 0.1):
+        stream = continual_stream(digits("test", size=16), severity=5, corruptions=("gaussian_noise", "brightness"),
+                                  seed=0, n=64, label_shift=shift, slot_size=config.batch_size)
+        adapter = make_adapter("bn_adapt", copy.deepcopy(source), config, 0, 0.9)
+        bn[shift] = float(np.mean(run_stream(adapter, stream, config.batch_size)))
+    assert bn[0.1] > bn[None] + 4, bn
 
 
 def test_cli_smoke_run_and_bad_input(tmp_path) -> None:
