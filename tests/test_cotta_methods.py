@@ -295,8 +295,23 @@ def test_reset_restores_student_teacher_anchor_and_optimiser() -> None:
     wrapper.reset()
     assert torch.allclose(wrapper.teacher(x), wrapper.anchor(x))
     assert not wrapper.optimizer.state  # fresh Adam moments
-    wrapper.step_count = 0  # the same random stream as the first call
+    assert wrapper.step_count == 0 and wrapper.augmented_steps == 0
     assert torch.allclose(wrapper(x), first, atol=1e-6)
+
+
+def test_a_reset_model_draws_the_same_augmentations_and_masks_as_a_new_one() -> None:
+    """After ``reset()`` a wrapper replays a new wrapper's stream exactly: same augmented targets (the
+    anchor is never confident at threshold 1) and same restore masks, batch after batch."""
+    x = [batch(i) for i in range(3)]
+    used = CoTTA(cnn(), small(anchor_threshold=1.0, restore_prob=0.5))
+    for b in x:
+        used(b)
+    used.reset()
+    new = CoTTA(cnn(), small(anchor_threshold=1.0, restore_prob=0.5))
+    for b in x:
+        assert torch.equal(used(b), new(b))
+    assert all(torch.equal(p, q) for p, q in zip(used.model.parameters(), new.model.parameters(), strict=True))
+    assert (used.step_count, used.augmented_steps) == (new.step_count, new.augmented_steps) == (3, 3)
 
 
 def test_episodic_mode_resets_before_each_batch() -> None:

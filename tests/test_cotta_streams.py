@@ -19,6 +19,7 @@ from weightlab.methods.cotta.streams import (
     cifar10c_stream,
     continual_stream,
     corrupted,
+    dirichlet_order,
     gradual_severities,
     gradual_stream,
     repeated,
@@ -68,6 +69,38 @@ def test_repeated_rounds(clean: ArrayDataset) -> None:
         repeated(stream, 0)
 
 
+def test_dirichlet_order_is_a_permutation_that_bunches_classes() -> None:
+    """Small alpha puts most of a class into few slots (batches hold few classes); large alpha is close to
+    the i.i.d. order; the same seed gives the same order."""
+    labels = torch.arange(10).repeat_interleave(64)  # (640,), 64 images of each of 10 classes
+    shares = {}
+    for alpha in (0.01, 100.0):
+        order = dirichlet_order(labels, alpha, slots=10, seed=3)
+        assert torch.equal(torch.sort(order).values, torch.arange(640))
+        assert torch.equal(order, dirichlet_order(labels, alpha, slots=10, seed=3))
+        batches = labels[order].view(10, 64)
+        shares[alpha] = float(np.mean([torch.bincount(b).max() / 64 for b in batches]))
+    assert shares[0.01] > 0.7 and shares[100.0] < 0.3, shares
+    with pytest.raises(WeightlabError, match="label_shift"):
+        dirichlet_order(labels, 0.0, slots=10, seed=0)
+
+
+def test_label_shift_and_draws_keep_images_with_labels(clean: ArrayDataset) -> None:
+    """A label-shifted domain holds the same (image, label) pairs as the i.i.d. one in another order;
+    ``draws=2`` corrupts each chosen image twice with different noise."""
+    plain = corrupted(clean, "contrast", 5, seed=1)  # deterministic corruption: pairs comparable
+    shifted = corrupted(clean, "contrast", 5, seed=1, label_shift=0.1, slot_size=8)
+    key = lambda d: sorted(zip(d.y.tolist(), d.x.flatten(1).sum(1).round(decimals=4).tolist()))  # noqa: E731
+    assert key(plain) == key(shifted) and not torch.equal(plain.y, shifted.y)
+    twice = corrupted(clean, "gaussian_noise", 5, seed=1, n=10, draws=2)
+    assert len(twice) == 20 and torch.equal(torch.bincount(twice.y, minlength=10),
+                                            2 * torch.bincount(corrupted(clean, "gaussian_noise", 5, seed=1,
+                                                                         n=10).y, minlength=10))
+    assert len({round(float(v), 4) for v in twice.x.flatten(1).sum(1)}) == 20  # every draw differs
+    with pytest.raises(WeightlabError, match="draws"):
+        corrupted(clean, "fog", 5, draws=0)
+
+
 def test_unknown_corruption_in_a_stream(clean: ArrayDataset) -> None:
     with pytest.raises(WeightlabError, match="unknown corruption 'rain'; expected one of: gaussian_noise"):
         continual_stream(clean, corruptions=("fog", "rain"))
@@ -89,8 +122,11 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
     """The direction of the paper's claim at tiny scale: BN-adapt and CoTTA make fewer errors than the source
     model on severity-5 corruptions that shift the input statistics."""
     config = CoTTAExperimentConfig(
+        data="digits",
         epochs=4,
-        augment_to=None,
+        augment_copies=0,
+        val_fraction=0.05,
+        flip_prob=0.0,
         width=8,
         n_per_domain=64,
         batch_size=32,
@@ -109,13 +145,22 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(tmp_path) -> No
         adapter = make_adapter(method, copy.deepcopy(source), config, 0, 0.9)
         errors[method] = float(np.mean(run_stream(adapter, test_set, config.batch_size)))
     assert errors["bn_adapt"] < errors["source"] and errors["cotta"] < errors["source"], errors
+    # the same images ordered by class (Dirichlet, α = 0.1): batch statistics of a few classes hurt BN-adapt
+    bn = {}
+    for shift in (None, 0.1):
+        stream = continual_stream(digits("test", size=16), severity=5, corruptions=("gaussian_noise", "brightness"),
+                                  seed=0, n=64, label_shift=shift, slot_size=config.batch_size)
+        adapter = make_adapter("bn_adapt", copy.deepcopy(source), config, 0, 0.9)
+        bn[shift] = float(np.mean(run_stream(adapter, stream, config.batch_size)))
+    assert bn[0.1] > bn[None] + 4, bn
 
 
 def test_cli_smoke_run_and_bad_input(tmp_path) -> None:
     out = tmp_path / "run"
     assert main(["run", "cotta", "--profile", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results["claims"]) == 2 and (out / "plots" / "error_per_round.png").is_file()
+    assert len(results["claims"]) == 4  # ordering and growth on the i.i.d. and the label-shifted stream
+    assert all((out / "plots" / f"error_per_round_{kind}.png").is_file() for kind in ("iid", "label_shift"))
     assert (
         main(
             [

@@ -235,8 +235,17 @@ class CoTTA(Adapter):
         self._source = [state[name] for name in self.param_names]
 
     def reset(self) -> None:
-        """Reload the source student and the optimiser state, and re-create teacher and anchor."""
-        super().reset()
+        """Back to a new wrapper's state: the source student, a fresh optimiser, teacher and anchor re-created
+        from the source, and the step counters at 0, so a reset model draws the same augmentations and
+        restore masks as a new one."""
+        self._reset_weights()
+        self.step_count = 0
+        self.augmented_steps = 0
+
+    def _reset_weights(self) -> None:
+        """Reload the source student and optimiser state and re-create teacher and anchor (the counters go on:
+        episodic mode resets before every batch and still draws fresh augmentations, as the reference does)."""
+        super()._reset_weights()
         self._copy_teacher_and_anchor()
 
     def _generator(self, purpose: str, device: torch.device) -> torch.Generator:

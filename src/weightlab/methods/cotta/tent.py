@@ -180,15 +180,19 @@ class Adapter(nn.Module, metaclass=abc.ABCMeta):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.config.episodic:
-            self.reset()
+            self._reset_weights()
         for _ in range(self.config.steps):
             logits = self.forward_and_adapt(x)
         return logits
 
-    def reset(self) -> None:
-        """Back to the source weights and a fresh optimiser state."""
+    def _reset_weights(self) -> None:
+        """The source weights and a fresh optimiser state (what episodic mode does before every batch)."""
         self.model.load_state_dict(self._model_state, strict=True)
         self.optimizer.load_state_dict(self._optimizer_state)
+
+    def reset(self) -> None:
+        """Back to the source weights and a fresh optimiser state."""
+        self._reset_weights()
 
 
 @register("method", "tent")
