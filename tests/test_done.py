@@ -139,3 +139,16 @@ def test_done_raises_minority_class_robust_accuracy_on_imbalanced_digits() -> No
     assert 0 < done["diagnostics"]["ess_fraction_median"] < 1 and "ess_fraction_median" not in at["diagnostics"]
     p, n = at["robust"], at["n"]
     assert n == len(digits("test")) and at["robust_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+
+
+def test_image_splits_are_balanced_disjoint_and_seeded() -> None:
+    from weightlab.experiments._robust import image_splits
+
+    train_set, val_set, test_set = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=3)
+    assert torch.bincount(train_set.y).tolist() == [50] * 10 and torch.bincount(val_set.y).tolist() == [10] * 10
+    assert torch.bincount(test_set.y).tolist() == [5] * 10
+    rows = lambda d: {tuple(v) for v in d.x.flatten(1).tolist()}  # noqa: E731
+    assert not rows(train_set) & rows(val_set)  # no image in both
+    again, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=3)
+    other, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=4)
+    assert torch.equal(again.x, train_set.x) and not torch.equal(other.x, train_set.x)

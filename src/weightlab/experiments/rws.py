@@ -1,11 +1,13 @@
-"""Experiment ``rws``: robust weight signatures on digits (extract, quantize, patch, unpatch, compose,
+"""Experiment ``rws``: robust weight signatures on Fashion-MNIST (extract, quantize, patch, unpatch, compose,
 transfer).
 
 Per seed: a CNN without BatchNorm (so everything a fine-tune learns is in the weights) is pretrained on clean
-8×8 digits; from it, a clean fine-tune and one fine-tune per corruption (on the corrupted training split).
+Fashion-MNIST (a balanced subset of the official training split); from it, a clean fine-tune and one
+fine-tune per corruption (on the corrupted training split).
 Signatures of the first ``k`` conv layers are extracted, quantized to 8 and 4 bits, and patched into the clean
 model; two are composed; and the signatures are patched into a clean model that was fine-tuned further
-(transfer). Accuracy is measured on the corrupted test split.
+(transfer). Accuracy is measured on the corrupted test split (weightlab's corruptions as the
+out-of-distribution sets).
 Claims (paired by seed): patching recovers most of the robust model's gain on its corruption; unpatch restores
 the clean model bitwise; two signatures compose; 8-bit signatures are ≥ 8× smaller than a full weight copy
 with a small loss; signatures transfer.
@@ -20,14 +22,13 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
+from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.errors import WeightlabError
-from weightlab.experiments._robust import corrupted_sets, digit_splits
+from weightlab.experiments._robust import RobustData, corrupted_sets, image_splits
 from weightlab.experiments.base import experiment
 from weightlab.experiments.configs import (
     Corruption,
     Count,
-    Digits,
-    DigitsSize,
     ExperimentConfig,
     Positive,
     Range,
@@ -52,16 +53,16 @@ from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed
 from weightlab.weights.io import module_bytes
 
-ALL_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                   "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-                   "jpeg_compression")
+ALL_CORRUPTIONS: tuple[Corruption, ...] = tuple(CORRUPTIONS)
 
 
 @dataclass(frozen=True)
 class RwsConfig(ExperimentConfig):
     seeds: Count = 5
-    data: Digits = "digits"
-    image_size: DigitsSize = 8
+    data: RobustData = "fashion-mnist"
+    image_size: Count = 14
+    n_train: Count = 300  # training images per class
+    n_test: Annotated[int, Range(1)] | None = 300  # test images per class (None: all 1,000)
     width: Count = 16
     k: Count = 2  # signed layers: the first k conv layers
     pretrain_epochs: Count = 10
@@ -70,13 +71,14 @@ class RwsConfig(ExperimentConfig):
     finetune_lr: Positive = 1e-3
     batch_size: Count = 64
     severity: Severity = 5
-    # the corruptions that hurt the clean 8×8 model most (noise barely does at this size)
-    corruptions: tuple[Corruption, ...] = ("defocus_blur", "motion_blur", "contrast", "pixelate")
+    corruptions: tuple[Corruption, ...] = ALL_CORRUPTIONS
     bits: tuple[Annotated[int, Range(1, 8)], ...] = (8, 4)
 
     def check(self) -> None:
         if not self.corruptions:
             raise WeightlabError("corruptions must name at least one corruption")
+        if self.data == "digits" and self.image_size not in (8, 16, 28, 32):
+            raise WeightlabError(f"image_size: digits come at sizes 8, 16, 28, 32, got {self.image_size}")
 
 
 def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:
@@ -96,7 +98,8 @@ def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConf
 
 def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     """Every model, signature and patched accuracy of one seed."""
-    train_set, _, test_set = digit_splits(config.image_size, val_fraction=0.0, seed=seed)
+    train_set, _, test_set = image_splits(config.data, config.image_size, n_train=config.n_train, n_val=0,
+                                          n_test=config.n_test, seed=seed)
     names = config.corruptions
     train_c = corrupted_sets(train_set, names, config.severity, seed=derive_seed(seed, "train"))
     test_c = corrupted_sets(test_set, names, config.severity, seed=derive_seed(seed, "test"))
@@ -167,6 +170,8 @@ def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
         },
     }
     out["clean test accuracy"] = accuracy(clean, test_set)
+    out["pretrain train accuracy"] = accuracy(pre, train_set)
+    out["n test"] = len(test_set)
     return out
 
 
@@ -269,6 +274,10 @@ def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
         "(patched − clean) − 0.5·(robust − clean), averaged over the corruptions (no ratio).",
         "'patched clean-test' is the patched model's accuracy on the clean test split "
         f"(clean model: {pm([r['clean test accuracy'] for r in per_seed])} %).",
+        f"{config.data} at {config.image_size}×{config.image_size}, {config.n_train} training images per class; "
+        f"pretrained model's training accuracy {pm([r['pretrain train accuracy'] for r in per_seed])} %; "
+        f"n = {per_seed[0]['n test']} test images per corruption (binomial SE ≤ "
+        f"{50 / per_seed[0]['n test'] ** 0.5:.2f} pt per accuracy; the claims are paired by seed).",
     ]
     series = {c: [float(np.mean(vals(n, c))) for n in names]
               for c in ("clean", "robust", "patched", "further", "further patched")}
@@ -280,7 +289,8 @@ def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
 
 experiment("rws", paper="rws", config=RwsConfig, trial=trial, summarise=summarise,
            summary="robust weight signatures: patch a clean CNN with per-corruption shallow-layer deltas",
-           profiles={"smoke": {"seeds": 1, "width": 8, "pretrain_epochs": 2, "finetune_epochs": 1,
+           profiles={"smoke": {"seeds": 1, "data": "digits", "image_size": 8, "n_train": 100, "n_test": None,
+                               "width": 8, "pretrain_epochs": 2, "finetune_epochs": 1,
                                "corruptions": ("defocus_blur", "contrast")},
-                     "full": {"seeds": 5, "image_size": 16, "width": 32, "pretrain_epochs": 30,
-                              "finetune_epochs": 15, "corruptions": ALL_CORRUPTIONS}})
+                     "full": {"seeds": 5, "image_size": 28, "n_train": 5000, "n_test": None, "width": 32,
+                              "pretrain_epochs": 30, "finetune_epochs": 15}})
