@@ -9,9 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from weightlab.data.arrays import ArrayDataset, stratified_split
+from weightlab.data.arrays import ArrayDataset
 from weightlab.data.datasets import load_dataset
-from weightlab.data.digits import digits
+from weightlab.data.digits import SIZES as DIGIT_SIZES
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, adversarial_predict, tail_metrics
 from weightlab.methods.adversarial.autoattack import (
@@ -26,15 +26,13 @@ from weightlab.train.evaluate import accuracy, per_class_accuracy
 from weightlab.train.loop import LoopState, TrainConfig, train
 from weightlab.utils import derive_seed
 
-
-def digit_splits(size: int, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ...]:
-    """Train, validation (a stratified ``val_fraction`` of the training split) and test digits."""
-    full = digits("train", size=size)
-    keep, held = stratified_split(full.y, val_fraction, generator=torch.Generator().manual_seed(seed))
-    return full.subset(keep), full.subset(held), digits("test", size=size)
-
-
 RobustData = Literal["fashion-mnist", "digits"]  # digits: the seconds-long smoke profile
+
+
+def check_image_size(data: RobustData, size: int) -> None:
+    """Digits come at a few sizes only; any size is fine for Fashion-MNIST (resized on load)."""
+    if data == "digits" and size not in DIGIT_SIZES:
+        raise WeightlabError(f"image_size: digits come at sizes {DIGIT_SIZES}, got {size}")
 
 
 def image_splits(data: RobustData, size: int, *, n_train: int, n_val: int, n_test: int | None = None,
@@ -54,7 +52,10 @@ def image_splits(data: RobustData, size: int, *, n_train: int, n_val: int, n_tes
         train_idx.append(idx[held:held + n_train])
     if n_test is not None:
         test = stratified_subset(test, n_test, seed=derive_seed(seed, "test-subset"))
-    pick = lambda parts: full.subset(torch.sort(torch.cat(parts)).values)  # noqa: E731
+
+    def pick(parts: list[torch.Tensor]) -> ArrayDataset:
+        return full.subset(torch.sort(torch.cat(parts)).values)
+
     return pick(train_idx), pick(val_idx), test
 
 

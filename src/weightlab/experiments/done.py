@@ -28,6 +28,7 @@ from weightlab.errors import WeightlabError
 from weightlab.experiments._robust import (
     RobustData,
     autoattack_summary,
+    check_image_size,
     image_splits,
     imbalanced,
     robust_summary,
@@ -80,8 +81,7 @@ class DoneConfig(ExperimentConfig):
     def check(self) -> None:
         if not self.methods or not self.splits or not self.r_grid:
             raise WeightlabError("methods, splits and r_grid must each name at least one value")
-        if self.data == "digits" and self.image_size not in (8, 16, 28, 32):
-            raise WeightlabError(f"image_size: digits come at sizes 8, 16, 28, 32, got {self.image_size}")
+        check_image_size(self.data, self.image_size)
 
 
 Arm = Callable[[DoneConfig, float, PGD], Callback]  # (config, chosen r, training attack) → the training callback

@@ -21,10 +21,10 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
-from weightlab.errors import WeightlabError
 from weightlab.experiments._robust import (
     RobustData,
     autoattack_summary,
+    check_image_size,
     corrupted_sets,
     image_splits,
     mean_accuracy,
@@ -93,8 +93,7 @@ class RiftConfig(ExperimentConfig):
     aa_queries: Count = 5000  # Square's queries (5,000: the standard AutoAttack)
 
     def check(self) -> None:
-        if self.data == "digits" and self.image_size not in (8, 16, 28, 32):
-            raise WeightlabError(f"image_size: digits come at sizes 8, 16, 28, 32, got {self.image_size}")
+        check_image_size(self.data, self.image_size)
 
 
 AA_METHODS = ("AT", "FT all (α=1)", "RiFT")

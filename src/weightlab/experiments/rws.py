@@ -24,7 +24,7 @@ import torch
 
 from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.errors import WeightlabError
-from weightlab.experiments._robust import RobustData, corrupted_sets, image_splits
+from weightlab.experiments._robust import RobustData, check_image_size, corrupted_sets, image_splits
 from weightlab.experiments.base import experiment
 from weightlab.experiments.configs import (
     Corruption,
@@ -77,8 +77,7 @@ class RwsConfig(ExperimentConfig):
     def check(self) -> None:
         if not self.corruptions:
             raise WeightlabError("corruptions must name at least one corruption")
-        if self.data == "digits" and self.image_size not in (8, 16, 28, 32):
-            raise WeightlabError(f"image_size: digits come at sizes 8, 16, 28, 32, got {self.image_size}")
+        check_image_size(self.data, self.image_size)
 
 
 def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:
