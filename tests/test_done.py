@@ -10,10 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightlab.cli import main
+from weightlab.data import digits
 from weightlab.errors import WeightlabError
 from weightlab.experiments.done import DoneConfig, run_one
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
-from weightlab.methods.done.dro import DONE, DONEConfig, RunningNormaliser, dro_objective, dro_weights
+from weightlab.methods.done.dro import (
+    DONE,
+    DONEConfig,
+    RunningNormaliser,
+    dro_objective,
+    dro_weights,
+    effective_sample_size,
+)
 from weightlab.models import SmallCNN
 from weightlab.train import TrainConfig, train
 
@@ -94,8 +102,53 @@ def test_bad_cli_input_exits_2(tmp_path, capsys) -> None:
     assert "eps must be > 0, got -0.1" in capsys.readouterr().err
 
 
-def test_done_raises_tail_robust_accuracy_on_imbalanced_digits() -> None:
-    config = DoneConfig(width=8, at_epochs=4, eval_steps=5, imbalance=10.0)
-    at = run_one(config, "imbalanced", "AT", 0)
-    done = run_one(config, "imbalanced", "DONE", 0)
-    assert done["robust_tail30"] > at["robust_tail30"]
+def test_effective_sample_size_known_answers() -> None:
+    assert effective_sample_size(torch.full((8,), 0.125)) == pytest.approx(8.0)
+    assert effective_sample_size(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_sample_size(torch.tensor([0.5, 0.25, 0.25])) == pytest.approx(1 / 0.375)
+
+
+class _State:
+    generator = torch.Generator().manual_seed(0)
+
+
+def test_step_correction_divides_by_the_running_mean_of_the_weight_sums() -> None:
+    done = DONE(PGD(), DONEConfig(r=1.0, beta=0.5, step_correction=True))
+    first = torch.tensor([0.0, math.log(3.0)])  # u = 2: the running weights are the exact ones, Σw = 1
+    assert torch.allclose(done.sample_weights(_State(), None, first), dro_weights(first, 1.0))
+    second = torch.tensor([math.log(4.0), math.log(8.0)])  # u = 4 → w = (0.5, 1), Σw = 1.5
+    mean_sum = 0.5 * 1.0 + 0.5 * 1.5
+    assert torch.allclose(done.sample_weights(_State(), None, second), torch.tensor([0.5, 1.0]) / mean_sum)
+    diag = done.diagnostics()
+    assert diag["weight_sum_min"] == pytest.approx(1.0) and diag["weight_sum_max"] == pytest.approx(1.5)
+    # ESS / B per batch: 1 / (0.25² + 0.75²) / 2 = 0.8 and 1.5² / 1.25 / 2 = 0.9; torch's median is the lower
+    assert diag["ess_fraction_median"] == pytest.approx(0.8)
+    with pytest.raises(WeightlabError, match="step_correction needs the running normaliser"):
+        DONEConfig(step_correction=True)
+
+
+def test_done_raises_minority_class_robust_accuracy_on_imbalanced_digits() -> None:
+    config = DoneConfig(data="digits", image_size=8, n_train=200, n_val=20, width=8, at_epochs=4, eval_steps=5,
+                        batch_size=64, imbalance=10.0, aa_per_class=0)
+    at = run_one(config, "imbalanced", "AT", 0.5, 0)
+    done = run_one(config, "imbalanced", "DONE", 0.5, 0)
+    minority = slice(3, 10)  # classes 3..9 keep < half their training images at 10:1
+    assert sum(done["per_class"][minority]) > sum(at["per_class"][minority]) + 0.3
+    assert done["robust"] > at["robust"]
+    assert done["diagnostics"]["weight_sum_min"] == pytest.approx(1.0, abs=1e-5)  # per-batch weights sum to 1
+    assert 0 < done["diagnostics"]["ess_fraction_median"] < 1 and "ess_fraction_median" not in at["diagnostics"]
+    p, n = at["robust"], at["n"]
+    assert n == len(digits("test")) and at["robust_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+
+
+def test_image_splits_are_balanced_disjoint_and_seeded() -> None:
+    from weightlab.experiments._robust import image_splits
+
+    train_set, val_set, test_set = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=3)
+    assert torch.bincount(train_set.y).tolist() == [50] * 10 and torch.bincount(val_set.y).tolist() == [10] * 10
+    assert torch.bincount(test_set.y).tolist() == [5] * 10
+    rows = lambda d: {tuple(v) for v in d.x.flatten(1).tolist()}  # noqa: E731
+    assert not rows(train_set) & rows(val_set)  # no image in both
+    again, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=3)
+    other, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=4)
+    assert torch.equal(again.x, train_set.x) and not torch.equal(other.x, train_set.x)

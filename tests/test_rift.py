@@ -124,6 +124,12 @@ def test_rift_smoke_direction(tmp_path) -> None:
     assert all(v >= 0 for v in per_seed["mrc"].values())
     # fine-tuning all layers on clean data loses robustness; RiFT's α keeps validation robustness in tolerance
     assert metrics["FT all (α=1)"]["pgd"] < metrics["AT"]["pgd"]
+    # AutoAttack beside PGD on 2 test images per class: a point it counts robust is one the model gets right
+    for name in ("AT", "FT all (α=1)", "RiFT"):
+        aa = metrics[name]["autoattack"]
+        assert aa["n"] == 20 and len(aa["per_class"]) == 10 and aa["robust"] <= aa["clean"]
+        assert aa["robust_worst"] <= aa["robust_tail30"] <= aa["robust"] + 1e-9 or aa["robust"] == 0
+    assert "autoattack" not in metrics["RiFT (convs only)"]
     search = {row["alpha"]: row for row in per_seed["search"]}
     assert search[per_seed["alpha"]]["robust"] >= search[0.0]["robust"] - 0.005
     assert (tmp_path / "run" / "results.md").is_file() and (

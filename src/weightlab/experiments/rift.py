@@ -1,10 +1,12 @@
-"""Experiment ``rift``: robust critical fine-tuning of an adversarially trained CNN on digits.
+"""Experiment ``rift``: robust critical fine-tuning of an adversarially trained CNN on Fashion-MNIST.
 
-Per seed: adversarial training (PGD, ℓ∞) of a small CNN on 8×8 digits; the MRC of every conv/linear module
+Per seed: adversarial training (PGD, ℓ∞) of a small CNN on Fashion-MNIST (balanced train / validation splits
+drawn from the official training split); the MRC of every conv/linear module
 on a fixed adversarial validation set; then three models on the test split — AT itself, fine-tuning all
 layers on clean data (α = 1, and with the same interpolation search as RiFT), and RiFT (fine-tune the least
 critical module, interpolate, pick α on validation). Columns: clean, corruption (mean over the 15 corruptions
-at one severity) and PGD accuracy.
+at one severity, weightlab's corruptions as the out-of-distribution sets) and PGD accuracy, and AutoAttack
+(APGD-CE, APGD-T, FAB-T, Square) beside PGD on a stratified test subset for AT, FT all and RiFT.
 Claims (paired by seed against AT): RiFT raises clean and corruption accuracy while PGD accuracy stays within
 0.5 points of AT; fine-tuning all layers loses robustness.
 """
@@ -14,14 +16,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
 from weightlab.experiments._robust import (
+    RobustData,
+    autoattack_summary,
+    check_image_size,
     corrupted_sets,
-    digit_splits,
+    image_splits,
     mean_accuracy,
     robust_summary,
     train_adversarially,
@@ -30,12 +35,12 @@ from weightlab.experiments.base import experiment
 from weightlab.experiments.configs import (
     Corruption,
     Count,
-    Digits,
-    DigitsSize,
     ExperimentConfig,
     NonNegative,
+    NonNegativeInt,
     Positive,
     Probability,
+    Range,
     Severity,
 )
 from weightlab.experiments.results import Results, claim
@@ -54,7 +59,7 @@ from weightlab.report import plots
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import TrialContext
 from weightlab.stats import paired
-from weightlab.train import TrainConfig
+from weightlab.train import TrainConfig, accuracy
 from weightlab.utils import derive_seed
 
 METHODS = ("AT", "FT all (α=1)", "FT all + interpolation", "RiFT", "RiFT (convs only)")
@@ -63,10 +68,13 @@ METHODS = ("AT", "FT all (α=1)", "FT all + interpolation", "RiFT", "RiFT (convs
 @dataclass(frozen=True)
 class RiftConfig(ExperimentConfig):
     seeds: Count = 5
-    data: Digits = "digits"
-    image_size: DigitsSize = 8
+    data: RobustData = "fashion-mnist"
+    image_size: Count = 14
+    n_train: Count = 300  # training images per class
+    n_val: Count = 100  # validation images per class (α search, adversarial set for MRC)
+    n_test: Annotated[int, Range(1)] | None = 300  # test images per class (None: all 1,000)
     width: Count = 16
-    eps: Positive = 0.2  # ℓ∞ radius on [0, 1] digits (8×8 digits need a larger ε than CIFAR's 8/255)
+    eps: Positive = 0.1  # ℓ∞ radius on [0, 1] images (the usual Fashion-MNIST radius)
     at_epochs: Count = 10
     at_steps: Count = 3
     eval_steps: Count = 10
@@ -80,18 +88,28 @@ class RiftConfig(ExperimentConfig):
     corruptions: tuple[Corruption, ...] = ()  # empty: all 15
     severity: Severity = 3
     alphas: tuple[Probability, ...] = DEFAULT_ALPHAS
+    aa_per_class: NonNegativeInt = 10  # AutoAttack on this many test images per class (0: none)
+    aa_steps: Count = 100  # APGD-CE / APGD-T / FAB-T iterations (100: the standard AutoAttack)
+    aa_queries: Count = 5000  # Square's queries (5,000: the standard AutoAttack)
+
+    def check(self) -> None:
+        check_image_size(self.data, self.image_size)
+
+
+AA_METHODS = ("AT", "FT all (α=1)", "RiFT")
 
 
 def trial(config: RiftConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     """Train AT, measure MRC, fine-tune and interpolate; the metrics of every model on the test split."""
-    train_set, val_set, test_set = digit_splits(config.image_size, seed=seed)
+    train_set, val_set, test_set = image_splits(config.data, config.image_size, n_train=config.n_train,
+                                                n_val=config.n_val, n_test=config.n_test, seed=seed)
     corrupted = corrupted_sets(test_set, config.corruptions, config.severity, seed=seed)
     ctx.seeded("rift", "init")
     model = SmallCNN(10, width=config.width)
     train_attack = PGD(eps=config.eps, steps=config.at_steps, step_size=config.eps / 2)
     eval_attack = PGD(eps=config.eps, steps=config.eval_steps, step_size=config.eps / 4)
-    train_adversarially(model, train_set, AdversarialTraining(train_attack), epochs=config.at_epochs,
-                        batch_size=config.batch_size, lr=config.lr, seed=derive_seed(seed, "at"))
+    at_state = train_adversarially(model, train_set, AdversarialTraining(train_attack), epochs=config.at_epochs,
+                                   batch_size=config.batch_size, lr=config.lr, seed=derive_seed(seed, "at"))
     ft_config = TrainConfig(epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
                             momentum=0.9, weight_decay=5e-4, schedule="step", seed=derive_seed(seed, "ft"),
                             description="FT")
@@ -110,13 +128,21 @@ def trial(config: RiftConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
                                                  robust_evaluator(val_set, eval_attack, seed=seed),
                                                  alphas=config.alphas, tolerance=config.tolerance)
 
-    def metrics(m: torch.nn.Module) -> dict[str, float]:
+    def metrics(m: torch.nn.Module, name: str) -> dict[str, Any]:
         out = robust_summary(m, test_set, eval_attack, seed=seed)
-        return {"clean": out["clean"], "corruption": mean_accuracy(m, corrupted), "pgd": out["robust"]}
+        row = {"clean": out["clean"], "corruption": mean_accuracy(m, corrupted), "pgd": out["robust"],
+               "pgd_se": out["robust_se"], "n": out["n"], "pgd_worst": out["robust_worst"],
+               "pgd_tail30": out["robust_tail30"]}
+        if name in AA_METHODS and config.aa_per_class > 0:
+            row["autoattack"] = autoattack_summary(
+                m, test_set, eps=config.eps, per_class=config.aa_per_class, pgd=eval_attack, seed=seed,
+                apgd_steps=config.aa_steps, fab_steps=config.aa_steps, square_queries=config.aa_queries)
+        return row
 
-    return {"metrics": {"AT": metrics(model), "FT all (α=1)": metrics(ft_all),
-                        "FT all + interpolation": metrics(ft_interp), "RiFT": metrics(rift.model_),
-                        "RiFT (convs only)": metrics(rift_conv.model_)},
+    models = {"AT": model, "FT all (α=1)": ft_all, "FT all + interpolation": ft_interp, "RiFT": rift.model_,
+              "RiFT (convs only)": rift_conv.model_}
+    return {"metrics": {name: metrics(m, name) for name, m in models.items()},
+            "train_clean": accuracy(model, train_set), "at_epoch_losses": at_state.epoch_losses,
             "module_conv": rift_conv.module_, "alpha_conv": rift_conv.alpha_, "mrc": rift.mrc_,
             "module": rift.module_, "alpha": rift.alpha_, "alpha_ft_all": alpha_all, "search": rift.search_,
             "search_ft_all": search_all}
@@ -127,9 +153,21 @@ def summarise(config: RiftConfig, records: list[dict[str, Any]]) -> Results:
         return [r["metrics"][method][key] for r in records]
 
     rows = [{"method": m, "clean (%)": pm(col(m, "clean")), "corruption (%)": pm(col(m, "corruption")),
-             "PGD (%)": pm(col(m, "pgd"))} for m in METHODS]
+             "PGD (%)": pm(col(m, "pgd")), "PGD worst class (%)": pm(col(m, "pgd_worst")),
+             "PGD tail-30% (%)": pm(col(m, "pgd_tail30")), "n test": records[0]["metrics"][m]["n"],
+             "binomial SE (pt)": pm(col(m, "pgd_se"), digits=2)} for m in METHODS]
     rows.append({"method": "paper R18/CIFAR10: AT → RiFT", "clean (%)": "81.46 → 83.44",
                  "corruption (%)": "73.56 → 75.69", "PGD (%)": "53.63 → 53.65"})
+    aa = [m for m in METHODS if "autoattack" in records[0]["metrics"][m]]
+
+    def aa_col(method: str, key: str) -> list[float]:
+        return [r["metrics"][method]["autoattack"][key] for r in records]
+
+    aa_rows = [{"method": m, "n": records[0]["metrics"][m]["autoattack"]["n"], "AA (%)": pm(aa_col(m, "robust")),
+                "binomial SE (pt)": pm(aa_col(m, "robust_se"), digits=2),
+                "AA worst class (%)": pm(aa_col(m, "robust_worst")), "AA tail-30% (%)": pm(aa_col(m, "robust_tail30")),
+                "PGD same points (%)": pm(aa_col(m, "pgd_same_points")),
+                "PGD-robust, AA broke": sum(aa_col(m, "pgd_robust_aa_broken"))} for m in aa]
     modules = list(records[0]["mrc"])
     mrc_rows = [{"module": name, "MRC (loss rise)": pm([r["mrc"][name] for r in records], scale=1.0, digits=3),
                  "chosen (seeds)": sum(r["module"] == name for r in records)} for name in modules]
@@ -150,11 +188,28 @@ def summarise(config: RiftConfig, records: list[dict[str, Any]]) -> Results:
                         "ΔPGD(RiFT)": pgd.mean},
               paper="all layers: 52.66 vs RiFT 53.65 PGD"),
     ]
+    if {"AT", "RiFT", "FT all (α=1)"} <= set(aa):
+        claims.append(claim(
+            "under AutoAttack: RiFT's robust accuracy stays within 0.5 points of AT; FT all loses robustness",
+            paired("AA(RiFT) − AA(AT)", aa_col("RiFT", "robust"), aa_col("AT", "robust"), side=">=",
+                   threshold=-0.005),
+            paired("AA(FT all (α=1)) − AA(AT)", aa_col("FT all (α=1)", "robust"), aa_col("AT", "robust"), side="<"),
+            paper="RiFT evaluated by AutoAttack as well (CIFAR10)"))
     notes = [f"seed {s}: least critical module {r['module']!r}, α* = {r['alpha']:.1f}; least critical conv "
              f"{r['module_conv']!r}, α* = {r['alpha_conv']:.1f}; FT all: α* = {r['alpha_ft_all']:.1f}"
              for s, r in zip(config.seed_list, records, strict=True)]
     notes.append(f"ε = {config.eps} (ℓ∞ on [0, 1]), PGD-{config.at_steps} for training, PGD-{config.eval_steps} "
                  "for evaluation; α is chosen on a validation split, never on the test split.")
+    notes.append(f"{config.data} at {config.image_size}×{config.image_size}: {config.n_train} training and "
+                 f"{config.n_val} validation images per class; AT train clean accuracy "
+                 f"{pm([r['train_clean'] for r in records])} %, last AT epoch loss "
+                 f"{pm([r['at_epoch_losses'][-1] for r in records], scale=1.0, digits=3)}; corruptions at severity "
+                 f"{config.severity}: {', '.join(config.corruptions) or 'all 15'}.")
+    if aa:
+        notes.append(f"AutoAttack: APGD-CE, APGD-T, FAB-T ({config.aa_steps} iterations each), Square "
+                     f"({config.aa_queries} queries) from torchattacks at ε = {config.eps} on {config.aa_per_class} "
+                     "test images per class of every seed; PGD rerun on the same images. Standard errors are "
+                     "binomial, √(p(1 − p)/n).")
     figures = {}
     for key, name in (("search", "RiFT"), ("search_ft_all", "FT all")):
         alphas = [row["alpha"] for row in records[0][key]]
@@ -166,13 +221,16 @@ def summarise(config: RiftConfig, records: list[dict[str, Any]]) -> Results:
                                   title="module robust criticality (x: module index in order)", xlabel="module",
                                   ylabel="robust loss rise")
     return Results(tables={"Clean / corruption / PGD accuracy (test split)": rows,
+                           "AutoAttack (standard) on a stratified test subset": aa_rows,
                            "Module robust criticality": mrc_rows}, claims=claims, notes=notes, figures=figures)
 
 
 experiment("rift", paper="rift", config=RiftConfig, trial=trial, summarise=summarise,
            summary="RiFT: fine-tune the least robust-critical module of an AT CNN, then interpolate",
-           profiles={"smoke": {"seeds": 1, "width": 8, "at_epochs": 1, "finetune_epochs": 1, "eval_steps": 3,
-                               "mrc_epochs": 2, "corruptions": ("gaussian_noise", "contrast"),
-                               "alphas": (0.0, 0.5, 1.0)},
-                     "full": {"seeds": 5, "image_size": 16, "width": 32, "at_epochs": 30, "at_steps": 7,
-                              "finetune_epochs": 10, "eval_steps": 20}})
+           profiles={"smoke": {"seeds": 1, "data": "digits", "image_size": 8, "n_train": 100, "n_val": 20,
+                               "n_test": None, "eps": 0.2, "width": 8, "at_epochs": 1, "finetune_epochs": 1,
+                               "eval_steps": 3, "mrc_epochs": 2, "corruptions": ("gaussian_noise", "contrast"),
+                               "alphas": (0.0, 0.5, 1.0), "aa_per_class": 2, "aa_steps": 5, "aa_queries": 50},
+                     "full": {"seeds": 5, "image_size": 28, "n_train": 5000, "n_val": 500, "n_test": None,
+                              "width": 32, "at_epochs": 30, "at_steps": 7, "finetune_epochs": 10, "eval_steps": 20,
+                              "aa_per_class": 100}})

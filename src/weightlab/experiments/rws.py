@@ -1,11 +1,13 @@
-"""Experiment ``rws``: robust weight signatures on digits (extract, quantize, patch, unpatch, compose,
+"""Experiment ``rws``: robust weight signatures on Fashion-MNIST (extract, quantize, patch, unpatch, compose,
 transfer).
 
 Per seed: a CNN without BatchNorm (so everything a fine-tune learns is in the weights) is pretrained on clean
-8×8 digits; from it, a clean fine-tune and one fine-tune per corruption (on the corrupted training split).
+Fashion-MNIST (a balanced subset of the official training split); from it, a clean fine-tune and one
+fine-tune per corruption (on the corrupted training split).
 Signatures of the first ``k`` conv layers are extracted, quantized to 8 and 4 bits, and patched into the clean
 model; two are composed; and the signatures are patched into a clean model that was fine-tuned further
-(transfer). Accuracy is measured on the corrupted test split.
+(transfer). Accuracy is measured on the corrupted test split (weightlab's corruptions as the
+out-of-distribution sets).
 Claims (paired by seed): patching recovers most of the robust model's gain on its corruption; unpatch restores
 the clean model bitwise; two signatures compose; 8-bit signatures are ≥ 8× smaller than a full weight copy
 with a small loss; signatures transfer.
@@ -20,14 +22,13 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
+from weightlab.data.corruptions import CORRUPTIONS
 from weightlab.errors import WeightlabError
-from weightlab.experiments._robust import corrupted_sets, digit_splits
+from weightlab.experiments._robust import RobustData, check_image_size, corrupted_sets, image_splits
 from weightlab.experiments.base import experiment
 from weightlab.experiments.configs import (
     Corruption,
     Count,
-    Digits,
-    DigitsSize,
     ExperimentConfig,
     Positive,
     Range,
@@ -52,31 +53,31 @@ from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed
 from weightlab.weights.io import module_bytes
 
-ALL_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                   "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-                   "jpeg_compression")
+ALL_CORRUPTIONS: tuple[Corruption, ...] = tuple(CORRUPTIONS)
 
 
 @dataclass(frozen=True)
 class RwsConfig(ExperimentConfig):
     seeds: Count = 5
-    data: Digits = "digits"
-    image_size: DigitsSize = 8
+    data: RobustData = "fashion-mnist"
+    image_size: Count = 14
+    n_train: Count = 300  # training images per class
+    n_test: Annotated[int, Range(1)] | None = 300  # test images per class (None: all 1,000)
     width: Count = 16
     k: Count = 2  # signed layers: the first k conv layers
-    pretrain_epochs: Count = 10
+    pretrain_epochs: Count = 20
     finetune_epochs: Count = 5
     lr: Positive = 3e-3
     finetune_lr: Positive = 1e-3
     batch_size: Count = 64
     severity: Severity = 5
-    # the corruptions that hurt the clean 8×8 model most (noise barely does at this size)
-    corruptions: tuple[Corruption, ...] = ("defocus_blur", "motion_blur", "contrast", "pixelate")
+    corruptions: tuple[Corruption, ...] = ALL_CORRUPTIONS
     bits: tuple[Annotated[int, Range(1, 8)], ...] = (8, 4)
 
     def check(self) -> None:
         if not self.corruptions:
             raise WeightlabError("corruptions must name at least one corruption")
+        check_image_size(self.data, self.image_size)
 
 
 def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConfig, *keys: object) -> None:
@@ -96,7 +97,8 @@ def _train(model: torch.nn.Module, data, epochs: int, lr: float, config: RwsConf
 
 def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     """Every model, signature and patched accuracy of one seed."""
-    train_set, _, test_set = digit_splits(config.image_size, val_fraction=0.0, seed=seed)
+    train_set, _, test_set = image_splits(config.data, config.image_size, n_train=config.n_train, n_val=0,
+                                          n_test=config.n_test, seed=seed)
     names = config.corruptions
     train_c = corrupted_sets(train_set, names, config.severity, seed=derive_seed(seed, "train"))
     test_c = corrupted_sets(test_set, names, config.severity, seed=derive_seed(seed, "test"))
@@ -128,6 +130,7 @@ def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
         sig = extract_signature(s_pre, s_clean, robust.state_dict(), keys)
         signatures[name] = sig
         row = {
+            "train gain": accuracy(robust, train_c[name]) - accuracy(clean, train_c[name]),  # picks the pair
             "clean": accuracy(clean, test_c[name]),
             "robust": accuracy(robust, test_c[name]),
             "patched": patched_acc(clean, [sig], test_c[name]),
@@ -144,12 +147,13 @@ def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     out["bitwise_restored"] = all(torch.equal(v, before[k]) for k, v in after.items())
     out["unpatch_max_abs_diff"] = max(float((v.double() - before[k].double()).abs().max()) for k, v in after.items())
     if len(names) >= 2:
-        a, b = names[0], names[1]
+        # the two corruptions whose robust fine-tune gained most on the corrupted *training* split
+        a, b = sorted(names, key=lambda n: -out["per_corruption"][n]["train gain"])[:2]
         out["compose"] = {
             "pair": [a, b],
             **{
-                f"{n} {kind}": acc
-                for n in (a, b)
+                f"{role} {kind}": acc
+                for role, n in (("first", a), ("second", b))
                 for kind, acc in (
                     ("clean", accuracy(clean, test_c[n])),
                     ("single", out["per_corruption"][n]["patched"]),
@@ -167,6 +171,8 @@ def trial(config: RwsConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
         },
     }
     out["clean test accuracy"] = accuracy(clean, test_set)
+    out["pretrain train accuracy"] = accuracy(pre, train_set)
+    out["n test"] = len(test_set)
     return out
 
 
@@ -225,11 +231,13 @@ def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
               paper="in-situ removable"),
     ]
     if all("compose" in r for r in per_seed):
-        pair = per_seed[0]["compose"]["pair"]
-        claims.append(claim(f"two signatures compose: {pair[0]} + {pair[1]} patched together beat the clean model "
-                            "on both corruptions",
-                            *(paired(f"composed − clean, {n}", [r["compose"][f"{n} composed"] for r in per_seed],
-                                     [r["compose"][f"{n} clean"] for r in per_seed]) for n in pair),
+        pairs = sorted({" + ".join(r["compose"]["pair"]) for r in per_seed})
+        claims.append(claim("two signatures compose: the pair with the largest training-split gains patched "
+                            f"together beats the clean model on both corruptions ({'; '.join(pairs)})",
+                            *(paired(f"composed − clean, {role} of the pair",
+                                     [r["compose"][f"{role} composed"] for r in per_seed],
+                                     [r["compose"][f"{role} clean"] for r in per_seed])
+                              for role in ("first", "second")),
                             paper="composable"))
     if 8 in config.bits:
         ratios = [r["storage"]["full copy (bytes)"] / r["storage"]["8-bit signature (bytes)"] for r in per_seed]
@@ -269,6 +277,10 @@ def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
         "(patched − clean) − 0.5·(robust − clean), averaged over the corruptions (no ratio).",
         "'patched clean-test' is the patched model's accuracy on the clean test split "
         f"(clean model: {pm([r['clean test accuracy'] for r in per_seed])} %).",
+        f"{config.data} at {config.image_size}×{config.image_size}, {config.n_train} training images per class; "
+        f"pretrained model's training accuracy {pm([r['pretrain train accuracy'] for r in per_seed])} %; "
+        f"n = {per_seed[0]['n test']} test images per corruption (binomial SE ≤ "
+        f"{50 / per_seed[0]['n test'] ** 0.5:.2f} pt per accuracy; the claims are paired by seed).",
     ]
     series = {c: [float(np.mean(vals(n, c))) for n in names]
               for c in ("clean", "robust", "patched", "further", "further patched")}
@@ -280,7 +292,8 @@ def summarise(config: RwsConfig, records: list[dict[str, Any]]) -> Results:
 
 experiment("rws", paper="rws", config=RwsConfig, trial=trial, summarise=summarise,
            summary="robust weight signatures: patch a clean CNN with per-corruption shallow-layer deltas",
-           profiles={"smoke": {"seeds": 1, "width": 8, "pretrain_epochs": 2, "finetune_epochs": 1,
+           profiles={"smoke": {"seeds": 1, "data": "digits", "image_size": 8, "n_train": 100, "n_test": None,
+                               "width": 8, "pretrain_epochs": 2, "finetune_epochs": 1,
                                "corruptions": ("defocus_blur", "contrast")},
-                     "full": {"seeds": 5, "image_size": 16, "width": 32, "pretrain_epochs": 30,
-                              "finetune_epochs": 15, "corruptions": ALL_CORRUPTIONS}})
+                     "full": {"seeds": 5, "image_size": 28, "n_train": 5000, "n_test": None, "width": 32,
+                              "pretrain_epochs": 30, "finetune_epochs": 15}})

@@ -1,4 +1,5 @@
-"""Adversarial examples and adversarial training shared by ``rift``, ``done`` and ``rws``."""
+"""Adversarial examples, adversarial training and the AutoAttack evaluation shared by ``rift``, ``done`` and
+``rws``."""
 
 from weightlab.methods.adversarial.attacks import (
     PGD,
@@ -12,12 +13,16 @@ from weightlab.methods.adversarial.attacks import (
     project,
     tail_metrics,
 )
+from weightlab.methods.adversarial.autoattack import AutoAttackConfig, AutoAttackResult, autoattack_evaluate
 
 __all__ = [
     "AdversarialTraining",
+    "AutoAttackConfig",
+    "AutoAttackResult",
     "PGD",
     "adversarial_dataset",
     "adversarial_predict",
+    "autoattack_evaluate",
     "check_images",
     "eval_mode",
     "fgsm",

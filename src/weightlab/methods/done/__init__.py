@@ -6,6 +6,7 @@ from weightlab.methods.done.dro import (
     RunningNormaliser,
     dro_objective,
     dro_weights,
+    effective_sample_size,
 )
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "DONEConfig",
     "RunningNormaliser",
     "dro_objective",
+    "effective_sample_size",
     "dro_weights",
 ]

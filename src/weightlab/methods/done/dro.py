@@ -8,7 +8,11 @@ so the gradient of the DRO objective ``r·log mean_i exp(ℓ_i / r)`` is ``Σ_i 
 training with detached weights (r → ∞ gives plain AT, r → 0 the max loss). The compositional variant (the
 paper's CID, without its implicit second-order term) replaces the batch normaliser ``mean_i exp(ℓ_i / r)`` by
 an SCGD running estimate ``u_t = (1 − β)·u_{t−1} + β·mean_batch exp(ℓ / r)`` tracked across batches, giving
-weights ``exp(ℓ_i / r) / (n·u_t)`` that sum to ≈ 1. Everything is done in log space.
+weights ``exp(ℓ_i / r) / (n·u_t)`` that sum to ≈ 1 only on average: the sum drifts (below 1 while the losses
+fall and ``u`` lags), which scales the learning rate. ``step_correction=True`` divides the weights by a
+running mean of their sums (same β), so the mean step is the per-batch form's while the batch-to-batch
+variation of the compositional estimate is kept. Every batch's weight sum and effective sample size
+``(Σw)² / Σw²`` are recorded (:meth:`DONE.diagnostics`). Everything is done in log space.
 
     train(model, data, cfg, callbacks=[DONE(PGD(eps=0.2, steps=3), DONEConfig(r=1.0))])
 
@@ -81,17 +85,28 @@ class DONEConfig:
         beta: momentum of the running normaliser; None uses the exact per-batch closed form.
         shuffle: a control — the DONE weights of each batch are randomly permuted over its samples, so the
             weight distribution is kept but the link to each sample's loss is cut.
+        step_correction: with ``beta``, divide the weights by a running mean (momentum ``beta``) of their
+            sums, so the running normaliser does not change the mean learning rate.
     """
 
     r: float = 1.0
     beta: float | None = None
     shuffle: bool = False
+    step_correction: bool = False
 
     def __post_init__(self) -> None:
         if not self.r > 0:
             raise WeightlabError(f"DONE r must be > 0 (or inf), got {self.r}")
         if self.beta is not None and not 0 < self.beta <= 1:
             raise WeightlabError(f"DONE beta must be in (0, 1] or None, got {self.beta}")
+        if self.step_correction and self.beta is None:
+            raise WeightlabError("DONE step_correction needs the running normaliser (a beta in (0, 1])")
+
+
+def effective_sample_size(weights: Tensor) -> float:
+    """Kish's effective sample size ``(Σw)² / Σw²`` of non-negative weights ``(B,)`` (B for uniform ones)."""
+    w = weights.detach().double()
+    return float(w.sum() ** 2 / (w * w).sum().clamp_min(1e-300))
 
 
 @register("method", "done")
@@ -107,16 +122,37 @@ class DONE(AdversarialTraining):
         super().__init__(attack)
         self.config = config
         self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)
+        self.mean_sum: float | None = None  # running mean of the weight sums (step_correction)
+        self.sums: list[float] = []  # per batch: Σw before any correction
+        self.ess: list[float] = []  # per batch: effective sample size / batch size
 
     def on_experience_start(self, state: LoopState) -> None:
         if self.normaliser is not None:
             self.normaliser.log_u = None
+        self.mean_sum = None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Median effective sample size (fraction of the batch) and the range of the weight sums over the
+        batches seen so far (NaN before the first batch)."""
+        if not self.sums:
+            return {"ess_fraction_median": math.nan, "weight_sum_min": math.nan, "weight_sum_median": math.nan,
+                    "weight_sum_max": math.nan}
+        sums = torch.tensor(self.sums)
+        return {"ess_fraction_median": float(torch.tensor(self.ess).median()), "weight_sum_min": float(sums.min()),
+                "weight_sum_median": float(sums.median()), "weight_sum_max": float(sums.max())}
 
     def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor:
         if self.normaliser is None or math.isinf(self.config.r):
             weights = dro_weights(losses, self.config.r)
         else:
             weights = self.normaliser.weights(losses)
+        total = float(weights.sum())
+        self.sums.append(total)
+        self.ess.append(effective_sample_size(weights) / weights.numel())
+        if self.config.step_correction:
+            beta = self.config.beta or 1.0
+            self.mean_sum = total if self.mean_sum is None else (1 - beta) * self.mean_sum + beta * total
+            weights = weights / self.mean_sum
         if self.config.shuffle:
             weights = weights[torch.randperm(weights.numel(), generator=state.generator).to(weights.device)]
         return weights.to(losses.dtype)
