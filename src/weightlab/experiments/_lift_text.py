@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-
 # Synonym sets: a "meaning" picks one set from each slot; its two phrasings pick different members.
 SUBJECTS = (("chef", "cook"), ("doctor", "physician"), ("child", "kid"), ("teacher", "instructor"),
             ("farmer", "grower"), ("pilot", "aviator"), ("lawyer", "attorney"), ("student", "pupil"),

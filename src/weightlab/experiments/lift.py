@@ -46,7 +46,7 @@ from weightlab.utils import derive_seed, seed_everything
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
 
 Method = Literal["full", "lora", "lift", "magnitude", "random"]
-METHODS: tuple[Method, ...] = ("full", "lora", "lift", "magnitude")
+METHODS: tuple[Method, ...] = ("lift", "full", "lora", "magnitude")  # the method under test first
 SPARSE = {"lift": "principal", "lift_randomized": "principal", "magnitude": "magnitude", "random": "random"}
 LORA_TARGETS = ("query", "key", "value", "dense")  # every nn.Linear of a BERT layer
 
