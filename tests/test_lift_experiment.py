@@ -94,7 +94,7 @@ def test_every_method_changes_what_its_budget_allows_on_the_real_weights() -> No
 def test_smoke_profile_writes_the_tables_claims_and_pareto_plot(tmp_path) -> None:
     out, results = run_experiment("lift", profile="smoke", out=tmp_path / "run")
     best = next(iter(results.tables.values()))
-    assert [r["method"] for r in best] == ["full", "lift"]
+    assert [r["method"] for r in best] == ["probe (no fine-tuning)", "full", "lift"]
     texts = [c.text for c in results.claims]
     assert any("full fine-tuning" in t for t in texts) and any("randomized" in t for t in texts)
     saved = json.loads((out / "results.json").read_text())
