@@ -34,6 +34,12 @@ def finite(values: Iterable[float]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error ``√(p(1 − p)/n)`` of an accuracy (or error rate) ``p`` measured on ``n`` points (NaN when
+    n = 0): how large a test set must be before a gap between two methods means anything."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
+
+
 def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
     """Mean of ``values`` and its two-sided 95% t interval (``None`` for fewer than two values).
 

@@ -15,7 +15,6 @@ and Tent's error grows over the rounds while CoTTA's does not.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,7 +46,7 @@ from weightlab.report import plots
 from weightlab.report.claims import seeds_phrase
 from weightlab.report.tables import pm
 from weightlab.runs import TrialContext
-from weightlab.stats import Effect, Side, effect, mean_ci95, paired
+from weightlab.stats import Effect, Side, binomial_se, effect, mean_ci95, paired
 from weightlab.train import TrainConfig, accuracy, predict, train
 from weightlab.utils import choose_device, derive_seed
 
@@ -310,7 +309,7 @@ def summarise_stream(config: CoTTAExperimentConfig, records: list[dict[str, Any]
         notes.append(f"{label}: CoTTA used the augmented teacher on {100 * frac:.0f}% of the batches")
     if "bn_adapt" in errors:
         p, n = float(first["bn_adapt"].mean()) / 100, records[0]["streams"][kind]["images_per_domain"]
-        one, mean = (100 * math.sqrt(p * (1 - p) / m) for m in (n, n * len(config.corruptions)))
+        one, mean = (100 * binomial_se(p, m) for m in (n, n * len(config.corruptions)))
         notes.append(f"{label}: binomial standard error at BN-adapt's error: {one:.2f} pp for one corruption "
                      f"({n} images), {mean:.2f} pp for a round's mean")
     return Results(tables=tables, claims=claims, notes=notes, figures={f"error_per_round_{kind}": figure})

@@ -40,7 +40,7 @@ from weightlab.methods.lift.model import LiftConfig, merge_and_unload, prepare
 from weightlab.report import plots
 from weightlab.report.tables import pm
 from weightlab.runs import TrialContext
-from weightlab.stats import paired
+from weightlab.stats import binomial_se, paired
 from weightlab.train import TrainConfig, accuracy, train
 from weightlab.utils import derive_seed, seed_everything
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
@@ -296,7 +296,7 @@ def summarise(config: LiftExperimentConfig, records: list[dict[str, Any]]) -> Re
     notes = [f"MiniLM-L6: the last {config.blocks} of 6 layers fine-tuned (the others frozen, their output cached) "
              f"— to fit the CPU budget; {config.max_length} tokens per e-mail (subject + body), {config.n_train} "
              f"train / {config.n_val} validation e-mails per seed, {n} test e-mails",
-             f"test n = {n}: binomial standard error at LIFT's accuracy = {100 * np.sqrt(acc * (1 - acc) / n):.2f} "
+             f"test n = {n}: binomial standard error at LIFT's accuracy = {100 * binomial_se(acc, n):.2f} "
              "points",
              f"budget k = (m + n)·{config.lora_rank} per matrix (LoRA rank {config.lora_rank}); filter rank "
              f"{config.filter_rank}; masks refreshed every {config.refresh_every} steps; full FT trains every "

@@ -13,7 +13,6 @@ the gap is smaller at 3 bits.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -30,7 +29,7 @@ from weightlab.report import plots
 from weightlab.report.claims import seeds_phrase
 from weightlab.report.tables import mean_std, pm
 from weightlab.runs import TrialContext
-from weightlab.stats import Effect, Side, effect, paired
+from weightlab.stats import Effect, Side, binomial_se, effect, paired
 
 Method = Literal["lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga"]
 METHODS: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga")
@@ -99,11 +98,6 @@ def trial(config: OfqConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
             done = ctx.cached(f"qat/w{bits}/{unit}", lambda b=bits, u=unit: run_unit(config, ctx, fp, b, u, data))
             record["runs"].update({f"w{bits}/{name}": summary for name, summary in done.items()})
     return record
-
-
-def binomial_se(p: float, n: int) -> float:
-    """Standard error ``√(p(1 − p)/n)`` of an accuracy ``p`` measured on ``n`` test images."""
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
 
 
 def _tables(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> dict[str, list[dict[str, Any]]]:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from weightlab.data.arrays import ArrayDataset, DataLike, as_array_dataset
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import check_images, eval_mode, tail_metrics
+from weightlab.stats import binomial_se  # re-exported: the AutoAttack API reports it
 
 AttackName = Literal["apgd-ce", "apgd-t", "fab-t", "square"]
 STANDARD: tuple[AttackName, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -177,11 +178,6 @@ def per_class_rate(hits: Tensor, y: Tensor, num_classes: int) -> Tensor:
     sums = torch.zeros(num_classes).index_add_(0, y, hits.float())
     counts = torch.bincount(y, minlength=num_classes).float()
     return sums / counts.where(counts > 0, torch.tensor(float("nan")))
-
-
-def binomial_se(p: float, n: int) -> float:
-    """Standard error ``√(p(1 − p)/n)`` of an accuracy ``p`` measured on ``n`` points (NaN when n = 0)."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
 
 
 def autoattack_evaluate(model: nn.Module, data: DataLike, config: AutoAttackConfig) -> AutoAttackResult:
