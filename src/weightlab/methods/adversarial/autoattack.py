@@ -32,7 +32,7 @@ from weightlab.stats import binomial_se  # re-exported: the AutoAttack API repor
 
 AttackName = Literal["apgd-ce", "apgd-t", "fab-t", "square"]
 STANDARD: tuple[AttackName, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
-INSTALL = "pip install 'weightlab[attacks]' (or: pip install 'torchattacks>=3.5')"
+INSTALL = "pip install 'weightlab[attacks]' && pip install --no-deps 'torchattacks>=3.5'"
 
 
 @dataclass(frozen=True)
