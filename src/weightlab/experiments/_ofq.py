@@ -33,21 +33,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Arm:
-    """One QAT arm: its weight quantizer, QKR, Nagel et al.'s freezing, CGA in the last phase."""
+    """One QAT arm: its weight quantizer, QKR, Nagel et al.'s freezing, CGA in the last phase, and whether its
+    activations use OFQ's quantizer (the config's ``act_granularity`` / ``act_shift``) or per-tensor LSQ."""
 
     method: str
     qkr: bool = False
     freezing: bool = False
     cga: bool = False
+    act: bool = False
 
     @property
     def unit(self) -> str:
         """The arms that share a first phase (StatsQ + QKR with and without CGA) share this key."""
-        return f"{self.method}{'+qkr' if self.qkr else ''}{'+freezing' if self.freezing else ''}"
+        return (f"{self.method}{'+qkr' if self.qkr else ''}{'+freezing' if self.freezing else ''}"
+                f"{'+act' if self.act else ''}")
 
 
 ARMS = {"lsq": Arm("lsq"), "lsq+freezing": Arm("lsq", freezing=True), "statsq": Arm("statsq"),
-        "statsq+qkr": Arm("statsq", qkr=True), "statsq+qkr+cga": Arm("statsq", qkr=True, cga=True)}
+        "statsq+qkr": Arm("statsq", qkr=True), "statsq+qkr+cga": Arm("statsq", qkr=True, cga=True),
+        "statsq+qkr+act": Arm("statsq", qkr=True, act=True),
+        "statsq+qkr+cga+act": Arm("statsq", qkr=True, cga=True, act=True)}
+
+
+def quant_config(config: OfqConfig, bits: int, arm: Arm) -> QuantConfig:
+    """The arm's :class:`QuantConfig` at ``bits``: OFQ's activation quantizer for the ``+act`` arms."""
+    act = {"act_granularity": config.act_granularity, "act_shift": config.act_shift} if arm.act else {}
+    return QuantConfig(bits_w=bits, bits_a=bits, method=arm.method, qkr=arm.qkr, **act)
 
 
 def splits(config: OfqConfig) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
@@ -152,8 +163,7 @@ def run_unit(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, uni
     arms = {name: arm for name, arm in ARMS.items() if arm.unit == unit and name in config.methods}
     first = next(iter(arms.values()))
     seed = ctx.seeded(bits, unit)
-    quant = QuantConfig(bits_w=bits, bits_a=bits, method=first.method, qkr=first.qkr)
-    model = prepare(copy.deepcopy(fp), quant).model
+    model = prepare(copy.deepcopy(fp), quant_config(config, bits, first)).model
     osc = OscillationConfig(threshold=config.osc_threshold, skip=("head",), window=config.osc_window,
                             record_every=config.osc_record_every)
     tracker = OscillationTracker(model, osc)
