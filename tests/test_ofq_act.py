@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from weightlab.errors import WeightlabError
 from weightlab.methods.quant.act import ActOptions, OfqActQuantizer, make_act_quantizer, token_step_init
@@ -201,3 +203,18 @@ def test_bad_inputs_and_options() -> None:
         QuantConfig(act_granularity="channel")
     with pytest.raises(WeightlabError, match="need bits_a"):
         QuantConfig(bits_a=None, act_shift=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), heads=st.booleans())
+def test_outputs_lie_on_the_shifted_per_token_grid(seed: int, bits: int, heads: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (3, 2, 4, 5) if heads else (3, 4, 5)
+    x = 2 * torch.randn(*shape, generator=gen)
+    q = OfqActQuantizer(bits, options=BOTH)
+    q(x)
+    with torch.no_grad():
+        q.shift.copy_(torch.randn(q.shift.shape, generator=gen))
+    codes = (q(x).detach() - q.shift.detach()) / q.step.detach()
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert codes.round().min() >= -q.qn and codes.round().max() <= q.qp

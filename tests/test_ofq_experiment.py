@@ -53,3 +53,6 @@ def test_cli_rejects_bad_bits_methods_and_window(tmp_path, capsys) -> None:
     assert "methods: 'pact' is not one of lsq" in capsys.readouterr().err
     assert main(["run", "ofq", "--profile", "smoke", "--set", "osc_window=41", "--out", str(tmp_path / "c")]) == 2
     assert "osc_window (41) must be ≤ cga_steps (40)" in capsys.readouterr().err
+    plain = ["--set", "act_granularity=tensor", "--set", "act_shift=false", "--out", str(tmp_path / "d")]
+    assert main(["run", "ofq", "--profile", "smoke", *plain]) == 2
+    assert "the '+act' arms need act_granularity='token' or act_shift=true" in capsys.readouterr().err
