@@ -26,6 +26,8 @@ def test_smoke_profile_runs_the_equal_budget_arms(tmp_path) -> None:
     assert {r["window_steps"] for r in runs.values()} == {20}  # and the same final window
     ours, control, act = runs["w2/statsq+qkr+cga"], runs["w2/statsq+qkr"], runs["w2/statsq+qkr+cga+act"]
     assert act["final_loss"] != ours["final_loss"] and 0 < act["trainable"] < 0.05  # its own first phase
+    assert act["act_step_spread"] > 1 and act["act_shift_steps"] > 0  # steps differ per token, shifts moved
+    assert "act_step_spread" not in ours
     assert 0 < ours["trainable"] < 0.05  # CGA kept few weights trainable ...
     assert ours["phase2_change_rate"] < control["phase2_change_rate"]  # ... so fewer codes moved
     assert ours["per_module"]["attn.v"] <= control["per_module"]["attn.v"]  # v is frozen by CGA, W_qk is not

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from weightlab.data import ArrayDataset, load_dataset
+from weightlab.methods.quant.act import OfqActQuantizer
 from weightlab.methods.quant.api import QuantConfig, prepare
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing
 from weightlab.methods.quant.distill import SoftHardDistillation
@@ -191,4 +192,23 @@ def run_unit(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, uni
             out[name]["trainable"] = float(np.mean(cga[0].trainable_fraction))
         if freezing:
             out[name]["frozen"] = freezing[0].frozen_fraction[-1]
+        if arm.act:
+            out[name].update(act_diagnostics(m))
     return out
+
+
+@torch.no_grad()
+def act_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Whether OFQ's activation options did anything: the mean ratio of the largest to the smallest per-token
+    step of a quantizer, and the mean |shift| in units of its quantizer's mean step (0 without them)."""
+    spread, shift = [], []
+    for m in model.modules():
+        if not isinstance(m, OfqActQuantizer):
+            continue
+        step = m.step.clamp_min(1e-5)
+        if m.per_token:
+            spread.append(float(step.max() / step.min()))
+        if m.shift is not None:
+            shift.append(float(m.shift.abs().mean() / step.mean()))
+    return {"act_step_spread": float(np.mean(spread)) if spread else 1.0,
+            "act_shift_steps": float(np.mean(shift)) if shift else 0.0}

@@ -250,6 +250,11 @@ def _notes(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> l
         if results.get((bits, "lsq+freezing")):
             frozen = mean_std([r["frozen"] for r in results[(bits, "lsq+freezing")]])[0]
             parts.append(f"iterative freezing froze {100 * frozen:.2f}% of the LSQ weights")
+        if results.get((bits, OURS_ACT)):
+            rs = results[(bits, OURS_ACT)]
+            spread, shift = (mean_std([r[k] for r in rs])[0] for k in ("act_step_spread", "act_shift_steps"))
+            parts.append(f"OFQ act.: the largest per-token step of a quantizer is {spread:.2f}× its smallest "
+                         f"(mean over quantizers) and the mean |shift| is {shift:.3f} steps")
         if parts:
             notes.append(f"W{bits}: " + "; ".join(parts) + ".")
     return notes
