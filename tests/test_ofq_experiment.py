@@ -16,13 +16,18 @@ def test_smoke_profile_runs_the_equal_budget_arms(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     main_table, per_module, teacher = results["tables"].values()
     assert [r["method"] for r in main_table] == ["full precision (teacher)", "LSQ", "LSQ + iterative freezing",
-                                                 "StatsQ + QKR", "StatsQ + QKR + CGA"]
-    assert len(results["claims"]) == 4 and all(isinstance(c["held"], bool) for c in results["claims"])
+                                                 "StatsQ + QKR", "StatsQ + QKR + CGA",
+                                                 "StatsQ + QKR + CGA, OFQ act."]
+    assert len(results["claims"]) == 5 and all(isinstance(c["held"], bool) for c in results["claims"])
+    assert "OFQ's activation quantizer" in results["claims"][-1]["text"]
     config = results["records"]["0"]
     runs = config["runs"]
     assert {r["steps"] for r in runs.values()} == {60 + 40}  # the same budget for every arm
     assert {r["window_steps"] for r in runs.values()} == {20}  # and the same final window
-    ours, control = runs["w2/statsq+qkr+cga"], runs["w2/statsq+qkr"]
+    ours, control, act = runs["w2/statsq+qkr+cga"], runs["w2/statsq+qkr"], runs["w2/statsq+qkr+cga+act"]
+    assert act["final_loss"] != ours["final_loss"] and 0 < act["trainable"] < 0.05  # its own first phase
+    assert act["act_step_spread"] > 1 and act["act_shift_steps"] > 0  # steps differ per token, shifts moved
+    assert "act_step_spread" not in ours
     assert 0 < ours["trainable"] < 0.05  # CGA kept few weights trainable ...
     assert ours["phase2_change_rate"] < control["phase2_change_rate"]  # ... so fewer codes moved
     assert ours["per_module"]["attn.v"] <= control["per_module"]["attn.v"]  # v is frozen by CGA, W_qk is not
@@ -50,3 +55,6 @@ def test_cli_rejects_bad_bits_methods_and_window(tmp_path, capsys) -> None:
     assert "methods: 'pact' is not one of lsq" in capsys.readouterr().err
     assert main(["run", "ofq", "--profile", "smoke", "--set", "osc_window=41", "--out", str(tmp_path / "c")]) == 2
     assert "osc_window (41) must be ≤ cga_steps (40)" in capsys.readouterr().err
+    plain = ["--set", "act_granularity=tensor", "--set", "act_shift=false", "--out", str(tmp_path / "d")]
+    assert main(["run", "ofq", "--profile", "smoke", *plain]) == 2
+    assert "the '+act' arms need act_granularity='token' or act_shift=true" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from weightlab.data import ArrayDataset, load_dataset
+from weightlab.methods.quant.act import OfqActQuantizer
 from weightlab.methods.quant.api import QuantConfig, prepare
 from weightlab.methods.quant.cga import CGAConfig, ConfidenceGuidedAnnealing
 from weightlab.methods.quant.distill import SoftHardDistillation
@@ -33,21 +34,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Arm:
-    """One QAT arm: its weight quantizer, QKR, Nagel et al.'s freezing, CGA in the last phase."""
+    """One QAT arm: its weight quantizer, QKR, Nagel et al.'s freezing, CGA in the last phase, and whether its
+    activations use OFQ's quantizer (the config's ``act_granularity`` / ``act_shift``) or per-tensor LSQ."""
 
     method: str
     qkr: bool = False
     freezing: bool = False
     cga: bool = False
+    act: bool = False
 
     @property
     def unit(self) -> str:
         """The arms that share a first phase (StatsQ + QKR with and without CGA) share this key."""
-        return f"{self.method}{'+qkr' if self.qkr else ''}{'+freezing' if self.freezing else ''}"
+        return (f"{self.method}{'+qkr' if self.qkr else ''}{'+freezing' if self.freezing else ''}"
+                f"{'+act' if self.act else ''}")
 
 
 ARMS = {"lsq": Arm("lsq"), "lsq+freezing": Arm("lsq", freezing=True), "statsq": Arm("statsq"),
-        "statsq+qkr": Arm("statsq", qkr=True), "statsq+qkr+cga": Arm("statsq", qkr=True, cga=True)}
+        "statsq+qkr": Arm("statsq", qkr=True), "statsq+qkr+cga": Arm("statsq", qkr=True, cga=True),
+        "statsq+qkr+act": Arm("statsq", qkr=True, act=True),
+        "statsq+qkr+cga+act": Arm("statsq", qkr=True, cga=True, act=True)}
+
+
+def quant_config(config: OfqConfig, bits: int, arm: Arm) -> QuantConfig:
+    """The arm's :class:`QuantConfig` at ``bits``: OFQ's activation quantizer for the ``+act`` arms."""
+    act = {"act_granularity": config.act_granularity, "act_shift": config.act_shift} if arm.act else {}
+    return QuantConfig(bits_w=bits, bits_a=bits, method=arm.method, qkr=arm.qkr, **act)
 
 
 def splits(config: OfqConfig) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
@@ -152,8 +164,7 @@ def run_unit(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, uni
     arms = {name: arm for name, arm in ARMS.items() if arm.unit == unit and name in config.methods}
     first = next(iter(arms.values()))
     seed = ctx.seeded(bits, unit)
-    quant = QuantConfig(bits_w=bits, bits_a=bits, method=first.method, qkr=first.qkr)
-    model = prepare(copy.deepcopy(fp), quant).model
+    model = prepare(copy.deepcopy(fp), quant_config(config, bits, first)).model
     osc = OscillationConfig(threshold=config.osc_threshold, skip=("head",), window=config.osc_window,
                             record_every=config.osc_record_every)
     tracker = OscillationTracker(model, osc)
@@ -181,4 +192,23 @@ def run_unit(config: OfqConfig, ctx: TrialContext, fp: nn.Module, bits: int, uni
             out[name]["trainable"] = float(np.mean(cga[0].trainable_fraction))
         if freezing:
             out[name]["frozen"] = freezing[0].frozen_fraction[-1]
+        if arm.act:
+            out[name].update(act_diagnostics(m))
     return out
+
+
+@torch.no_grad()
+def act_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Whether OFQ's activation options did anything: the mean ratio of the largest to the smallest per-token
+    step of a quantizer, and the mean |shift| in units of its quantizer's mean step (0 without them)."""
+    spread, shift = [], []
+    for m in model.modules():
+        if not isinstance(m, OfqActQuantizer):
+            continue
+        step = m.step.clamp_min(1e-5)
+        if m.per_token:
+            spread.append(float(step.max() / step.min()))
+        if m.shift is not None:
+            shift.append(float(m.shift.abs().mean() / step.mean()))
+    return {"act_step_spread": float(np.mean(spread)) if spread else 1.0,
+            "act_shift_steps": float(np.mean(shift)) if shift else 0.0}

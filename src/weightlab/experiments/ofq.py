@@ -4,7 +4,9 @@ Per seed a full-precision TinyViT is trained once (the teacher); from it, QAT at
 activations) for every arm with the **same steps and schedule**: a cosine QAT phase of ``qat_steps``, then
 ``cga_steps`` at the constant ``cga_lr``. Arms: LSQ; LSQ + Nagel et al.'s iterative freezing (the oscillation
 baseline); StatsQ; StatsQ + QKR; StatsQ + QKR + CGA (CGA acts in the last phase only; it shares the first
-phase with StatsQ + QKR, which is therefore also the "same steps without freezing" control). Every arm
+phase with StatsQ + QKR, which is therefore also the "same steps without freezing" control); and StatsQ + QKR
+(+ CGA) with OFQ's activation quantizer (``+act``: per-token LSQ steps and learnable shifts, the reference's
+setting; ``act_granularity`` / ``act_shift``), beside the per-tensor arms rather than replacing them. Every arm
 distils from the FP teacher (soft + hard, as the reference; ``kd``). Oscillation is counted as flip-backs of
 the integer codes in the final ``osc_window`` steps, per module, so it does not depend on an EMA's decay.
 Claims (paper): at 2 bits StatsQ + QKR + CGA has fewer oscillating weights and higher accuracy than LSQ;
@@ -31,15 +33,19 @@ from weightlab.report.tables import mean_std, pm
 from weightlab.runs import TrialContext
 from weightlab.stats import Effect, Side, binomial_se, effect, paired
 
-Method = Literal["lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga"]
-METHODS: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga")
+Method = Literal["lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga", "statsq+qkr+act",
+                 "statsq+qkr+cga+act"]
+METHODS: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq", "statsq+qkr", "statsq+qkr+cga", "statsq+qkr+act",
+                               "statsq+qkr+cga+act")
 LABELS = {"lsq": "LSQ", "lsq+freezing": "LSQ + iterative freezing", "statsq": "StatsQ",
-          "statsq+qkr": "StatsQ + QKR", "statsq+qkr+cga": "StatsQ + QKR + CGA"}
+          "statsq+qkr": "StatsQ + QKR", "statsq+qkr+cga": "StatsQ + QKR + CGA",
+          "statsq+qkr+act": "StatsQ + QKR, OFQ act.", "statsq+qkr+cga+act": "StatsQ + QKR + CGA, OFQ act."}
 KINDS = {"attn.qkv": "qkv", "attn.qk": "W_qk", "attn.v": "v", "attn.proj": "proj", "mlp.fc1": "fc1",
          "mlp.fc2": "fc2"}
 # OFQ Table (DeiT-T, ImageNet top-1 %, W/A bits); FP 72.02. LSQ-only rows are not in the spec notes.
-PAPER = {("statsq+qkr+cga", 2): "64.33 (DeiT-T W2A2)", ("statsq+qkr+cga", 3): "72.72 (DeiT-T W3A3)"}
-OURS, BASE = "statsq+qkr+cga", "lsq"
+PAPER = {(m, b): f"{acc} (DeiT-T W{b}A{b})" for m in ("statsq+qkr+cga", "statsq+qkr+cga+act")
+         for b, acc in ((2, "64.33"), (3, "72.72"))}
+OURS, BASE, OURS_ACT = "statsq+qkr+cga", "lsq", "statsq+qkr+cga+act"
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,24 @@ class OfqConfig(ExperimentConfig):
     osc_threshold: Positive = 0.005
     osc_record_every: Count = 10
     bits: tuple[Annotated[int, Range(2, 8)], ...] = (2, 3)
-    methods: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq+qkr", "statsq+qkr+cga")
+    methods: tuple[Method, ...] = ("lsq", "lsq+freezing", "statsq+qkr", "statsq+qkr+cga", "statsq+qkr+cga+act")
+    act_granularity: Literal["tensor", "token"] = "token"
+    act_shift: bool = True
+    act_bits: tuple[Annotated[int, Range(2, 8)], ...] = (2,)
+
+    def methods_at(self, bits: int) -> tuple[Method, ...]:
+        """The arms run at ``bits``: the ``+act`` arms only at ``act_bits`` (their claim is at 2 bits)."""
+        return tuple(m for m in self.methods if not m.endswith("+act") or bits in self.act_bits)
 
     def check(self) -> None:
         for b in self.bits:
             lsq_range(check_bits(b, what="ofq bits"), signed=True)
         if not self.bits or not self.methods:
             raise WeightlabError("bits and methods must not be empty")
+        if any(m.endswith("+act") for m in self.methods) and self.act_granularity == "tensor" \
+                and not self.act_shift:
+            raise WeightlabError("the '+act' arms need act_granularity='token' or act_shift=true "
+                                 "(with neither they repeat the per-tensor arms)")
         if self.osc_window > self.cga_steps:
             raise WeightlabError(f"osc_window ({self.osc_window}) must be ≤ cga_steps ({self.cga_steps}): "
                                  "oscillation is counted in the final steps")
@@ -92,9 +109,8 @@ def trial(config: OfqConfig, seed: int, ctx: TrialContext) -> dict[str, Any]:
     data = splits(config)
     fp, diagnostics = fp_teacher(config, ctx, data)
     record: dict[str, Any] = {"fp": diagnostics, "n_test": len(data[2]), "runs": {}}
-    units = dict.fromkeys(ARMS[m].unit for m in config.methods)  # ordered set
     for bits in config.bits:
-        for unit in units:
+        for unit in dict.fromkeys(ARMS[m].unit for m in config.methods_at(bits)):  # ordered set
             done = ctx.cached(f"qat/w{bits}/{unit}", lambda b=bits, u=unit: run_unit(config, ctx, fp, b, u, data))
             record["runs"].update({f"w{bits}/{name}": summary for name, summary in done.items()})
     return record
@@ -111,7 +127,7 @@ def _tables(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> 
                  "train loss, final window": f"{np.mean([r['fp']['loss_curve'][-1] for r in records]):.3f}",
                  "paper top-1 (%)": "72.02 (DeiT-T)"})
     for bits in config.bits:
-        for m in config.methods:
+        for m in config.methods_at(bits):
             rs = results[(bits, m)]
             acc = [r["acc"] for r in rs]
             rows.append({"W/A bits": f"{bits}/{bits}", "method": LABELS[m], "top-1 (%)": pm(acc),
@@ -182,6 +198,12 @@ def _claims(config: OfqConfig, results: dict) -> list:
                             "freezing", diff(2, OURS, "lsq+freezing", "acc", ">"),
                             measured=measured(2, "acc", "lsq+freezing", OURS),
                             paper="OFQ above oscillation dampening / freezing (Nagel et al. 2022)"))
+    if {OURS_ACT, OURS} <= have and 2 in config.bits and 2 in config.act_bits:
+        claims.append(claim("(ablation) at 2 bits OFQ's activation quantizer makes StatsQ + QKR + CGA more "
+                            "accurate than per-tensor LSQ activations", diff(2, OURS_ACT, OURS, "acc", ">"),
+                            measured=measured(2, "acc", OURS, OURS_ACT),
+                            paper="the reference's setting behind its DeiT numbers (per-token LSQ, learnable "
+                                  "biases); no ablation of it is reported"))
     if {BASE, "statsq"} <= have and 2 in config.bits:
         claims.append(claim("(ablation) at 2 bits StatsQ (scale not learned) has fewer oscillating weights than "
                             "LSQ (learned scale)", diff(2, "statsq", BASE, "osc", "<"),
@@ -212,6 +234,12 @@ def _notes(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> l
              f"{config.osc_threshold} at the end, for comparison.",
              f"LSQ + iterative freezing: Nagel et al.'s threshold annealed (cosine) from {config.freeze_threshold} "
              f"to {config.freeze_final_threshold} over the QAT phase, then kept."]
+    act_bits = [b for b in config.bits if b in config.act_bits]
+    if act_bits and any(m.endswith("+act") for m in config.methods):
+        notes.append(f"OFQ act. (the '+act' arms, run at {', '.join(f'W{b}' for b in act_bits)} only): activation "
+                     f"LSQ with {'one step per token' if config.act_granularity == 'token' else 'one step'}"
+                     f"{' and a learned per-channel shift (LSQ+ form, starting at 0)' if config.act_shift else ''}"
+                     "; every other arm: one step per tensor, no shift. The same steps and schedule as every arm.")
     for bits in config.bits:
         parts = []
         if results.get((bits, OURS)):
@@ -222,17 +250,22 @@ def _notes(config: OfqConfig, records: list[dict[str, Any]], results: dict) -> l
         if results.get((bits, "lsq+freezing")):
             frozen = mean_std([r["frozen"] for r in results[(bits, "lsq+freezing")]])[0]
             parts.append(f"iterative freezing froze {100 * frozen:.2f}% of the LSQ weights")
+        if results.get((bits, OURS_ACT)):
+            rs = results[(bits, OURS_ACT)]
+            spread, shift = (mean_std([r[k] for r in rs])[0] for k in ("act_step_spread", "act_shift_steps"))
+            parts.append(f"OFQ act.: the largest per-token step of a quantizer is {spread:.2f}× its smallest "
+                         f"(mean over quantizers) and the mean |shift| is {shift:.3f} steps")
         if parts:
             notes.append(f"W{bits}: " + "; ".join(parts) + ".")
     return notes
 
 
 def summarise(config: OfqConfig, records: list[dict[str, Any]]) -> Results:
-    results = {(b, m): [r["runs"][f"w{b}/{m}"] for r in records] for b in config.bits for m in config.methods}
+    results = {(b, m): [r["runs"][f"w{b}/{m}"] for r in records] for b in config.bits for m in config.methods_at(b)}
     figures = {}
     for bits in config.bits:
         series = {LABELS[m]: (100 * np.mean([r["history"] for r in results[(bits, m)]], axis=0)).tolist()
-                  for m in config.methods}
+                  for m in config.methods_at(bits)}
         figures[f"oscillation_w{bits}"] = plots.curves(
             series, title=f"W{bits}A{bits}: oscillating weights (EMA) during QAT ({seeds_phrase(len(records))})",
             xlabel=f"QAT step / {config.osc_record_every}", ylabel=f"% weights with osc. EMA > {config.osc_threshold}")

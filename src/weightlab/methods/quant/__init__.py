@@ -2,11 +2,13 @@
 
 ``prepare(model, QuantConfig(...))`` returns a :class:`Quantized` handle (``.model``, ``.config``, ``.layers``,
 ``convert()``, ``packed_state()``); the modules hold the pieces: :mod:`.api`, :mod:`.lsq`, :mod:`.statsq`,
-:mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation` (the tracker), :mod:`.cga` (confidence-guided annealing),
+:mod:`.act` (OFQ's per-token activation steps and shifts), :mod:`.layers`, :mod:`.qkr`, :mod:`.oscillation`
+(the tracker), :mod:`.cga` (confidence-guided annealing),
 :mod:`.freezing` (Nagel et al.'s iterative freezing, the oscillation baseline) and :mod:`.distill` (soft + hard
 distillation from the full-precision teacher).
 """
 
+from weightlab.methods.quant.act import ActOptions, OfqActQuantizer
 from weightlab.methods.quant.api import (
     METHODS,
     QuantConfig,
@@ -26,11 +28,13 @@ from weightlab.methods.quant.oscillation import OscillationConfig, OscillationTr
 from weightlab.methods.quant.qkr import QKRAttention
 
 __all__ = [
+    "ActOptions",
     "CGAConfig",
     "ConfidenceGuidedAnnealing",
     "FreezingConfig",
     "IterativeFreezing",
     "METHODS",
+    "OfqActQuantizer",
     "OscillationConfig",
     "OscillationTracker",
     "QKRAttention",

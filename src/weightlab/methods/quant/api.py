@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.quant.act import ActOptions
 from weightlab.methods.quant.layers import IntWeight, QuantAttention, QuantLinear, is_attention
 from weightlab.methods.quant.lsq import check_bits, lsq_range
 from weightlab.methods.quant.pack import pack_codes, unpack_codes
@@ -31,6 +32,7 @@ from weightlab.methods.quant.qkr import QKRAttention
 from weightlab.registry import register
 
 METHODS = ("lsq", "statsq")
+ACT_GRANULARITIES = ("tensor", "token")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class QuantConfig:
         head_bits: bits of the classifier head (weights and inputs, LSQ); None keeps it float.
         head_names: names (last component) of classifier heads.
         skip: ``fnmatch`` patterns of module names to leave in full precision.
+        act_granularity: activation LSQ steps: ``"tensor"`` (one per quantizer) or ``"token"`` (one per token
+            position, OFQ's setting for ViTs; the head's ``(B, C)`` input stays per tensor).
+        act_shift: learn a per-channel shift ``β`` with each signed activation step (LSQ+ form,
+            ``round_clip((x − β)/s)·s + β``, ``β`` starting at 0; OFQ's learnable biases).
     """
 
     bits_w: int = 2
@@ -54,6 +60,13 @@ class QuantConfig:
     head_bits: int | None = 8
     head_names: tuple[str, ...] = ("head", "head_dist")
     skip: tuple[str, ...] = ()
+    act_granularity: Literal["tensor", "token"] = "tensor"
+    act_shift: bool = False
+
+    @property
+    def act(self) -> ActOptions:
+        """The activation quantizers' options of the blocks."""
+        return ActOptions(per_token=self.act_granularity == "token", shift=self.act_shift)
 
     def __post_init__(self) -> None:
         check_bits(self.bits_w, what="bits_w")
@@ -66,6 +79,14 @@ class QuantConfig:
             raise WeightlabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method == "lsq":
             lsq_range(self.bits_w, signed=True)
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise WeightlabError(f"act_granularity must be one of {', '.join(ACT_GRANULARITIES)}, "
+                                 f"got {self.act_granularity!r}")
+        if not isinstance(self.act_shift, bool):
+            raise WeightlabError(f"act_shift must be True or False, got {self.act_shift!r}")
+        if self.bits_a is None and not self.act.plain:
+            raise WeightlabError("act_granularity='token' and act_shift=True quantize activations; "
+                                 "they need bits_a (got bits_a=None)")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -131,7 +152,7 @@ def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> Quantized:
             f"'num_heads' (timm's names); {type(model).__name__} has none "
             f"(Linear layers: {', '.join(linears) or 'none'}; "
             f"layer types: {_found(model)})")
-    options = {"bits_w": config.bits_w, "bits_a": config.bits_a, "method": config.method}
+    options = {"bits_w": config.bits_w, "bits_a": config.bits_a, "method": config.method, "act": config.act}
     layers: dict[str, nn.Module] = {}
     for name in attentions:
         attn = model.get_submodule(name)
@@ -147,7 +168,8 @@ def prepare(model: nn.Module, config: QuantConfig = QuantConfig()) -> Quantized:
         if name.rpartition(".")[2] in config.head_names:
             if config.head_bits is None:
                 continue
-            layer = QuantLinear(module, bits_w=config.head_bits, bits_a=config.head_bits, method="lsq")
+            layer = QuantLinear(module, bits_w=config.head_bits, bits_a=config.head_bits, method="lsq",
+                                act=ActOptions(shift=config.act_shift))  # (B, C) input: per tensor
         else:
             layer = QuantLinear(module, **options)
         _set_module(model, name, layer)

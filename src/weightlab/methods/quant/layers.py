@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.quant.lsq import LsqActQuantizer, LsqWeightQuantizer
+from weightlab.methods.quant.act import ActOptions, make_act_quantizer
+from weightlab.methods.quant.lsq import LsqWeightQuantizer
 from weightlab.methods.quant.statsq import StatsQuantizer
 
 WeightQuantizer = LsqWeightQuantizer | StatsQuantizer
@@ -26,11 +27,6 @@ def make_weight_quantizer(weight: Tensor, bits: int, method: str) -> WeightQuant
     if method == "statsq":
         return StatsQuantizer(bits)
     raise WeightlabError(f"quantization method must be 'lsq' or 'statsq', got {method!r}")
-
-
-def make_act_quantizer(bits: int | None, *, signed: bool = True) -> nn.Module:
-    """An LSQ activation quantizer, or the identity when ``bits`` is None (full-precision activations)."""
-    return nn.Identity() if bits is None else LsqActQuantizer(bits, signed=signed)
 
 
 class IntWeight(nn.Module):
@@ -55,17 +51,19 @@ class IntWeight(nn.Module):
 class QuantLinear(nn.Module):
     """``y = x̂ Ŵᵀ + b``: a Linear with a fake-quantized weight and (optionally) LSQ-quantized inputs.
 
-    It shares the float ``weight`` and ``bias`` Parameters of the Linear it replaces.
+    It shares the float ``weight`` and ``bias`` Parameters of the Linear it replaces; ``act`` chooses the input
+    quantizer (per-tensor LSQ by default; :class:`~.act.ActOptions` for OFQ's per-token steps and shifts).
     """
 
-    def __init__(self, linear: nn.Linear, *, bits_w: int, bits_a: int | None, method: str) -> None:
+    def __init__(self, linear: nn.Linear, *, bits_w: int, bits_a: int | None, method: str,
+                 act: ActOptions = ActOptions()) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits = bits_w
         self.weight: nn.Parameter | None = linear.weight
         self.bias = linear.bias
         self.weight_quantizer: nn.Module | None = make_weight_quantizer(linear.weight, bits_w, method)
-        self.input_quantizer = make_act_quantizer(bits_a)
+        self.input_quantizer = make_act_quantizer(bits_a, options=act)
         self.int_weight: IntWeight | None = None
 
     def quantized_weight(self) -> Tensor:
@@ -94,6 +92,11 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+
+
+def unsigned_options(act: ActOptions) -> ActOptions:
+    """The options of the unsigned (softmax) quantizer: per-token as the others, never shifted."""
+    return ActOptions(per_token=act.per_token)
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -135,19 +138,23 @@ def mask_logits(logits: Tensor, attn_mask: Tensor | None = None, is_causal: bool
 
 class QuantAttention(nn.Module):
     """Multi-head self-attention with quantized ``qkv``/``proj`` weights and LSQ-quantized q, k, v and
-    attention probabilities (unsigned), as OFQ's baseline ``QAttention``. Same module names as timm."""
+    attention probabilities (unsigned), as OFQ's baseline ``QAttention``. Same module names as timm.
+    With ``act`` options the signed quantizers get them; the unsigned one gets per-token steps only (the
+    reference has no shift around the softmax quantizer)."""
 
-    def __init__(self, attn: nn.Module, *, bits_w: int, bits_a: int | None, method: str) -> None:
+    def __init__(self, attn: nn.Module, *, bits_w: int, bits_a: int | None, method: str,
+                 act: ActOptions = ActOptions()) -> None:
         super().__init__()
         parts = attention_parts(attn)
         self.num_heads, self.head_dim, self.scale = parts["num_heads"], parts["head_dim"], parts["scale"]
         self.q_norm, self.k_norm, self.attn_drop = parts["q_norm"], parts["k_norm"], parts["attn_drop"]
         self.norm, self.proj_drop = parts["norm"], parts["proj_drop"]
-        self.qkv = QuantLinear(attn.qkv, bits_w=bits_w, bits_a=bits_a, method=method)
-        self.proj = QuantLinear(attn.proj, bits_w=bits_w, bits_a=bits_a, method=method)
-        self.q_quantizer, self.k_quantizer = make_act_quantizer(bits_a), make_act_quantizer(bits_a)
-        self.v_quantizer = make_act_quantizer(bits_a)
-        self.attn_quantizer = make_act_quantizer(bits_a, signed=False)
+        self.qkv = QuantLinear(attn.qkv, bits_w=bits_w, bits_a=bits_a, method=method, act=act)
+        self.proj = QuantLinear(attn.proj, bits_w=bits_w, bits_a=bits_a, method=method, act=act)
+        self.q_quantizer = make_act_quantizer(bits_a, options=act)
+        self.k_quantizer = make_act_quantizer(bits_a, options=act)
+        self.v_quantizer = make_act_quantizer(bits_a, options=act)
+        self.attn_quantizer = make_act_quantizer(bits_a, signed=False, options=unsigned_options(act))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, _ = x.shape  # (B, N, C)

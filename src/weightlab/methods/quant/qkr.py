@@ -16,13 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.quant.act import ActOptions, make_act_quantizer
 from weightlab.methods.quant.layers import (
     IntWeight,
     QuantLinear,
     attention_parts,
-    make_act_quantizer,
     make_weight_quantizer,
     mask_logits,
+    unsigned_options,
 )
 
 
@@ -34,9 +35,11 @@ def query_key_product(q_weight: Tensor, k_weight: Tensor, num_heads: int) -> Ten
 
 
 class QKRAttention(nn.Module):
-    """Self-attention with a quantized query–key product, quantized ``v`` and ``proj``, LSQ activations."""
+    """Self-attention with a quantized query–key product, quantized ``v`` and ``proj``, LSQ activations
+    (``act``: per-tensor by default; OFQ's per-token steps and shifts as :class:`~.layers.QuantAttention`)."""
 
-    def __init__(self, attn: nn.Module, *, bits_w: int, bits_a: int | None, method: str = "statsq") -> None:
+    def __init__(self, attn: nn.Module, *, bits_w: int, bits_a: int | None, method: str = "statsq",
+                 act: ActOptions = ActOptions()) -> None:
         super().__init__()
         parts = attention_parts(attn)
         for norm in ("q_norm", "k_norm"):
@@ -59,13 +62,13 @@ class QKRAttention(nn.Module):
             if b is not None:
                 v.bias.copy_(b[2 * width:])
         self.v = QuantLinear(v, bits_w=bits_w, bits_a=None, method=method)
-        self.proj = QuantLinear(attn.proj, bits_w=bits_w, bits_a=bits_a, method=method)
+        self.proj = QuantLinear(attn.proj, bits_w=bits_w, bits_a=bits_a, method=method, act=act)
         product = query_key_product(self.q_weight.detach(), self.k_weight.detach(), self.num_heads)
         self.qk_quantizer = make_weight_quantizer(product.flatten(0, 1), bits_w, method)
-        self.input_quantizer = make_act_quantizer(bits_a)
-        self.key_quantizer = make_act_quantizer(bits_a)
-        self.v_quantizer = make_act_quantizer(bits_a)
-        self.attn_quantizer = make_act_quantizer(bits_a, signed=False)
+        self.input_quantizer = make_act_quantizer(bits_a, options=act)
+        self.key_quantizer = make_act_quantizer(bits_a, options=act)  # keys (B, H, N, C): shift (H, 1, C)
+        self.v_quantizer = make_act_quantizer(bits_a, options=act)
+        self.attn_quantizer = make_act_quantizer(bits_a, signed=False, options=unsigned_options(act))
         self.int_qk: IntWeight | None = None
         self.register_buffer("key_bias", torch.zeros(0))  # u_h after conversion
 
