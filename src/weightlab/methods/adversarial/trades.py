@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.adversarial.attacks import PGD, _flat_norm, eval_mode, project
+from weightlab.methods.adversarial.attacks import PGD, ascent_step, eval_mode
 from weightlab.registry import register
 from weightlab.train.callbacks import Callback
 from weightlab.train.loop import default_forward
@@ -85,13 +85,7 @@ def trades_attack(
             delta.requires_grad_(True)
             loss = kl_per_sample(target, model(x + delta)).sum()
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = delta.detach()
-            if attack.norm == "linf":
-                delta.add_(grad.sign_(), alpha=attack.alpha)
-            else:
-                delta.add_(grad / _flat_norm(grad).clamp_min(1e-12), alpha=attack.alpha)
-            project(delta, attack.eps, attack.norm)
-            delta = (x + delta).clamp_(0, 1).sub_(x)
+            delta = ascent_step(x, delta, grad, attack)
     return (x + delta).clamp_(0, 1).detach()
 
 
