@@ -124,6 +124,8 @@ def test_experiment_bad_set_value_exits_2(tmp_path) -> None:
         )
         == 2
     )
+    for bad in ("bases=TRADES,MART", "bases=AT,AT", "bases=AT,AWP"):  # AT is the reference arm; Table 2 bases
+        assert main(["run", "rift", "--profile", "smoke", "--out", str(tmp_path / "b"), "--set", bad]) == 2
 
 
 def test_rift_smoke_direction(tmp_path) -> None:
