@@ -80,6 +80,18 @@ def _adversarial(tmp_path: Path) -> Case:
     return _mlp(lambda m: AdversarialTraining(PGD(eps=0.1, steps=1)))
 
 
+def _trades(tmp_path: Path) -> Case:
+    from weightlab.methods.adversarial.trades import PGD, TRADES
+
+    return _mlp(lambda m: TRADES(PGD(eps=0.1, steps=1)))
+
+
+def _mart(tmp_path: Path) -> Case:
+    from weightlab.methods.adversarial.mart import MART, PGD
+
+    return _mlp(lambda m: MART(PGD(eps=0.1, steps=1)))
+
+
 def _done(tmp_path: Path) -> Case:
     from weightlab.methods.adversarial.attacks import PGD
     from weightlab.methods.done.dro import DONE, DONEConfig
@@ -215,7 +227,7 @@ def _loss_curve(tmp_path: Path) -> Case:
 CASES: dict[str, Callable[[Path], Case]] = {
     "Replay": _replay, "AdversarialTraining": _adversarial, "DONE": _done, "EWC": _ewc,
     "KnowledgeDistillation": _kd, "ICaRLLoss": _icarl, "ClipHeadWeights": _clip, "AlignHead": _align,
-    "GroupMasking": _group_masking,
+    "GroupMasking": _group_masking, "TRADES": _trades, "MART": _mart,
     "CollectSamples": _collect_samples, "TensorBoardLogger": _tensorboard,
     "BetaAnnealing": _binary("beta"), "ConsolidateField": _binary("consolidate"),
     "OutputRegularizer": _hypernet, "OscillationTracker": _quant("osc"),

@@ -103,6 +103,20 @@ def test_config_errors() -> None:
         rift.fit(SmallCNN(10, width=4), data, data, PGD())
 
 
+def test_fit_reuses_a_given_mrc(digits8) -> None:
+    model = SmallCNN(10, width=4)
+    tr = digits8[0].subset(torch.arange(64))
+    given = {"body.0": 0.3, "body.4": 0.1, "body.8": 0.2, "head": 0.05}
+    cfg = RiFTConfig(finetune=TrainConfig(max_steps=1, batch_size=32), alphas=(0.0, 1.0),
+                     candidates=("body.0", "body.4", "body.8"))
+    rift = RiFT(cfg).fit(model, tr, tr, PGD(eps=0.1, steps=1), mrc=given)
+    assert rift.mrc_ == given and rift.module_ == "body.4"  # the least critical candidate, nothing re-measured
+    with pytest.raises(WeightlabError, match="mrc has no value for candidate 'body.8'"):
+        RiFT(cfg).fit(model, tr, tr, PGD(eps=0.1, steps=1), mrc={"body.0": 0.1, "body.4": 0.2})
+    with pytest.raises(WeightlabError, match="module 'conv9' is not"):
+        RiFT(cfg).fit(model, tr, tr, PGD(eps=0.1, steps=1), mrc={"conv9": 0.1})
+
+
 def test_experiment_bad_set_value_exits_2(tmp_path) -> None:
     assert (
         main(
@@ -110,6 +124,8 @@ def test_experiment_bad_set_value_exits_2(tmp_path) -> None:
         )
         == 2
     )
+    for bad in ("bases=TRADES,MART", "bases=AT,AT", "bases=AT,AWP"):  # AT is the reference arm; Table 2 bases
+        assert main(["run", "rift", "--profile", "smoke", "--out", str(tmp_path / "b"), "--set", bad]) == 2
 
 
 def test_rift_smoke_direction(tmp_path) -> None:
@@ -120,18 +136,25 @@ def test_rift_smoke_direction(tmp_path) -> None:
     )
     per_seed = results.records[0]
     metrics = per_seed["metrics"]
-    assert set(per_seed["mrc"]) == {"body.0", "body.4", "body.8", "head"}
-    assert all(v >= 0 for v in per_seed["mrc"].values())
-    # fine-tuning all layers on clean data loses robustness; RiFT's α keeps validation robustness in tolerance
+    at = per_seed["bases"]["AT"]
+    assert set(per_seed["bases"]) == {"AT", "TRADES", "MART"}  # smoke runs every base of Table 2
+    for base in per_seed["bases"].values():
+        assert set(base["mrc"]) == {"body.0", "body.4", "body.8", "head"}
+        assert all(v >= 0 for v in base["mrc"].values())
+        search = {row["alpha"]: row for row in base["search"]}  # α keeps validation robustness in tolerance
+        assert search[base["alpha"]]["robust"] >= search[0.0]["robust"] - 0.005
+    assert per_seed["module_conv"] != "head"  # the ablation reuses AT's MRC over the convolutions only
+    # fine-tuning all layers on clean data loses robustness
     assert metrics["FT all (α=1)"]["pgd"] < metrics["AT"]["pgd"]
     # AutoAttack beside PGD on 2 test images per class: a point it counts robust is one the model gets right
-    for name in ("AT", "FT all (α=1)", "RiFT"):
+    for name in ("AT", "FT all (α=1)", "RiFT", "TRADES", "RiFT on TRADES", "MART", "RiFT on MART"):
         aa = metrics[name]["autoattack"]
         assert aa["n"] == 20 and len(aa["per_class"]) == 10 and aa["robust"] <= aa["clean"]
         assert aa["robust_worst"] <= aa["robust_tail30"] <= aa["robust"] + 1e-9 or aa["robust"] == 0
     assert "autoattack" not in metrics["RiFT (convs only)"]
-    search = {row["alpha"]: row for row in per_seed["search"]}
-    assert search[per_seed["alpha"]]["robust"] >= search[0.0]["robust"] - 0.005
+    assert at["module"] in at["mrc"]
+    claims = [c.text for c in results.claims]
+    assert sum("RiFT on TRADES" in c for c in claims) == 2 and sum("RiFT on MART" in c for c in claims) == 2
     assert (tmp_path / "run" / "results.md").is_file() and (
         tmp_path / "run" / "plots" / "mrc.png"
     ).is_file()

@@ -134,14 +134,20 @@ class PGD:
             delta.requires_grad_(True)
             loss = F.cross_entropy(model(x + delta), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = delta.detach()
-            if self.norm == "linf":
-                delta.add_(grad.sign_(), alpha=self.alpha)
-            else:
-                delta.add_(grad / _flat_norm(grad).clamp_min(1e-12), alpha=self.alpha)
-            project(delta, self.eps, self.norm)
-            delta = (x + delta).clamp_(0, 1).sub_(x)  # stay a valid image
+            delta = ascent_step(x, delta, grad, self)
         return (x + delta).clamp_(0, 1).detach()
+
+
+def ascent_step(x: Tensor, delta: Tensor, grad: Tensor, attack: PGD) -> Tensor:
+    """One step of ``attack`` on the perturbation ``delta`` ``(B, ...)`` along ``grad``: a signed (ℓ∞) or
+    normalised (ℓ2) step of ``attack.alpha``, projected onto the ε-ball and back into valid images."""
+    delta = delta.detach()
+    if attack.norm == "linf":
+        delta.add_(grad.sign(), alpha=attack.alpha)
+    else:
+        delta.add_(grad / _flat_norm(grad).clamp_min(1e-12), alpha=attack.alpha)
+    project(delta, attack.eps, attack.norm)
+    return (x + delta).clamp_(0, 1).sub_(x)  # stay a valid image
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:

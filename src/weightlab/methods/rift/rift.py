@@ -239,20 +239,27 @@ class RiFT:
         attack: PGD,
         *,
         adversarial_data: DataLike | None = None,
+        mrc: dict[str, float] | None = None,
         seed: int = 0,
     ) -> RiFT:
         """Measure MRC on ``adversarial_data`` (default: ``attack`` on ``val_data``), fine-tune the least
         critical module on clean ``train_data``, and pick α on ``val_data`` (each any dataset of
-        ``(x, y)`` samples or a DataLoader)."""
+        ``(x, y)`` samples or a DataLoader). ``mrc``: reuse an MRC measured on this model (the ``mrc_`` of an
+        earlier fit with the same radius and epochs) instead of measuring it again."""
         cfg = self.config
-        for name in ([cfg.module] if cfg.module else []) + list(cfg.candidates or ()):
+        for name in ([cfg.module] if cfg.module else []) + list(cfg.candidates or ()) + list(mrc or ()):
             check_module(model, name)
-        if adversarial_data is None:
-            adversarial_data = adversarial_dataset(model, val_data, attack, seed=seed)
-        self.mrc_ = module_robust_criticality(
-            model, adversarial_data, radius=cfg.radius, epochs=cfg.mrc_epochs, lr=cfg.mrc_lr
-        )
+        if mrc is not None:
+            self.mrc_ = dict(mrc)
+        else:
+            if adversarial_data is None:
+                adversarial_data = adversarial_dataset(model, val_data, attack, seed=seed)
+            self.mrc_ = module_robust_criticality(
+                model, adversarial_data, radius=cfg.radius, epochs=cfg.mrc_epochs, lr=cfg.mrc_lr
+            )
         pool = cfg.candidates or tuple(self.mrc_)
+        if not set(pool) <= set(self.mrc_):
+            raise WeightlabError(f"mrc has no value for candidate {sorted(set(pool) - set(self.mrc_))[0]!r}")
         self.module_ = cfg.module or min(pool, key=self.mrc_.__getitem__)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         tuned = finetune(model, train_data, self.module_, cfg.finetune)
