@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from weightlab.errors import WeightlabError
+from weightlab.experiments.done import DoneConfig, run_one
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
 from weightlab.methods.done.baselines import (
     GAIRAT,
@@ -111,3 +112,20 @@ def test_config_errors() -> None:
         MAILConfig(gamma=0)
     with pytest.raises(WeightlabError, match="MAIL beta must be a margin in \\[-1, 1\\], got 2"):
         MAILConfig(beta=2)
+
+
+@pytest.fixture(scope="module")
+def imbalanced_at() -> tuple[DoneConfig, dict]:
+    config = DoneConfig(data="digits", image_size=8, n_train=200, n_val=20, width=8, at_epochs=4, eval_steps=5,
+                        batch_size=64, imbalance=10.0, aa_per_class=0, burn_in=0.0)
+    return config, run_one(config, "imbalanced", "AT", math.nan, 0)
+
+
+@pytest.mark.parametrize(("method", "value"), [("GAIRAT", -1.0), ("MAIL", -0.5), ("DONE (implicit)", 0.5)])
+def test_reweighting_arms_raise_minority_class_robust_accuracy_on_imbalanced_digits(imbalanced_at, method,
+                                                                                    value) -> None:
+    config, at = imbalanced_at
+    out = run_one(config, "imbalanced", method, value, 0)
+    minority = slice(3, 10)  # classes 3..9 keep < half their training images at 10:1
+    assert sum(out["per_class"][minority]) > sum(at["per_class"][minority]) + 0.3
+    assert out["n"] == at["n"] and out["diagnostics"]["n_train"] == at["diagnostics"]["n_train"]  # same data
