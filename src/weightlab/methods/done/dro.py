@@ -131,6 +131,10 @@ def effective_sample_size(weights: Tensor) -> float:
 class DONE(AdversarialTraining):
     """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback).
 
+    With ``config.barrier > 0`` or ``config.implicit`` the attack becomes the log-barrier lower level
+    (:class:`~weightlab.methods.done.implicit.BarrierPGD` with the attack's settings); with ``implicit`` the
+    ``loss`` hook adds the implicit term to the gradient, leaving the loss value as it is.
+
     Args:
         attack: the attack of :class:`~weightlab.methods.adversarial.AdversarialTraining`.
         config: the DRO settings.
