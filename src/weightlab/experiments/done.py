@@ -79,9 +79,10 @@ class DoneConfig(ExperimentConfig):
     beta: Annotated[float, Range(0, 1, lo_open=True)] = 0.1
     imbalance: Annotated[float, Range(1)] = 10.0  # largest / smallest class size of the long-tailed split
     gairat_lambda_grid: tuple[float, ...] = (-1.0, 0.0, 1.0)  # GAIRAT's λ is chosen on validation among these
-    mail_beta_grid: tuple[Annotated[float, Range(-1, 1)], ...] = (-0.5, 0.0, 0.5)  # MAIL's β, likewise
-    mail_gamma: Positive = 10.0  # MAIL's slope γ (fixed)
-    burn_in: Annotated[float, Range(0, 1, hi_open=True)] = 0.5  # GAIRAT / MAIL: plain AT for this fraction first
+    mail_beta_grid: tuple[float, ...] = (-2.0, -1.5, -1.0)  # MAIL's β (bias; the authors' −1.5), likewise
+    mail_gamma: Positive = 1.0  # MAIL's slope γ (fixed; the authors' 1)
+    gairat_burn_in: Annotated[float, Range(0, 1, hi_open=True)] = 0.5  # plain AT for this fraction first (60/120)
+    mail_burn_in: Annotated[float, Range(0, 1, hi_open=True)] = 0.625  # likewise (the authors' 75/120)
     barrier: Positive = 1e-3  # DONE (implicit): the lower level's log-barrier coefficient μ (fixed)
     cg_steps: Count = 5  # DONE (implicit): conjugate-gradient steps (Hessian-vector products) per batch
     # quick: DONE and the paper's three comparisons (the 2-arm quick was ≈ 15 min on 2 cores, this one is about
@@ -105,9 +106,9 @@ Arm = Callable[[DoneConfig, float, PGD], Callback]  # (config, chosen value, att
 ARMS: dict[str, Arm] = {
     "AT": lambda config, v, attack: AdversarialTraining(attack),
     "DONE": lambda config, r, attack: DONE(attack, DONEConfig(r=r)),
-    "GAIRAT": lambda config, lam, attack: GAIRAT(attack, GAIRATConfig(lam=lam, burn_in=config.burn_in)),
+    "GAIRAT": lambda config, lam, attack: GAIRAT(attack, GAIRATConfig(lam=lam, burn_in=config.gairat_burn_in)),
     "MAIL": lambda config, beta, attack: MAIL(
-        attack, MAILConfig(gamma=config.mail_gamma, beta=beta, burn_in=config.burn_in)),
+        attack, MAILConfig(gamma=config.mail_gamma, beta=beta, burn_in=config.mail_burn_in)),
     "DONE (running normaliser)": lambda config, r, attack: DONE(
         attack, DONEConfig(r=r, beta=config.beta, step_correction=True)),
     "DONE (implicit)": lambda config, r, attack: DONE(
@@ -299,8 +300,9 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
         f"accuracy of DONE on seed {config.seed}, then used for every DONE arm and seed; never on test. "
         f"GAIRAT's λ (from {config.gairat_lambda_grid}) and MAIL's β (from {config.mail_beta_grid}) are chosen "
         "the same way, from grids of the same size, so every reweighting method gets the same search.",
-        f"GAIRAT and MAIL run plain AT for the first {config.burn_in:.0%} of the steps, then reweight (GAIRAT's "
-        f"burn-in; MAIL's is not verified against its code); MAIL's slope γ = {config.mail_gamma} is fixed. "
+        f"GAIRAT and MAIL run plain AT for the first {config.gairat_burn_in:.0%} / {config.mail_burn_in:.1%} of "
+        f"the steps (their authors' burn-ins), then reweight; MAIL's slope γ = {config.mail_gamma} is fixed "
+        "(the authors'); both normalise their weights per batch (MAIL's code scales them by 3 instead). "
         "Every arm has the same attack, epochs, batch size, learning rate and cosine schedule.",
         f"DONE (implicit): CID's log-barrier lower level (μ = {config.barrier}, fixed, not tuned; projected "
         f"PGD steps in the ball shrunk by 0.1%) and the implicit term (∂δ*/∂θ)ᵀ∂F/∂δ by {config.cg_steps} "
@@ -327,7 +329,7 @@ experiment("done", paper="done", config=DoneConfig, trial=trial, summarise=summa
            profiles={"smoke": {"seeds": 1, "data": "digits", "image_size": 8, "n_train": 100, "n_val": 20,
                                "width": 8, "at_epochs": 1, "eval_steps": 3,
                                "methods": ("AT", "DONE", "GAIRAT", "MAIL"), "r_grid": (1.0,),
-                               "gairat_lambda_grid": (-1.0,), "mail_beta_grid": (-0.5,),
+                               "gairat_lambda_grid": (-1.0,), "mail_beta_grid": (-1.5,),
                                "splits": ("imbalanced",), "aa_per_class": 2,
                                "aa_steps": 5, "aa_queries": 50},
                      "full": {"seeds": 5, "image_size": 28, "n_train": 5000, "n_val": 500, "width": 32,
@@ -336,4 +338,4 @@ experiment("done", paper="done", config=DoneConfig, trial=trial, summarise=summa
                                           "DONE (implicit)", "shuffled-weight control"),
                               "aa_methods": ("AT", "DONE", "GAIRAT", "MAIL", "DONE (implicit)"),
                               "r_grid": (0.25, 0.5, 1.0, 2.0, 4.0), "gairat_lambda_grid": (-2.0, -1.0, 0.0, 1.0, 2.0),
-                              "mail_beta_grid": (-0.5, -0.25, 0.0, 0.25, 0.5)}})
+                              "mail_beta_grid": (-2.5, -2.0, -1.5, -1.0, -0.5)}})
