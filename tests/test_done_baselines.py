@@ -74,6 +74,8 @@ def test_burn_in_is_plain_adversarial_training_then_reweighting() -> None:
     losses = torch.ones(3)
     assert gairat.sample_weights(_State(4, 10), None, losses) is None  # step 4 of 10: still burning in
     assert torch.allclose(gairat.sample_weights(_State(5, 10), None, losses), gairat_weights(gairat._kappa, 4, 0.0))
+    # one reweighted batch: ESS / B = 1 / (Σ w²) / 3 with w = (0.666636, 0.333333, 0.0000303)
+    assert gairat.diagnostics()["ess_fraction_median"] == pytest.approx(1 / (0.666636401**2 + 1 / 9) / 3, rel=1e-5)
     mail = MAIL(PGD(), MAILConfig(burn_in=0.0))
     mail.transform_logits(_State(0, 1), type("B", (), {"y": torch.tensor([0, 2])})(),
                           torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])))

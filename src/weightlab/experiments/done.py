@@ -119,7 +119,7 @@ assert set(ARMS) == set(get_args(Method))
 # the arms tuned on validation (name of the hyper-parameter, its grid); the other DONE variants use DONE's r
 TUNED: dict[str, tuple[str, Callable[[DoneConfig], tuple[float, ...]]]] = {
     "DONE": ("r", lambda c: c.r_grid), "GAIRAT": ("λ", lambda c: c.gairat_lambda_grid),
-    "MAIL": ("β", lambda c: c.mail_beta_grid)}
+    "MAIL": ("bias β", lambda c: c.mail_beta_grid)}
 
 
 def tuned_by(method: str) -> str | None:
@@ -150,7 +150,7 @@ def fit(config: DoneConfig, split: Split, method: str, value: float, seed: int) 
                                 lr=config.lr, seed=derive_seed(seed, "done", split))
     diagnostics = {"train_clean": accuracy(model, train_set), "epoch_losses": state.epoch_losses,
                    "n_train": len(train_set)}
-    if isinstance(callback, DONE):
+    if isinstance(callback, (DONE, GAIRAT, MAIL)):
         diagnostics.update(callback.diagnostics())
     return model, diagnostics
 
@@ -237,8 +237,8 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
     def col(d: str, m: str, key: str, part: str | None = None) -> list[float]:
         return [(r["runs"][d][m][part] if part else r["runs"][d][m])[key] for r in records]
 
-    def diag(d: str, m: str, key: str) -> list[float]:
-        return [r["runs"][d][m]["diagnostics"][key] for r in records]
+    def diag(d: str, m: str, key: str) -> list[float]:  # NaN (stored as null) where nothing was reweighted
+        return [math.nan if (v := r["runs"][d][m]["diagnostics"][key]) is None else v for r in records]
 
     first = records[0]["runs"]
     tables: dict[str, list[dict[str, Any]]] = {}
@@ -272,12 +272,17 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
                     np.nanmean([r["runs"][d][m]["per_class"] for r in records], axis=0) * 100, strict=True))}}
                 for m in aa]
         dro = [m for m in config.methods if "ess_fraction_median" in first[d][m]["diagnostics"]]
-        tables[f"{d} training split, DONE weights"] = [
-            {"method": m, "r": records[0]["select"][d]["DONE"]["value"],
+
+        def weight_sums(m: str, key: str, d: str = d) -> str:  # GAIRAT's and MAIL's are normalised: 1
+            return pm(diag(d, m, key), scale=1.0, digits=2) if key in first[d][m]["diagnostics"] else "1"
+
+        tables[f"{d} training split, instance weights"] = [
+            {"method": m, "parameter": records[0]["select"][d][tuned_by(m)]["name"],
+             "value": records[0]["select"][d][tuned_by(m)]["value"],
              "median ESS / batch": pm(diag(d, m, "ess_fraction_median"), scale=1.0, digits=2),
-             "weight sum min": pm(diag(d, m, "weight_sum_min"), scale=1.0, digits=2),
-             "weight sum median": pm(diag(d, m, "weight_sum_median"), scale=1.0, digits=2),
-             "weight sum max": pm(diag(d, m, "weight_sum_max"), scale=1.0, digits=2)} for m in dro]
+             "weight sum min": weight_sums(m, "weight_sum_min"),
+             "weight sum median": weight_sums(m, "weight_sum_median"),
+             "weight sum max": weight_sums(m, "weight_sum_max")} for m in dro]
         tables[f"{d} training split, choice of each arm's hyper-parameter (validation, seed {config.seed})"] = [
             {"arm": m, "parameter": sel["name"], "value": row["value"], "val clean (%)": pm([row["val_clean"]]),
              "val PGD (%)": pm([row["val_robust"]]), "val PGD tail-30% (%)": pm([row["val_tail30"]]),
@@ -316,8 +321,9 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
         f"queries) from torchattacks at ε = {config.eps} on {config.aa_per_class} test images per class of "
         "every seed; PGD is rerun on the same images for a point-for-point comparison. Standard errors "
         "are binomial, √(p(1 − p)/n).",
-        "ESS = (Σw)² / Σw² per batch, as a fraction of the batch; the weight sums are before the step "
-        "correction (the per-batch DONE weights sum to 1).",
+        "ESS = (Σw)² / Σw² per batch, as a fraction of the batch (GAIRAT, MAIL: over the batches after the "
+        "burn-in); the weight sums are before the step correction (the per-batch DONE, GAIRAT and MAIL weights "
+        "sum to 1).",
     ]
     if any(math.isinf(r) for r in config.r_grid):
         notes.append("r = ∞ in the grid is plain AT.")

@@ -32,6 +32,7 @@ from torch import Tensor
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.methods.done.dro import effective_sample_size
 from weightlab.methods.done.implicit import BarrierPGD
 from weightlab.registry import register
 
@@ -71,6 +72,22 @@ def _burning_in(state: LoopState, burn_in: float) -> bool:
     return state.step < burn_in * state.total_steps
 
 
+class _Reweighting(AdversarialTraining):
+    """Records the effective sample size of every reweighted batch (``diagnostics``), as DONE does."""
+
+    def __init__(self, attack: PGD) -> None:
+        super().__init__(attack)
+        self.ess: list[float] = []  # per reweighted batch: effective sample size / batch size
+
+    def _record(self, weights: Tensor) -> Tensor:
+        self.ess.append(effective_sample_size(weights) / weights.numel())
+        return weights
+
+    def diagnostics(self) -> dict[str, float]:
+        """Median effective sample size (fraction of the batch) over the reweighted batches (NaN before)."""
+        return {"ess_fraction_median": float(torch.tensor(self.ess).median()) if self.ess else math.nan}
+
+
 @dataclass(frozen=True)
 class GAIRATConfig:
     """GAIRAT settings (Zhang et al. 2021).
@@ -91,7 +108,7 @@ class GAIRATConfig:
 
 
 @register("method", "gairat")
-class GAIRAT(AdversarialTraining):
+class GAIRAT(_Reweighting):
     """Adversarial training with GAIRAT's geometry-aware instance weights (a training callback).
 
     Args:
@@ -113,7 +130,8 @@ class GAIRAT(AdversarialTraining):
     def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor | None:
         if _burning_in(state, self.config.burn_in) or self._kappa is None:
             return None
-        return gairat_weights(self._kappa, self.attack.steps, self.config.lam).to(losses.device, losses.dtype)
+        weights = gairat_weights(self._kappa, self.attack.steps, self.config.lam)
+        return self._record(weights).to(losses.device, losses.dtype)
 
 
 @dataclass(frozen=True)
@@ -140,7 +158,7 @@ class MAILConfig:
 
 
 @register("method", "mail")
-class MAIL(AdversarialTraining):
+class MAIL(_Reweighting):
     """Adversarial training with MAIL's margin-aware instance weights (a training callback).
 
     The margin is taken from the training forward pass on the adversarial batch (the logits the loss sees).
@@ -162,4 +180,5 @@ class MAIL(AdversarialTraining):
     def sample_weights(self, state: LoopState, batch: Batch, losses: Tensor) -> Tensor | None:
         if _burning_in(state, self.config.burn_in) or self._margin is None:
             return None
-        return mail_weights(self._margin, self.config.gamma, self.config.beta).to(losses.device, losses.dtype)
+        weights = mail_weights(self._margin, self.config.gamma, self.config.beta)
+        return self._record(weights).to(losses.device, losses.dtype)
