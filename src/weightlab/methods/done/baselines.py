@@ -72,12 +72,10 @@ def _burning_in(state: LoopState, burn_in: float) -> bool:
     return state.step < burn_in * state.total_steps
 
 
-class _Reweighting(AdversarialTraining):
-    """Records the effective sample size of every reweighted batch (``diagnostics``), as DONE does."""
+class _RecordsESS:
+    """Mixin: records the effective sample size of every reweighted batch (``diagnostics``), as DONE does."""
 
-    def __init__(self, attack: PGD) -> None:
-        super().__init__(attack)
-        self.ess: list[float] = []  # per reweighted batch: effective sample size / batch size
+    ess: list[float]  # per reweighted batch: effective sample size / batch size
 
     def _record(self, weights: Tensor) -> Tensor:
         self.ess.append(effective_sample_size(weights) / weights.numel())
@@ -108,7 +106,7 @@ class GAIRATConfig:
 
 
 @register("method", "gairat")
-class GAIRAT(_Reweighting):
+class GAIRAT(AdversarialTraining, _RecordsESS):
     """Adversarial training with GAIRAT's geometry-aware instance weights (a training callback).
 
     Args:
@@ -119,6 +117,7 @@ class GAIRAT(_Reweighting):
     def __init__(self, attack: PGD = PGD(), config: GAIRATConfig = GAIRATConfig()) -> None:
         super().__init__(BarrierPGD.of(attack, barrier=0.0))
         self.config = config
+        self.ess = []
         self._kappa: Tensor | None = None  # (B,) of the current batch
 
     def on_batch(self, state: LoopState, batch: Batch) -> Batch:
@@ -158,7 +157,7 @@ class MAILConfig:
 
 
 @register("method", "mail")
-class MAIL(_Reweighting):
+class MAIL(AdversarialTraining, _RecordsESS):
     """Adversarial training with MAIL's margin-aware instance weights (a training callback).
 
     The margin is taken from the training forward pass on the adversarial batch (the logits the loss sees).
@@ -171,6 +170,7 @@ class MAIL(_Reweighting):
     def __init__(self, attack: PGD = PGD(), config: MAILConfig = MAILConfig()) -> None:
         super().__init__(attack)
         self.config = config
+        self.ess = []
         self._margin: Tensor | None = None  # (B,) of the current batch
 
     def transform_logits(self, state: LoopState, batch: Batch, logits: Tensor) -> Tensor:
