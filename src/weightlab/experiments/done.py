@@ -85,8 +85,9 @@ class DoneConfig(ExperimentConfig):
     mail_burn_in: Annotated[float, Range(0, 1, hi_open=True)] = 0.625  # likewise (the authors' 75/120)
     barrier: Positive = 1e-3  # DONE (implicit): the lower level's log-barrier coefficient μ (fixed)
     cg_steps: Count = 5  # DONE (implicit): conjugate-gradient steps (Hessian-vector products) per batch
-    # quick: DONE and the paper's three comparisons (the 2-arm quick was ≈ 15 min on 2 cores, this one is about
-    # twice that); full adds the running normaliser, CID's implicit term and the control
+    # quick: DONE and the paper's three comparisons — 58 trainings and 40 AutoAttack runs where the 2-arm quick
+    # (≈ 15 min on 2 cores) had 26 and 20 (`--set methods=AT,DONE --set aa_methods=AT,DONE` is that one);
+    # full adds the running normaliser, CID's implicit term and the control
     methods: tuple[Method, ...] = ("AT", "DONE", "GAIRAT", "MAIL")
     splits: tuple[Split, ...] = SPLITS
     aa_per_class: NonNegativeInt = 10  # AutoAttack on this many test images per class (0: none)
