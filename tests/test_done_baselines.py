@@ -132,3 +132,18 @@ def test_reweighting_arms_raise_minority_class_robust_accuracy_on_imbalanced_dig
     minority = slice(3, 10)  # classes 3..9 keep < half their training images at 10:1
     assert sum(out["per_class"][minority]) > sum(at["per_class"][minority]) + 0.3
     assert out["n"] == at["n"] and out["diagnostics"]["n_train"] == at["diagnostics"]["n_train"]  # same data
+
+
+def test_selection_takes_the_best_validation_tail_and_breaks_ties_towards_the_flatter_weights(monkeypatch) -> None:
+    from weightlab.experiments import done as experiment
+
+    tails = {-2.0: 0.1, -1.0: 0.3, 0.0: 0.3}  # λ → validation tail-30%: a tie between −1 and 0
+    monkeypatch.setattr(experiment, "fit", lambda config, split, method, value, seed: (value, {}))
+    monkeypatch.setattr(experiment, "robust_summary", lambda model, data, attack, seed: {
+        "clean": 0.5, "robust": 0.4, "robust_tail30": tails[model]})
+    monkeypatch.setattr(experiment, "splits_for", lambda config, split, seed: (None, None, None))
+    config = DoneConfig(gairat_lambda_grid=tuple(tails))
+    chosen = experiment.select(config, "imbalanced", "GAIRAT", 0)
+    assert chosen["name"] == "λ" and chosen["value"] == 0.0 and [r["value"] for r in chosen["grid"]] == list(tails)
+    assert experiment.tuned_by("DONE (implicit)") == "DONE" and experiment.tuned_by("AT") is None
+    assert experiment.tuned_by("MAIL") == "MAIL"
