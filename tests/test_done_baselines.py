@@ -110,6 +110,8 @@ def test_config_errors() -> None:
         GAIRATConfig(burn_in=1.5)
     with pytest.raises(WeightlabError, match="GAIRAT lam must be finite, got inf"):
         GAIRATConfig(lam=math.inf)
+    with pytest.raises(WeightlabError, match="GAIRAT counts κ along linf PGD, got an attack with norm 'l2'"):
+        GAIRAT(PGD(norm="l2"))
     with pytest.raises(WeightlabError, match="MAIL gamma must be a finite number > 0, got 0"):
         MAILConfig(gamma=0)
     with pytest.raises(WeightlabError, match="MAIL beta must be finite, got nan"):

@@ -115,6 +115,8 @@ class GAIRAT(AdversarialTraining, _RecordsESS):
     """
 
     def __init__(self, attack: PGD = PGD(), config: GAIRATConfig = GAIRATConfig()) -> None:
+        if attack.norm != "linf":
+            raise WeightlabError(f"GAIRAT counts κ along linf PGD, got an attack with norm {attack.norm!r}")
         super().__init__(BarrierPGD.of(attack, barrier=0.0))
         self.config = config
         self.ess = []

@@ -92,7 +92,8 @@ class BarrierPGD(PGD):
     def solve(self, model: nn.Module, x: Tensor, y: Tensor, *,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Adversarial images ``(B, C, H, W)`` and, per sample ``(B,)``, κ: the number of the ``steps``
-        iterates (before each step) that the model still classified correctly (GAIRAT's geometry value)."""
+        iterates (before each step) that the model still classified correctly (GAIRAT's geometry value;
+        counted for the linf ball only, 0 for l2)."""
         with eval_mode(model), torch.enable_grad():
             return self._solve(model, x.detach(), y, generator)
 
