@@ -145,6 +145,8 @@ def test_implicit_option_adds_exactly_the_implicit_term_to_the_gradient(digits8)
 def test_config_errors() -> None:
     with pytest.raises(WeightlabError, match="barrier must be a finite number ≥ 0, got -1"):
         DONEConfig(barrier=-1)
+    with pytest.raises(WeightlabError, match="DONE implicit needs the barrier lower level: a barrier > 0, got 0"):
+        DONEConfig(implicit=True)
     with pytest.raises(WeightlabError, match="cg_steps must be ≥ 1, got 0"):
         DONEConfig(cg_steps=0)
     with pytest.raises(WeightlabError, match="log barrier is for the linf ball"):

@@ -92,7 +92,7 @@ class DONEConfig:
             sums, so the running normaliser does not change the mean learning rate.
         barrier: the log-barrier coefficient μ ≥ 0 of the lower level (0: plain PGD).
         implicit: add the implicit gradient term of CID (∂δ*/∂θ through the lower level's optimality
-            condition; the lower level is the barrier one, so use ``barrier > 0``).
+            condition; needs ``barrier > 0``).
         cg_steps: conjugate-gradient iterations (Hessian-vector products) per batch for the implicit term.
         margin: with a barrier, the ball is shrunk to ``(1 − margin)·ε`` so the barrier stays finite.
     """
@@ -115,6 +115,9 @@ class DONEConfig:
             raise WeightlabError("DONE step_correction needs the running normaliser (a beta in (0, 1])")
         if not self.barrier >= 0 or math.isinf(self.barrier):
             raise WeightlabError(f"DONE barrier must be a finite number ≥ 0, got {self.barrier}")
+        if self.implicit and self.barrier == 0:
+            raise WeightlabError("DONE implicit needs the barrier lower level: a barrier > 0, got 0 (at μ = 0 the "
+                                 "lower level is constrained and has no interior optimality condition)")
         if self.cg_steps < 1:
             raise WeightlabError(f"DONE cg_steps must be ≥ 1, got {self.cg_steps}")
         if not 0 < self.margin < 1:
