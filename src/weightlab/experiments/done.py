@@ -312,8 +312,9 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
         "Every arm has the same attack, epochs, batch size, learning rate and cosine schedule.",
         f"DONE (implicit): CID's log-barrier lower level (μ = {config.barrier}, fixed, not tuned; projected "
         f"PGD steps in the ball shrunk by 0.1%) and the implicit term (∂δ*/∂θ)ᵀ∂F/∂δ by {config.cg_steps} "
-        "preconditioned conjugate-gradient steps on Hessian-vector products; it costs several times a DONE step "
-        "(benchmarks/done_implicit.py), so it is an arm of the full profile only, not of quick.",
+        "preconditioned conjugate-gradient steps on Hessian-vector products; each step adds 1 + cg_steps "
+        "double-backward passes (benchmarks/done_implicit.py), so it is an arm of the full profile only, not of "
+        "quick.",
         f"β = {config.beta} (running normaliser, with the step corrected by a running mean of the weight sums); "
         f"ε = {config.eps} ℓ∞ on [0, 1] images, PGD-{config.at_steps} training / PGD-{config.eval_steps} "
         f"evaluation; {config.n_train} training images per class, imbalance {config.imbalance}:1 (class 0 "

@@ -7,7 +7,7 @@ the loss is ``Σ w_i ℓ_i``), plain AT (uniform weights) during a burn-in at th
 - **GAIRAT** (Zhang et al., ICLR 2021, "Geometry-aware instance-reweighted adversarial training"): κ_i, the
   number of the K PGD iterates still classified correctly, measures how far a sample is from the decision
   boundary; ``w_i ∝ (1 + tanh(λ + 5·(1 − 2κ_i/K))) / 2``, so samples attacked early (small κ) weigh most.
-- **MAIL** (Liu et al., NeurIPS 2021, "Probabilistic margins for instance reweighting in adversarial
+- **MAIL** (Wang, Liu et al., NeurIPS 2021, "Probabilistic margins for instance reweighting in adversarial
   training"): the probability margin of the adversarial example ``PM_i = p_y − max_{j≠y} p_j`` (softmax of
   the training logits), and ``w_i ∝ sigmoid(−γ·(PM_i − β))``: small or negative margins weigh most.
 
@@ -137,7 +137,7 @@ class GAIRAT(AdversarialTraining, _RecordsESS):
 
 @dataclass(frozen=True)
 class MAILConfig:
-    """MAIL settings (Liu et al. 2021).
+    """MAIL settings (Wang, Liu et al. 2021).
 
     Args:
         gamma: γ > 0, the sigmoid's slope (the authors' 1).
