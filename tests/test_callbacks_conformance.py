@@ -99,6 +99,20 @@ def _done(tmp_path: Path) -> Case:
     return _mlp(lambda m: DONE(PGD(eps=0.1, steps=1), DONEConfig(r=0.5)))
 
 
+def _gairat(tmp_path: Path) -> Case:
+    from weightlab.methods.adversarial.attacks import PGD
+    from weightlab.methods.done.baselines import GAIRAT, GAIRATConfig
+
+    return _mlp(lambda m: GAIRAT(PGD(eps=0.1, steps=2), GAIRATConfig(lam=0.0, burn_in=0.0)))
+
+
+def _mail(tmp_path: Path) -> Case:
+    from weightlab.methods.adversarial.attacks import PGD
+    from weightlab.methods.done.baselines import MAIL, MAILConfig
+
+    return _mlp(lambda m: MAIL(PGD(eps=0.1, steps=1), MAILConfig(gamma=10.0, beta=0.0, burn_in=0.0)))
+
+
 def _ewc(tmp_path: Path) -> Case:
     from weightlab.methods.continual.ewc import EWC, EWCConfig
 
@@ -228,6 +242,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "Replay": _replay, "AdversarialTraining": _adversarial, "DONE": _done, "EWC": _ewc,
     "KnowledgeDistillation": _kd, "ICaRLLoss": _icarl, "ClipHeadWeights": _clip, "AlignHead": _align,
     "GroupMasking": _group_masking, "TRADES": _trades, "MART": _mart,
+    "GAIRAT": _gairat, "MAIL": _mail,
     "CollectSamples": _collect_samples, "TensorBoardLogger": _tensorboard,
     "BetaAnnealing": _binary("beta"), "ConsolidateField": _binary("consolidate"),
     "OutputRegularizer": _hypernet, "OscillationTracker": _quant("osc"),

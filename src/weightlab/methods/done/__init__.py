@@ -1,5 +1,14 @@
-"""Paper key ``done``: doubly robust instance-reweighted adversarial training."""
+"""Paper key ``done``: doubly robust instance-reweighted adversarial training, and its baselines."""
 
+from weightlab.methods.done.baselines import (
+    GAIRAT,
+    MAIL,
+    GAIRATConfig,
+    MAILConfig,
+    gairat_weights,
+    mail_weights,
+    probability_margin,
+)
 from weightlab.methods.done.dro import (
     DONE,
     DONEConfig,
@@ -8,12 +17,23 @@ from weightlab.methods.done.dro import (
     dro_weights,
     effective_sample_size,
 )
+from weightlab.methods.done.implicit import BarrierPGD, conjugate_gradient, implicit_gradient
 
 __all__ = [
     "DONE",
+    "GAIRAT",
+    "MAIL",
+    "BarrierPGD",
     "DONEConfig",
+    "GAIRATConfig",
+    "MAILConfig",
     "RunningNormaliser",
+    "conjugate_gradient",
     "dro_objective",
-    "effective_sample_size",
     "dro_weights",
+    "effective_sample_size",
+    "gairat_weights",
+    "implicit_gradient",
+    "mail_weights",
+    "probability_margin",
 ]

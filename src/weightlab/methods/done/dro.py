@@ -16,8 +16,10 @@ variation of the compositional estimate is kept. Every batch's weight sum and ef
 
     train(model, data, cfg, callbacks=[DONE(PGD(eps=0.2, steps=3), DONEConfig(r=1.0))])
 
-Not implemented (see ``docs/robustness.md``): the log-barrier lower level and the implicit gradient
-``∂δ*/∂θ`` (Hessian-vector products); the attack is plain PGD.
+The full CID: ``DONEConfig(barrier=μ)`` solves the lower level as the log-barrier-regularised problem (Eq. 7,
+projected steps as in Alg. 1; :class:`~weightlab.methods.done.implicit.BarrierPGD`) and ``implicit=True`` adds
+the implicit term ``(∂δ*/∂θ)ᵀ ∂F/∂δ`` to the gradient (conjugate gradient on Hessian-vector products; see
+:mod:`weightlab.methods.done.implicit`). ``barrier=0`` without ``implicit`` is the PGD lower level above.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.methods.done.implicit import BarrierPGD, implicit_gradient
 from weightlab.registry import register
 
 if TYPE_CHECKING:
-    from weightlab.data.arrays import Batch
     from weightlab.train.loop import LoopState
 
 
@@ -87,12 +90,21 @@ class DONEConfig:
             weight distribution is kept but the link to each sample's loss is cut.
         step_correction: with ``beta``, divide the weights by a running mean (momentum ``beta``) of their
             sums, so the running normaliser does not change the mean learning rate.
+        barrier: the log-barrier coefficient μ ≥ 0 of the lower level (0: plain PGD).
+        implicit: add the implicit gradient term of CID (∂δ*/∂θ through the lower level's optimality
+            condition; needs ``barrier > 0``).
+        cg_steps: conjugate-gradient iterations (Hessian-vector products) per batch for the implicit term.
+        margin: with a barrier, the ball is shrunk to ``(1 − margin)·ε`` so the barrier stays finite.
     """
 
     r: float = 1.0
     beta: float | None = None
     shuffle: bool = False
     step_correction: bool = False
+    barrier: float = 0.0
+    implicit: bool = False
+    cg_steps: int = 5
+    margin: float = 1e-3
 
     def __post_init__(self) -> None:
         if not self.r > 0:
@@ -101,6 +113,15 @@ class DONEConfig:
             raise WeightlabError(f"DONE beta must be in (0, 1] or None, got {self.beta}")
         if self.step_correction and self.beta is None:
             raise WeightlabError("DONE step_correction needs the running normaliser (a beta in (0, 1])")
+        if not self.barrier >= 0 or math.isinf(self.barrier):
+            raise WeightlabError(f"DONE barrier must be a finite number ≥ 0, got {self.barrier}")
+        if self.implicit and self.barrier == 0:
+            raise WeightlabError("DONE implicit needs the barrier lower level: a barrier > 0, got 0 (at μ = 0 the "
+                                 "lower level is constrained and has no interior optimality condition)")
+        if self.cg_steps < 1:
+            raise WeightlabError(f"DONE cg_steps must be ≥ 1, got {self.cg_steps}")
+        if not 0 < self.margin < 1:
+            raise WeightlabError(f"DONE margin must be in (0, 1), got {self.margin}")
 
 
 def effective_sample_size(weights: Tensor) -> float:
@@ -113,14 +134,21 @@ def effective_sample_size(weights: Tensor) -> float:
 class DONE(AdversarialTraining):
     """Adversarial training with KL-DRO instance weights on the adversarial losses (a training callback).
 
+    With ``config.barrier > 0`` or ``config.implicit`` the attack becomes the log-barrier lower level
+    (:class:`~weightlab.methods.done.implicit.BarrierPGD` with the attack's settings); with ``implicit`` the
+    ``loss`` hook adds the implicit term to the gradient, leaving the loss value as it is.
+
     Args:
         attack: the attack of :class:`~weightlab.methods.adversarial.AdversarialTraining`.
         config: the DRO settings.
     """
 
     def __init__(self, attack: PGD = PGD(), config: DONEConfig = DONEConfig()) -> None:
+        if config.barrier > 0 or config.implicit:
+            attack = BarrierPGD.of(attack, barrier=config.barrier, margin=config.margin)
         super().__init__(attack)
         self.config = config
+        self._clean: Tensor | None = None  # implicit: this batch's clean images (B, C, H, W)
         self.normaliser = None if config.beta is None else RunningNormaliser(config.r, config.beta)
         self.mean_sum: float | None = None  # running mean of the weight sums (step_correction)
         self.sums: list[float] = []  # per batch: Σw before any correction
@@ -156,3 +184,25 @@ class DONE(AdversarialTraining):
         if self.config.shuffle:
             weights = weights[torch.randperm(weights.numel(), generator=state.generator).to(weights.device)]
         return weights.to(losses.dtype)
+
+    def on_batch(self, state: LoopState, batch: Batch) -> Batch:
+        adversarial = super().on_batch(state, batch)
+        if not self.config.implicit:
+            return adversarial
+        self._clean = batch.x
+        return Batch(adversarial.x.requires_grad_(True), adversarial.y, adversarial.t)  # for ∂F/∂δ
+
+    def loss(self, state: LoopState, batch: Batch, logits: Tensor, loss: Tensor) -> Tensor:
+        """With ``implicit``, add the implicit term to the gradient (the loss value is unchanged)."""
+        if not self.config.implicit or self._clean is None:
+            return loss
+        (upper,) = torch.autograd.grad(loss, batch.x, retain_graph=True)  # ∂F/∂δ (B, C, H, W)
+        attack = self.attack
+        assert isinstance(attack, BarrierPGD)
+        terms = implicit_gradient(state.model, self._clean, batch.y, batch.x.detach() - self._clean, upper,
+                                  eps=attack.eps, barrier=attack.barrier, radius=attack.radius,
+                                  cg_steps=self.config.cg_steps)
+        params = [p for p in state.model.parameters() if p.requires_grad]
+        surrogate = sum((p * g).sum() for p, g in zip(params, terms, strict=True))  # gradient: the terms
+        self._clean = None
+        return loss + (surrogate - surrogate.detach())
