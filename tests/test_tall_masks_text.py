@@ -70,3 +70,40 @@ def test_config_checks() -> None:
         TallMasksTextConfig(tasks=("spam", "spam"))
     with pytest.raises(WeightlabError, match="'poetry' is not one of"):
         TallMasksTextConfig(tasks=("spam", "poetry"))
+
+
+def test_cached_lower_layers_and_the_fine_tuned_top_give_the_full_encoders_embedding() -> None:
+    """Frozen layers cached + the top layer(s) run on them = all-MiniLM-L6-v2's own mean-pooled embedding."""
+    import torch
+
+    from weightlab.experiments import _lift_text as text
+    from weightlab.experiments.tall_masks_text import LAYERS, _encoder
+
+    encoder, tokenizer = _encoder("all-minilm-l6-v2")
+    sentences = ["the movie was not great", "there are seven apples and twelve pears", "is the hotel lovely"]
+    enc = tokenizer(sentences, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**enc).last_hidden_state  # (3, 16, 384)
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    for blocks in (1, 2):
+        feats = text.encode_features(encoder, tokenizer, sentences, max_length=16, frozen=LAYERS - blocks)
+        got = text.embed(text.top_encoder(encoder, blocks), feats)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_seeded_text_run_is_reproducible_and_reports_every_method() -> None:
+    from weightlab.experiments._tall_masks_report import METHODS
+    from weightlab.experiments.tall_masks_text import TallMasksTextConfig, trial
+
+    config = TallMasksTextConfig(tasks=("sentiment", "question"), n_train=32, n_val=16, n_test=24,
+                                 sentence_length=12, steps=4, batch_size=16, seeds=1)
+    first, second = trial(config, 0, None), trial(config, 0, None)
+    assert first["acc"] == second["acc"] and first["chosen"] == second["chosen"]
+    assert set(METHODS) <= set(first["acc"]) and all(len(v) == 2 for v in first["acc"].values())
+    d = first["diagnostics"]
+    assert all(0 < r < 0.1 for r in d["tau_rel_norm"])  # a brief fine-tune: small task vectors
+    assert [round(d["cosine"][i][i], 6) for i in range(2)] == [1.0, 1.0]
+    assert [row["n_test"] for row in first["training"]] == [24, 24] and first["tasks"] == ["sentiment", "question"]
+    other = trial(config, 1, None)  # another seed: another split and fine-tune, the same fixed test sentences
+    assert other["acc"] != first["acc"]

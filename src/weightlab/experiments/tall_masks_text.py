@@ -50,8 +50,8 @@ class TallMasksTextConfig(ExperimentConfig):
     model: Literal["all-minilm-l6-v2"] = "all-minilm-l6-v2"
     tasks: tuple[TextTaskName, ...] = TEXT_TASKS_8
     blocks: Count = 1  # fine-tuned (and merged) last BERT layers; the others are frozen and cached
-    max_length: Count = 48  # tokens per e-mail view
-    sentence_length: Count = 24  # tokens per generated sentence
+    max_length: Count = 48  # tokens per e-mail (spam, spam-headers)
+    sentence_length: Count = 24  # tokens per subject line (spam-subject) or generated sentence
     n_train: Count = 500
     n_val: Count = 250
     n_test: Count = 500
@@ -84,18 +84,20 @@ def _encoder(model: str) -> tuple[Any, Any]:
 @functools.lru_cache(maxsize=16)
 def task_features(model: str, name: str, *, blocks: int, length: int, n_pool: int, n_test: int
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The frozen layers' packed output ``(N, length, 385)`` for the task's pool and test texts, with their
-    labels: computed once per process and reused by every seed."""
+    """The frozen layers' packed output ``(N, L, 385)`` for the task's pool and test texts, with their labels
+    (``L ≤ length``: the task's longest text): computed once per process and reused by every seed."""
     encoder, tokenizer = _encoder(model)
     pool_texts, pool_y, test_texts, test_y = task_texts(name, n_pool, n_test)
-    frozen = LAYERS - blocks
-    encode = functools.partial(text.encode_features, encoder, tokenizer, max_length=length, frozen=frozen)
+    longest = max(len(ids) for ids in tokenizer(pool_texts + test_texts, truncation=True, max_length=length)[
+        "input_ids"])  # short sentences are not padded to ``length`` (the same result, less compute)
+    encode = functools.partial(text.encode_features, encoder, tokenizer, max_length=longest,
+                               frozen=LAYERS - blocks)
     return encode(pool_texts), pool_y, encode(test_texts), test_y
 
 
 def load_task(config: TallMasksTextConfig, name: str, seed: int) -> Task:
     """The task's cached features, its pool split (stratified, by the seed) into train and validation."""
-    length = config.max_length if name in SPAM_TASKS else config.sentence_length
+    length = config.max_length if name in ("spam", "spam-headers") else config.sentence_length
     pool_x, pool_y, test_x, test_y = task_features(config.model, name, blocks=config.blocks, length=length,
                                                    n_pool=config.n_train + config.n_val, n_test=config.n_test)
     keep, held = stratified_split(pool_y, config.n_val / len(pool_y),
