@@ -57,8 +57,8 @@ def test_tense_has_the_past_present_homographs_and_number_the_invariant_plurals(
 def test_unknown_task_and_too_many_sentences_are_one_line_errors() -> None:
     with pytest.raises(WeightlabError, match="unknown text task 'poetry'"):
         tasks.task_texts("poetry", 10, 10)
-    with pytest.raises(WeightlabError, match="text task 'formality' has only"):
-        tasks.generated("formality", 5000, 5000)
+    with pytest.raises(WeightlabError, match="text task 'question' has only"):
+        tasks.generated("question", 5000, 5000)
 
 
 def test_config_checks() -> None:

