@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,13 +33,12 @@ from weightlab.experiments._merge_text_tasks import (
 )
 from weightlab.experiments._tall_masks_report import merge_results
 from weightlab.experiments.base import experiment
-from weightlab.experiments.configs import Count, ExperimentConfig, Positive, Range
+from weightlab.experiments.configs import Count, ExperimentConfig, Positive
 from weightlab.experiments.results import Results
-from weightlab.experiments.tall_masks import Task, fit_and_merge
+from weightlab.experiments.tall_masks import Density, Task, fit_and_merge
 from weightlab.runs import TrialContext
 from weightlab.utils import derive_seed
 
-Density = Annotated[float, Range(0, 1, lo_open=True)]
 LAYERS = 6  # MiniLM-L6's BERT layers
 
 
