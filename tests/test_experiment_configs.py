@@ -33,7 +33,7 @@ from weightlab.experiments.configs import (
 from weightlab.experiments.forgetting import ForgettingConfig
 
 NON_IMAGE = {"universality"}  # synthetic teacher–student data: no `data` field
-PRETRAINED = {"lift", "tall-masks"}  # a real pretrained network (MiniLM) in all or part of the experiment
+PRETRAINED = {"lift", "tall-masks", "tall-masks-text"}  # a real pretrained network in all or part of it
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -119,6 +119,28 @@ def cosine_rows(seeds: list[int], records: list[dict[str, Any]]) -> list[dict[st
 
 
 def summarise(config: Any, records: list[dict[str, Any]]) -> Results:
+    """The image experiment's results (EfficientNet-Lite0's last stage on real-image tasks)."""
+    T, params = len(config.tasks), records[0]["params"]
+    setup = [
+        f"{T} tasks; the pretrained EfficientNet-Lite0's last stage (block 6, conv_head, bn2: {params} parameters, "
+        f"BatchNorm statistics frozen) is fine-tuned with Adam (lr {config.lr:g}, {config.steps} steps of "
+        f"{config.batch_size}) on trunk features of {config.image_size}-px inputs computed once and cached; "
+        "the earlier stages stay frozen (a CPU budget: the same for every task and seed).",
+        "Heads: unit-norm class centroids of the pretrained features on each task's training split, scale "
+        f"{config.head_scale:g}, frozen (the zero-shot row is θ₀ with these heads).",
+    ]
+    result = merge_results(config, records, title=f"Merging {T} real-image tasks on EfficientNet-Lite0",
+                           setup=setup, sources=_sources(config))
+    minilm = records[0].get("minilm")
+    if minilm is not None:
+        result.tables["MiniLM-L6 (Hugging Face transformer), 3 generated text tasks"] = minilm["rows"]
+    return result
+
+
+def merge_results(config: Any, records: list[dict[str, Any]], *, title: str, setup: list[str],
+                  sources: dict[str, Any]) -> Results:
+    """The paper's table, the diagnostics and per-task tables, the two claims; ``setup`` opens the notes
+    (what is fine-tuned, the heads), ``sources`` is the provenance of every dataset the tasks read."""
     runs, seeds = records, config.seed_list
     T, params = len(config.tasks), runs[0]["params"]
     rows = [{"method": "individual (fine-tuned)" if m == "fine-tuned" else m,
@@ -148,14 +170,9 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> Results:
     n_val = sorted({row["n_val"] for r in runs for row in r["training"]})
     n_test = sorted({row["n_test"] for r in runs for row in r["training"]})
     notes = [
-        f"{T} tasks; the pretrained EfficientNet-Lite0's last stage (block 6, conv_head, bn2: {params} parameters, "
-        f"BatchNorm statistics frozen) is fine-tuned with Adam (lr {config.lr:g}, {config.steps} steps of "
-        f"{config.batch_size}) on trunk features of {config.image_size}-px inputs computed once and cached; "
-        "the earlier stages stay frozen (a CPU budget: the same for every task and seed).",
-        "Heads: unit-norm class centroids of the pretrained features on each task's training split, scale "
-        f"{config.head_scale:g}, frozen (the zero-shot row is θ₀ with these heads).",
+        *setup,
         f"α (grid 0.1…1.0) maximizes the mean normalized validation accuracy and λ_t (grid 0.2…0.6) each task's "
-        f"validation accuracy, as the reference code; validation images per task: {n_val}, test images per "
+        f"validation accuracy, as the reference code; validation examples per task: {n_val}, test examples per "
         f"task: {n_test}; the binomial SE of a task-mean accuracy is in the diagnostics table.",
         f"Storage {bits['finetuned_bits'] / 1e6:.1f} Mb for the fine-tuned tails vs {bits['tall_bits'] / 1e6:.1f} "
         f"Mb for base + τ_MTL + masks ({bits['ratio']:.2f}x).",
@@ -163,7 +180,7 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> Results:
         f"{[int(h) for h in hist]}; 0 = catastrophic, 1 = selfish.",
     ]
     tables = {
-        f"Merging {T} real-image tasks on EfficientNet-Lite0 ({over_seeds(len(seeds))})": rows,
+        f"{title} ({over_seeds(len(seeds))})": rows,
         "Diagnostics per seed (is the paper's regime reached?)": [
             seed_diagnostics(s, r) for s, r in zip(seeds, runs, strict=True)],
         "Per task (mean ± std over seeds; λ_t per seed)": task_rows(runs),
@@ -171,10 +188,7 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> Results:
         "Pairwise cosine of the task vectors, per seed": cosine_rows(seeds, runs),
         f"Consensus TA: k ablation (k = 0 is task arithmetic, k = {config.k} the main table)": k_rows,
     }
-    minilm = runs[0].get("minilm")
-    if minilm is not None:
-        tables["MiniLM-L6 (Hugging Face transformer), 3 generated text tasks"] = minilm["rows"]
-    return Results(tables=tables, claims=claims, data={"storage_bits": bits, "sources": _sources(config)},
+    return Results(tables=tables, claims=claims, data={"storage_bits": bits, "sources": sources},
                    notes=notes, figures={"mask_agreement": _histogram(hist)})
 
 

@@ -106,7 +106,7 @@ def load_task(name: TaskName, trunk: torch.nn.Module, config: TallMasksExpConfig
                 ArrayDataset(feats["test_x"], feats["test_y"]))
 
 
-def finetune(net: TaskNet, theta0: State, task: Task, config: TallMasksExpConfig, seed: int) -> tuple[State, dict]:
+def finetune(net: TaskNet, theta0: State, task: Task, config: Any, seed: int) -> tuple[State, dict]:
     """Fine-tune the tail from θ_0 with the task's head frozen; the state and the training record."""
     load_tail(net.tail, theta0)
     net.tail.requires_grad_(True)
@@ -123,8 +123,16 @@ def run_seed(config: TallMasksExpConfig, seed: int, ctx: TrialContext | None = N
     from weightlab.models import pretrained
 
     trunk, tail = split_lite0(pretrained(config.model))
-    theta0 = tail_state(tail)
     tasks = [load_task(name, trunk, config, seed) for name in config.tasks]
+    return fit_and_merge(config, tail, tasks, seed, ctx)
+
+
+def fit_and_merge(config: Any, tail: torch.nn.Module, tasks: list[Task], seed: int,
+                  ctx: TrialContext | None = None) -> dict[str, Any]:
+    """Centroid heads on the pretrained ``tail``, one fine-tune of it per task, every merge of the paper's
+    table and the diagnostics (shared by the image and the text experiments; ``config`` has the fields of
+    :class:`TallMasksExpConfig` from ``head_scale`` on)."""
+    theta0 = tail_state(tail)
     nets = [TaskNet(tail, centroid_head(tail, t.train.x, t.train.y, t.classes), config.head_scale) for t in tasks]
     finetuned, training = [], []
     for i, (net, task) in enumerate(zip(nets, tasks, strict=True)):
@@ -143,7 +151,7 @@ def run_seed(config: TallMasksExpConfig, seed: int, ctx: TrialContext | None = N
 
     out = evaluate_methods(config, theta0, finetuned, score, all_scores)
     out["diagnostics"] |= vector_diagnostics(theta0, merging.task_vectors(theta0, finetuned))
-    return out | {"tasks": list(config.tasks), "training": training}
+    return out | {"tasks": [t.name for t in tasks], "training": training}
 
 
 def flat(state: State) -> Tensor:
@@ -161,7 +169,7 @@ def vector_diagnostics(theta0: State, taus: list[State]) -> dict[str, Any]:
 
 
 def evaluate_methods(
-    config: TallMasksExpConfig,
+    config: Any,
     theta0: State,
     finetuned: list[State],
     score: Callable[[int, State, str], float],
