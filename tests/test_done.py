@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from weightlab.cli import main
 from weightlab.data import digits
 from weightlab.errors import WeightlabError
-from weightlab.experiments.done import DoneConfig, run_one
+from weightlab.experiments.done import DoneConfig, done_claims, floor_notes, run_one
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
 from weightlab.methods.done.dro import (
     DONE,
@@ -152,3 +152,32 @@ def test_image_splits_are_balanced_disjoint_and_seeded() -> None:
     again, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=3)
     other, _, _ = image_splits("digits", 8, n_train=50, n_val=10, n_test=5, seed=4)
     assert torch.equal(again.x, train_set.x) and not torch.equal(other.x, train_set.x)
+
+
+def test_floor_note_names_only_splits_where_autoattack_tail_is_zero_everywhere() -> None:
+    config = DoneConfig(methods=("AT", "DONE"), aa_methods=("AT", "DONE"), splits=("balanced", "imbalanced"))
+
+    def record(balanced_done: float) -> dict:
+        aa = {"balanced": {"AT": 0.0, "DONE": balanced_done}, "imbalanced": {"AT": 0.0, "DONE": 0.0}}
+        return {"runs": {d: {m: {"autoattack": {"robust_tail30": v}} for m, v in arms.items()}
+                         for d, arms in aa.items()}}
+
+    notes = floor_notes(config, [record(0.0), record(0.1)])  # balanced: one seed above 0
+    assert len(notes) == 1 and notes[0].startswith("imbalanced: floor") and "AT, DONE" in notes[0]
+    assert len(floor_notes(config, [record(0.0)])) == 2
+    assert floor_notes(DoneConfig(methods=("AT", "DONE"), aa_methods=("AT", "DONE"), aa_per_class=0),
+                       [record(0.0)]) == []
+
+
+def test_autoattack_tail_claim_at_the_floor_is_inconclusive_not_a_verdict_against_done() -> None:
+    config = DoneConfig(methods=("AT", "DONE"), aa_methods=("AT", "DONE"), splits=("imbalanced",))
+
+    def record(tail: float) -> dict:
+        run = {"robust_tail30": tail, "robust": 0.3, "robust_worst": 0.0, "clean": 0.8,
+               "autoattack": {"robust_tail30": tail, "robust": 0.2}}
+        return {"runs": {"imbalanced": {"AT": run, "DONE": run}}}
+
+    floor = done_claims(config, [record(0.0), record(0.0), record(0.0)], "imbalanced", "AT")[-1]
+    assert floor.verdict == "inconclusive"
+    tie = done_claims(config, [record(0.1), record(0.1), record(0.1)], "imbalanced", "AT")[-1]
+    assert tie.verdict == "not held"  # equal above the floor is a measured tie: DONE does not raise the tail

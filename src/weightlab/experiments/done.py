@@ -21,6 +21,7 @@ More arms: add a name to ``Method``, a factory to ``ARMS`` and, if it is tuned, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,8 +226,10 @@ def done_claims(config: DoneConfig, records: list[dict[str, Any]], d: str, base:
                  paper=PAPER[base])]
     first = records[0]["runs"][d]
     if "autoattack" in first["DONE"] and "autoattack" in first[base]:
-        aa_tail = paired(f"AA tail30(DONE) − AA tail30({base})", col("DONE", "robust_tail30", "autoattack"),
-                         col(base, "robust_tail30", "autoattack"))
+        tails = col("DONE", "robust_tail30", "autoattack"), col(base, "robust_tail30", "autoattack")
+        aa_tail = paired(f"AA tail30(DONE) − AA tail30({base})", *tails)
+        if not any(v != 0 for arm in tails for v in arm):  # both at the floor on every seed: no resolution
+            aa_tail = dataclasses.replace(aa_tail, ci95=None)  # inconclusive; floor_notes says why
         aa_avg = paired(f"AA avg(DONE) − AA avg({base})", col("DONE", "robust", "autoattack"),
                         col(base, "robust", "autoattack"), side=">=", threshold=-0.02)
         out.append(claim(f"{d}: the same against {base} under AutoAttack (tail-30% up, average within 2 points)",
@@ -329,7 +332,23 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
     ]
     if any(math.isinf(r) for r in config.r_grid):
         notes.append("r = ∞ in the grid is plain AT.")
+    notes.extend(floor_notes(config, records))
     return Results(tables=tables, claims=claims, notes=notes, figures={"robust_tail": figure})
+
+
+def floor_notes(config: DoneConfig, records: list[dict[str, Any]]) -> list[str]:
+    """A diagnostic per training split where AutoAttack's tail-30% accuracy is 0 for every AutoAttack arm on
+    every seed: the AutoAttack tail claims there sit at the floor and cannot show a difference (their
+    interval is [0, 0]), whatever the methods do."""
+    arms = [m for m in config.methods if m in config.aa_methods]
+    if config.aa_per_class == 0 or not arms:
+        return []
+    return [f"{d}: floor — AutoAttack tail-30% accuracy is 0 for every method ({', '.join(arms)}) on every seed "
+            f"({config.aa_per_class} test images per class), so the AutoAttack tail-30% claims on this split "
+            "cannot show a difference (an interval of [0, 0] is a floor, not evidence against DONE); read the "
+            "AutoAttack average and the PGD claims there."
+            for d in config.splits
+            if all(r["runs"][d][m]["autoattack"]["robust_tail30"] == 0 for r in records for m in arms)]
 
 
 experiment("done", paper="done", config=DoneConfig, trial=trial, summarise=summarise,

@@ -55,11 +55,13 @@ def num(value: Any) -> str:
 
 
 def interval_text(e: dict[str, Any]) -> str:
-    """``"0.052 [0.013, 0.091]"`` — one seed has no interval."""
+    """``"0.052 [0.013, 0.091]"`` — one seed has no interval, nor has a measurement at its floor (the
+    experiment's notes say which)."""
     ci = e.get("ci95")
     lo, hi = ci if isinstance(ci, list) and len(ci) == 2 else (None, None)
     if lo is None or hi is None:
-        return f"{num(e.get('mean'))} (one seed: no interval)"
+        why = "one seed" if e.get("n") in (None, 0, 1) else "no resolution, see the notes"
+        return f"{num(e.get('mean'))} ({why}: no interval)"
     return f"{num(e.get('mean'))} [{num(lo)}, {num(hi)}]"
 
 
