@@ -141,7 +141,7 @@ def results_page_verdicts() -> dict[str, str]:
 
 def test_readme_states_the_verdicts_of_the_generated_results_page() -> None:
     page, readme = results_page_verdicts(), readme_verdicts()
-    assert set(readme) == set(page) and len(page) == 13, (sorted(readme), sorted(page))
+    assert set(readme) == set(page) and len(page) == 14, (sorted(readme), sorted(page))
     assert readme == page
 
 
@@ -169,3 +169,11 @@ def test_one_seed_tables_have_no_spread() -> None:
     from weightlab.report.tables import pm
 
     assert pm([0.5]) == "50.0" and pm([0.5, 0.7]) == "60.0 ± 14.1"
+
+
+def test_an_effect_without_interval_says_why() -> None:
+    from weightlab.report.claims import interval_text
+
+    assert interval_text({"mean": 0.1, "ci95": [None, None], "n": 1}) == "0.1 (one seed: no interval)"
+    assert interval_text({"mean": 0.0, "ci95": [None, None], "n": 5}) == "0 (no resolution, see the notes: no interval)"
+    assert interval_text({"mean": 0.05, "ci95": [0.01, 0.09], "n": 5}) == "0.05 [0.01, 0.09]"
