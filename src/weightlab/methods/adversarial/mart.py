@@ -34,11 +34,15 @@ if TYPE_CHECKING:
     from weightlab.train.loop import LoopState
 
 
+def largest_wrong_probability(probs: Tensor, y: Tensor) -> Tensor:
+    """``max_{k≠y} p_k`` per sample ``(B,)`` of probabilities ``(B, C)`` and labels ``(B,)``."""
+    return probs.scatter(1, y.view(-1, 1), float("-inf")).max(1).values  # the true class never wins the max
+
+
 def margin_term(logits_adv: Tensor, y: Tensor) -> Tensor:
     """``−log(1 − max_{k≠y} p'_k)`` per sample ``(B,)``: the boosted part of MART's BCE."""
     probs = F.softmax(logits_adv, dim=1)  # (B, C)
-    others = probs.scatter(1, y.view(-1, 1), float("-inf"))  # the true class never wins the max
-    return -torch.log((1 - others.max(1).values).clamp_min(1e-12))
+    return -torch.log((1 - largest_wrong_probability(probs, y)).clamp_min(1e-12))
 
 
 def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, lam: float = 6.0) -> Tensor:

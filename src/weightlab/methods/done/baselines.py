@@ -32,6 +32,7 @@ from torch import Tensor
 from weightlab.data.arrays import Batch
 from weightlab.errors import WeightlabError
 from weightlab.methods.adversarial.attacks import PGD, AdversarialTraining
+from weightlab.methods.adversarial.mart import largest_wrong_probability
 from weightlab.methods.done.dro import effective_sample_size
 from weightlab.methods.done.implicit import BarrierPGD
 from weightlab.registry import register
@@ -51,9 +52,7 @@ def gairat_weights(kappa: Tensor, steps: int, lam: float) -> Tensor:
 def probability_margin(logits: Tensor, y: Tensor) -> Tensor:
     """``p_y − max_{j≠y} p_j`` per sample ``(B,)`` of logits ``(B, C)`` and labels ``(B,)``."""
     probs = torch.softmax(logits.detach().float(), dim=1)  # (B, C)
-    true = probs.gather(1, y.view(-1, 1)).squeeze(1)
-    other = probs.scatter(1, y.view(-1, 1), -math.inf).max(1).values
-    return true - other
+    return probs.gather(1, y.view(-1, 1)).squeeze(1) - largest_wrong_probability(probs, y)
 
 
 def mail_weights(margin: Tensor, gamma: float, beta: float) -> Tensor:
