@@ -228,7 +228,7 @@ def done_claims(config: DoneConfig, records: list[dict[str, Any]], d: str, base:
     if "autoattack" in first["DONE"] and "autoattack" in first[base]:
         tails = col("DONE", "robust_tail30", "autoattack"), col(base, "robust_tail30", "autoattack")
         aa_tail = paired(f"AA tail30(DONE) − AA tail30({base})", *tails)
-        if not any(v != 0 for arm in tails for v in arm):  # both at the floor on every seed: no resolution
+        if at_floor(*tails):  # both arms score 0 on every seed: no resolution
             aa_tail = dataclasses.replace(aa_tail, ci95=None)  # inconclusive; floor_notes says why
         aa_avg = paired(f"AA avg(DONE) − AA avg({base})", col("DONE", "robust", "autoattack"),
                         col(base, "robust", "autoattack"), side=">=", threshold=-0.02)
@@ -336,19 +336,24 @@ def summarise(config: DoneConfig, records: list[dict[str, Any]]) -> Results:
     return Results(tables=tables, claims=claims, notes=notes, figures={"robust_tail": figure})
 
 
+def at_floor(*columns: list[float]) -> bool:
+    """Whether every value of every per-seed column is 0 (accuracy at its floor: nothing to tell apart)."""
+    return all(v == 0 for column in columns for v in column)
+
+
 def floor_notes(config: DoneConfig, records: list[dict[str, Any]]) -> list[str]:
     """A diagnostic per training split where AutoAttack's tail-30% accuracy is 0 for every AutoAttack arm on
-    every seed: the AutoAttack tail claims there sit at the floor and cannot show a difference (their
-    interval is [0, 0]), whatever the methods do."""
+    every seed: the AutoAttack tail claims there sit at the floor and cannot show a difference, whatever the
+    methods do (they are reported inconclusive)."""
     arms = [m for m in config.methods if m in config.aa_methods]
     if config.aa_per_class == 0 or not arms:
         return []
     return [f"{d}: floor — AutoAttack tail-30% accuracy is 0 for every method ({', '.join(arms)}) on every seed "
             f"({config.aa_per_class} test images per class), so the AutoAttack tail-30% claims on this split "
-            "cannot show a difference (an interval of [0, 0] is a floor, not evidence against DONE); read the "
-            "AutoAttack average and the PGD claims there."
+            "cannot show a difference and are reported inconclusive (a floor is not evidence against DONE); read "
+            "the AutoAttack average and the PGD claims there."
             for d in config.splits
-            if all(r["runs"][d][m]["autoattack"]["robust_tail30"] == 0 for r in records for m in arms)]
+            if at_floor(*([r["runs"][d][m]["autoattack"]["robust_tail30"] for r in records] for m in arms))]
 
 
 experiment("done", paper="done", config=DoneConfig, trial=trial, summarise=summarise,
