@@ -1,4 +1,5 @@
-"""The one-node LSQ and StatsQ quantizers give the numbers of their autograd compositions, bit for bit."""
+"""The one-node LSQ and StatsQ quantizers give the numbers of their autograd compositions: the forward bit for
+bit, the gradients bit for bit (StatsQ) or up to float rounding (LSQ, whose backward takes fewer passes)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def composed_statsq(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return statsq_dequantize(statsq_codes(weight, bits, scale), scale, bits) + (weight - weight.detach())
 
 
+def same_lsq(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]) -> bool:
+    """Equal outputs, and gradients within float32 rounding (the one-node backward forms ``grad`` where the
+    composition forms ``grad·s/s``, and one sum where it forms two)."""
+    (out_a, gx_a, gs_a), (out_b, gx_b, gs_b) = new, old
+    return (torch.equal(out_a, out_b) and torch.allclose(gx_a, gx_b, rtol=1e-6, atol=1e-7)
+            and torch.equal(gx_a == 0, gx_b == 0) and torch.allclose(gs_a, gs_b, rtol=1e-5, atol=1e-7))
+
+
 def run(fn, x: torch.Tensor, step: torch.Tensor, upstream: torch.Tensor, **kw):
     x, step = x.detach().clone().requires_grad_(True), step.detach().clone().requires_grad_(True)
     out = fn(x, step, **kw)
@@ -40,14 +49,13 @@ def run(fn, x: torch.Tensor, step: torch.Tensor, upstream: torch.Tensor, **kw):
     ((12, 20), (12, 1), 2, 1),  # a weight, one step per row
     ((12, 20), (12, 1), 128, 127),  # 8 bits
 ])
-def test_one_node_lsq_equals_the_composition_bit_for_bit(shape, step_shape, qn, qp) -> None:
+def test_one_node_lsq_equals_the_composition(shape, step_shape, qn, qp) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (qp + 1) * torch.randn(*shape, generator=gen)  # about 10% beyond the range
     step = torch.rand(step_shape, generator=gen) + 0.1
     upstream = torch.randn(*shape, generator=gen)
     new, old = (run(f, x, step, upstream, qn=qn, qp=qp, g=0.013) for f in (lsq_quantize, composed_lsq))
-    for a, b in zip(new, old, strict=True):
-        assert torch.equal(a, b)
+    assert same_lsq(new, old)
     assert (new[1] == 0).any() and (new[1] != 0).any()  # some entries clamped, some not
 
 
@@ -59,7 +67,7 @@ def test_one_node_lsq_on_a_strided_input_and_a_tiny_step() -> None:
     for step in (torch.tensor(0.4), torch.tensor(1e-7)):  # below 1e-5 the step gets no gradient
         new, old = run(lsq_quantize, x, step, upstream, qn=2, qp=1, g=0.1), \
             run(composed_lsq, x, step, upstream, qn=2, qp=1, g=0.1)
-        assert all(torch.equal(a, b) for a, b in zip(new, old, strict=True))
+        assert same_lsq(new, old)
     assert new[2] == 0
 
 
@@ -81,20 +89,24 @@ def test_one_node_statsq_equals_the_composition_bit_for_bit(bits: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["lsq", "statsq"])
-def test_qat_training_is_identical_with_the_composed_quantizers(monkeypatch, method: str) -> None:
+def test_qat_gradients_match_the_composed_quantizers(monkeypatch, method: str) -> None:
+    """A whole QAT model: the same loss bit for bit and every parameter's gradient within float rounding. (A
+    few AdamW steps do not stay this close: where a gradient is ~0, a rounding-sized difference changes the
+    sign of a normalized update, and a weight near a code boundary then takes another code.)"""
     torch.manual_seed(0)
     base = TinyViT(10, image_size=8, patch_size=4, dim=16, depth=1, num_heads=2)
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    finals = []
+    losses, grads = [], []
     for composed in (False, True):
         if composed:
             monkeypatch.setattr(lsq_mod, "lsq_quantize", composed_lsq)
             monkeypatch.setattr(statsq_mod, "statsq", composed_statsq)
         model = prepare(copy.deepcopy(base), QuantConfig(bits_w=2, bits_a=2, method=method)).model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(3):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(finals[0], finals[1])
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.equal(losses[0], losses[1])
+    assert all(a is not None for a in grads[0])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
