@@ -5,7 +5,8 @@
    (peft, rank ``--lora-rank`` on every layer) and LIFT (``k = (m + n)·lora_rank`` per layer). The gradient
    peak is measured with a post-accumulate-grad hook that fires before LIFT's own hook frees the dense
    gradient. ``lift sparse_grad`` never forms a dense weight gradient (a sampled matmul in the backward pass
-   writes the ``(k,)`` gradient; its temporaries are not counted). With CUDA the allocator's measured peak is
+   writes the ``(k,)`` gradient into a buffer it keeps; its index buffers, the CSR row pointers and one shared
+   column-index scratch, are counted). With CUDA the allocator's measured peak is
    printed too. Then the seconds per step of each method, without any measuring hook, interleaved over
    ``--repeats`` rounds (medians; ``--profile`` adds torch.profiler's top operators of each method).
 2. Mask selection on a ``--size``² matrix with a power-law spectrum: exact SVD vs ``torch.svd_lowrank``
@@ -15,8 +16,16 @@
     python benchmarks/lift_memory.py --size 1024 --width 512      # a quick look
     python benchmarks/lift_memory.py --skip-selection --batch 256 # step times where the matmuls dominate
 
+The step-time rounds also time what bounds LIFT from below with the kernels it uses: the frozen stack's
+forward and backward (what every method pays: no weight gradient, no optimizer) and, per layer, the sampled
+product of the ``k`` gradient entries, the dense weight gradient and its gather at the mask, and the in-place
+update of the ``k`` entries (``index_add_``, which touches nearly every cache line of the weight). Their sums
+are printed as floors: ``floor_sparse_vs_lora`` = (frozen + layers × (sampled + update)) / LoRA and
+``floor_default_vs_lora`` = (frozen + layers × (dense grad + gather + update)) / LoRA, without LIFT's Adam
+on the ``k`` entries or any other cost, so no implementation on these kernels can go below them.
+
 The last line is JSON: ``step_time_vs_lora`` (default path), ``sparse_step_time_vs_lora`` (``sparse_grad``),
-their CPU-time versions, the memory ratios, the selection speed-up, and the load average of the run.
+their CPU-time versions, the two floors, the memory ratios, the selection speed-up, and the load average.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from _interleave import interleaved, machine, top_ops
 from torch import nn
 
 from weightlab.methods.lift.model import LiftConfig, prepare
+from weightlab.methods.lift.sampled import MaskPattern
 from weightlab.report.tables import markdown_table
 from weightlab.weights.lowrank import lora_budget, mask_overlap, principal_weight_mask
 
@@ -105,21 +115,62 @@ def measure(method: str, args: argparse.Namespace, device: torch.device) -> dict
     row: dict[str, object] = {"method": method, "trainable entries": n_trainable,
                               "trainable params (MiB)": 0.0 if "lift" in method else param_bytes / 2**20,
                               "peak live grads (MiB)": live["peak"] / 2**20,
-                              "optimizer state (MiB)": state / 2**20}
+                              "optimizer state (MiB)": state / 2**20,
+                              "index buffers (MiB)": opt.index_buffer_bytes() / 2**20 if "lift" in method else 0.0}
     # LIFT edits the frozen weights in place, so it stores no extra trainable parameters
     row["total (MiB)"] = (row["trainable params (MiB)"] + row["peak live grads (MiB)"]  # type: ignore[operator]
-                          + row["optimizer state (MiB)"])
+                          + row["optimizer state (MiB)"] + row["index buffers (MiB)"])
     if device.type == "cuda":
         row["CUDA peak (MiB)"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
+FLOOR_PARTS = ("frozen stack", "sampled grad", "dense grad + gather", "k-entry update")
+
+
+def floor_parts(args: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict[str, object]:
+    """One step's worth of each cost that bounds LIFT from below (see the module docstring): the frozen
+    stack's forward and backward, and ``--layers`` times each per-layer kernel on one layer's shapes."""
+    model = stack(args.width, args.layers).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale = torch.ones((), device=device, requires_grad=True)  # after layer 0, as LoRA and LIFT: no ∂x there
+    first, rest = model[0], model[1:]
+    m = n = args.width
+    k = lora_budget((m, n), args.lora_rank)
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randperm(m * n, generator=gen)[:k].sort().values.to(device=device, dtype=torch.int32)
+    pattern = MaskPattern.of(idx, (m, n), dtype=torch.float32)
+    flats = [block[0].weight.detach().clone().view(-1) for block in model]  # one per layer, as in training
+    grad_out = torch.randn(args.batch, m, device=device)
+    delta = torch.full((k,), 1e-9, device=device)
+
+    def frozen() -> None:
+        rest(first(x) * scale).pow(2).mean().backward()
+
+    def sampled() -> None:
+        for _ in range(args.layers):
+            pattern.grad(grad_out, x)
+
+    def dense() -> None:
+        for _ in range(args.layers):
+            (grad_out.T @ x).view(-1).index_select(0, idx)
+
+    def update() -> None:
+        for flat in flats:
+            flat.index_add_(0, idx, delta)
+
+    return dict(zip(FLOOR_PARTS, (frozen, sampled, dense, update), strict=True))
+
+
 def step_times(methods: tuple[str, ...], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
     """Seconds per training step of each method, without any measuring hook, interleaved (see
-    ``_interleave.py``): every round runs ``--steps`` steps of each method; medians over ``--repeats``."""
+    ``_interleave.py``): every round runs ``--steps`` steps of each method and ``--steps`` times each
+    :func:`floor_parts` cost; medians over ``--repeats``."""
     torch.manual_seed(1)
     x = torch.randn(args.batch, args.width, device=device)
     built = {m: build(m, args, device)[:2] for m in methods}
+    parts = floor_parts(args, device, x)
 
     def steps(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         for _ in range(args.steps):
@@ -134,8 +185,13 @@ def step_times(methods: tuple[str, ...], args: argparse.Namespace, device: torch
             print(f"\n### {m}: top operators of {args.steps} steps by self CPU time\n")
             print(top_ops(lambda model=model, opt=opt: steps(model, opt), rows=12))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = interleaved({m: (lambda mo=mo, op=op: steps(mo, op)) for m, (mo, op) in built.items()},
-                        repeats=args.repeats, sync=sync)
+    def repeat(part) -> None:
+        for _ in range(args.steps):
+            part()
+
+    contenders = {m: (lambda mo=mo, op=op: steps(mo, op)) for m, (mo, op) in built.items()}
+    contenders.update({name: (lambda part=part: repeat(part)) for name, part in parts.items()})
+    times = interleaved(contenders, repeats=args.repeats, sync=sync)
     return {m: {k: v / args.steps if k != "wall_spread" else v for k, v in t.items()} for m, t in times.items()}
 
 
@@ -224,8 +280,16 @@ def memory(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
            "memory_vs_lora": by["lift"]["total (MiB)"] / lora_total,
            "sparse_memory_vs_lora": by["lift sparse_grad"]["total (MiB)"] / lora_total,
            "memory_vs_full": by["lift"]["total (MiB)"] / by["full AdamW"]["total (MiB)"],
-           "s_per_step": {m: times[m]["wall_s"] for m in methods},
+           "s_per_step": {m: times[m]["wall_s"] for m in (*methods, *FLOOR_PARTS)},
            "wall_spread": {m: times[m]["wall_spread"] for m in methods}}
+    t = {name: times[name]["wall_s"] for name in FLOOR_PARTS}
+    lora = times["lora"]["wall_s"]
+    out["floor_sparse_vs_lora"] = (t["frozen stack"] + t["sampled grad"] + t["k-entry update"]) / lora
+    out["floor_default_vs_lora"] = (t["frozen stack"] + t["dense grad + gather"] + t["k-entry update"]) / lora
+    print(markdown_table([{"cost per step": name, "s": t[name], "× LoRA step": t[name] / lora}
+                          for name in FLOOR_PARTS]))
+    print(f"floors (no implementation on these kernels goes below): default path "
+          f"{out['floor_default_vs_lora']:.3f}× LoRA, sparse_grad {out['floor_sparse_vs_lora']:.3f}× LoRA")
     print(f"LIFT optimizer state / LoRA trainable-parameter state (params + grads + moments): "
           f"{out['state_vs_lora']:.3f}× (target ≤ 1.1×)")
     print(f"LIFT total / full AdamW total: {out['memory_vs_full']:.3f}×")

@@ -295,11 +295,41 @@ def prepare(model: nn.Module, config: LiftConfig = LiftConfig()) -> Lift:
     for p in saved.values():
         p.requires_grad_(True)
     lift = Lift(model, config, targets, saved, requires_grad)
+    ignore_in_ddp(model, [f"{n}.weight" for n in targets])
     if config.sparse_grad:
         for m in targets.values():
             masked_grad_linear(m, lift.optimizer)
     model._weightlab_lift = lift  # type: ignore[attr-defined]
     return lift
+
+
+DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+"""The attribute ``DistributedDataParallel`` reads, when it wraps a module, for the parameter names it must not
+all-reduce (what its ``_set_params_and_buffers_to_ignore_for_model`` sets)."""
+
+
+def ignore_in_ddp(model: nn.Module, names: list[str]) -> None:
+    """Keep DDP away from the target weights ``names``: LIFT gathers their dense gradients and frees them (or
+    never forms them) before DDP's all-reduce, and :meth:`SparseAdamW.synchronize` averages the gathered
+    ``(k,)`` gradients instead, so DDP needs no weight-sized buckets for them. Applies when DDP wraps ``model``
+    itself (torchrun, accelerate, the weightlab loop). DDP refuses a module with nothing left to all-reduce,
+    so when the targets are all that trains nothing is ignored: DDP then all-reduces their dense (or zero)
+    gradients to no use, and the update is still the averaged one."""
+    names_set = set(names)
+    if not any(p.requires_grad for n, p in model.named_parameters() if n not in names_set):
+        return
+    kept = list(getattr(model, DDP_IGNORE, ()))
+    setattr(model, DDP_IGNORE, kept + [n for n in names if n not in kept])
+    model._weightlab_lift_ddp_ignored = [n for n in names if n not in kept]  # type: ignore[attr-defined]
+
+
+def _unignore_in_ddp(model: nn.Module) -> None:
+    added = set(model.__dict__.pop("_weightlab_lift_ddp_ignored", ()))
+    left = [n for n in getattr(model, DDP_IGNORE, ()) if n not in added]
+    if left:
+        setattr(model, DDP_IGNORE, left)
+    else:
+        model.__dict__.pop(DDP_IGNORE, None)
 
 
 def _handle(obj: nn.Module | Lift) -> Lift:
@@ -347,6 +377,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         unmask_grad_linear(m)  # sparse_grad
     for n, p in model.named_parameters():
         p.requires_grad_(lift._requires_grad.get(n, True))
+    _unignore_in_ddp(model)
     del model._weightlab_lift
     return model
 

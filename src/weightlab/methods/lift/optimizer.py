@@ -12,6 +12,11 @@ on (as the official code does). Decoupled weight decay multiplies the masked ent
 place (the official code writes it to a boolean-indexed copy, where it has no effect).
 
 Parameters in groups with ``sparse=False`` (e.g. a new classifier head) get plain dense AdamW.
+
+Under ``torch.distributed`` (DDP, torchrun, accelerate) the gathered ``(k,)`` gradients are rank-local: DDP
+never sees them (:func:`~weightlab.methods.lift.model.prepare` tells DDP to ignore the target weights), so
+:meth:`SparseAdamW.synchronize` averages them over the process group, in one all-reduce per dtype, before
+clipping and before the update, as DDP averages dense gradients.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
-from weightlab.methods.lift.sampled import masked_weight_grad, row_pointers
+from weightlab.methods.lift.sampled import MaskPattern
 from weightlab.weights.lowrank import carry_over
 
 UNSTEPPED_WARNING = 1000
@@ -56,12 +62,15 @@ class SparseAdamW(torch.optim.Optimizer):
             gradient rather than from the weights.
         max_grad_norm: clip the global norm of the (gathered) gradients before the update.
         on_refresh: called as ``on_refresh(p, old_indices, new_indices)`` on every mask selection.
+        sync_grads: average the gathered sparse gradients over the ``torch.distributed`` process group when
+            one is initialised with more than one rank (``False``: ranks train independently).
     """
 
     def __init__(self, params: Iterable[dict[str, Any]], *, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-6, weight_decay: float = 0.0,
                  refresh_every: int = 0, needs_grad: bool = False, max_grad_norm: float | None = None,
-                 on_refresh: Callable[[nn.Parameter, Tensor, Tensor], None] | None = None) -> None:
+                 on_refresh: Callable[[nn.Parameter, Tensor, Tensor], None] | None = None,
+                 sync_grads: bool = True) -> None:
         if not lr > 0:
             raise WeightlabError(f"lr must be > 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -74,13 +83,16 @@ class SparseAdamW(torch.optim.Optimizer):
         self.refresh_every = refresh_every
         self.needs_grad = needs_grad
         self.max_grad_norm = max_grad_norm
+        self.sync_grads = sync_grads
+        self._synced = False  # the gathered gradients are averaged over the ranks already
         self.steps = 0
         # called as fn(p, old_indices, new_indices) on every selection, the first one included
         self.on_refresh: list[Callable[[nn.Parameter, Tensor, Tensor], None]] = [on_refresh] if on_refresh \
             else []
         self._selectors: dict[nn.Parameter, Selector] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}  # gathered (k,) gradients
-        self._crow: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # indices -> their CSR row pointers
+        self._patterns: dict[nn.Parameter, MaskPattern] = {}  # the current mask's CSR pattern and (k,) buffer
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # column indices, shared by weights
         self._pending: set[nn.Parameter] = set()  # masks to select from the next gradient
         self._unstepped: dict[nn.Parameter, int] = {}  # gradients gathered since the last step
         self._hooks: list[Any] = []
@@ -127,7 +139,7 @@ class SparseAdamW(torch.optim.Optimizer):
         st["exp_avg"] = carry_over(old, new, st["exp_avg"])
         st["exp_avg_sq"] = carry_over(old, new, st["exp_avg_sq"])
         st["indices"] = new
-        self._crow.pop(p, None)  # (the cache would keep the old indices alive)
+        self._patterns.pop(p, None)  # (the cache would keep the old indices alive)
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
@@ -148,19 +160,29 @@ class SparseAdamW(torch.optim.Optimizer):
         by :func:`masked_grad_linear`)."""
         if p in self._pending:
             raise WeightlabError("gradient masks need the dense gradient; use sparse_grad=False")
-        st = self.state[p]
-        m, n = p.shape
-        idx = st["indices"]
-        cached = self._crow.get(p)
-        if cached is None or cached[0] is not idx:  # a new mask: its CSR row pointers (m + 1 ints)
-            cached = self._crow[p] = (idx, row_pointers(idx, (m, n)))
-        g = masked_weight_grad(grad_out.reshape(-1, m), x.reshape(-1, n), idx, (m, n),
-                               dtype=st["exp_avg"].dtype, chunk_elements=chunk_elements, crow=cached[1])  # (k,)
-        if p in self._grads:
-            self._grads[p].add_(g)
+        pattern = self._pattern(p)
+        idx = pattern.indices
+        key = (idx.dtype, idx.device)
+        if self._scratch.get(key, idx[:0]).numel() < idx.numel():
+            self._scratch[key] = torch.empty_like(idx)
+        kw = {"chunk_elements": chunk_elements, "scratch": self._scratch[key]}
+        g_out, inp = grad_out.reshape(-1, p.shape[0]), x.reshape(-1, p.shape[1])
+        held = self._grads.get(p)
+        if held is pattern.values:  # a second backward pass before the step: add in place
+            pattern.grad(g_out, inp, accumulate=True, **kw)
+        elif held is not None:
+            held.add_(pattern.grad(g_out, inp, **kw))
         else:
-            self._grads[p] = g
+            self._grads[p] = pattern.grad(g_out, inp, **kw)  # (k,), no allocation
         self._count_unstepped(p)
+
+    def _pattern(self, p: nn.Parameter) -> MaskPattern:
+        """The :class:`MaskPattern` of ``p``'s current mask (built again after a refresh)."""
+        idx = self.state[p]["indices"]
+        pattern = self._patterns.get(p)
+        if pattern is None or pattern.indices is not idx:
+            pattern = self._patterns[p] = MaskPattern.of(idx, tuple(p.shape), dtype=self.state[p]["exp_avg"].dtype)
+        return pattern
 
     @torch.no_grad()
     def _gather(self, p: nn.Parameter) -> None:
@@ -183,6 +205,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._count_unstepped(p)
 
     def _count_unstepped(self, p: nn.Parameter) -> None:
+        self._synced = False
         count = self._unstepped[p] = self._unstepped.get(p, 0) + 1
         if count == UNSTEPPED_WARNING:
             warnings.warn(f"LIFT's SparseAdamW has gathered {count} gradients of a weight without a step: is it "
@@ -209,7 +232,7 @@ class SparseAdamW(torch.optim.Optimizer):
         transformers Trainer round-trip the state), and the refresh schedule's step counter is restored."""
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("steps", 0))
-        self._crow.clear()
+        self._patterns.clear()
         keys = ("indices", "exp_avg", "exp_avg_sq")
         state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in keys if k in s} for pid, s in state.items()}
@@ -232,10 +255,40 @@ class SparseAdamW(torch.optim.Optimizer):
         return [*self._grads.values(), *dense]
 
     @torch.no_grad()
+    def synchronize(self) -> None:
+        """Average every sparse weight's gathered ``(k,)`` gradient over the ranks (a no-op for one process,
+        with ``sync_grads=False``, or when already done since the last gather). A weight no rank gathered a
+        gradient for stays without one; one only some ranks did gets the others' zeros, as in DDP. Every rank
+        must call it (:meth:`step` and :meth:`clip_grad_norm_` do)."""
+        if self._synced or not self.sync_grads or not dist.is_available() or not dist.is_initialized():
+            return
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self._selectors:  # the same order on every rank
+            by_dtype.setdefault(self.state[p]["exp_avg"].dtype, []).append(p)
+        for dtype in sorted(by_dtype, key=str):
+            params = by_dtype[dtype]
+            parts = [self._grads[p] if p in self._grads else
+                     torch.zeros(self.state[p]["indices"].numel(), dtype=dtype, device=p.device) for p in params]
+            present = torch.tensor([float(p in self._grads) for p in params], dtype=dtype, device=parts[0].device)
+            flat = torch.cat([*parts, present])  # (Σk + P,)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(world)
+            for p, g, gathered in zip(params, flat[:-len(params)].split([t.numel() for t in parts]),
+                                      flat[-len(params):].tolist(), strict=True):
+                if gathered > 0:
+                    self._grads[p] = g
+        self._synced = True
+
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Scale every gradient this optimizer will apply (the gathered sparse ones, which an outer
         ``torch.nn.utils.clip_grad_norm_(model.parameters())`` never sees, and the dense ones) so their global
-        ℓ2 norm is at most ``max_norm``, as ``clip_grad_norm_`` does; returns the norm before clipping."""
+        ℓ2 norm is at most ``max_norm``, as ``clip_grad_norm_`` does; returns the norm before clipping (of the
+        gradients averaged over the ranks under ``torch.distributed``)."""
+        self.synchronize()
         grads = self._gradients()
         if not grads:
             return torch.zeros(())
@@ -252,6 +305,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.synchronize()
         if self.max_grad_norm is not None:
             self.clip_grad_norm_(self.max_grad_norm)
         self._unstepped.clear()
@@ -273,7 +327,9 @@ class SparseAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**t)).add_(eps)
+                # the gradient is used up: its buffer takes the denominator (no allocation)
+                denom = torch.sqrt(exp_avg_sq, out=grad) if group["sparse"] else exp_avg_sq.sqrt()
+                denom.div_(math.sqrt(1 - beta2**t)).add_(eps)
                 step_size = lr / (1 - beta1**t)
                 if group["sparse"]:
                     flat = p.view(-1)
@@ -286,6 +342,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                     p.add_((exp_avg / denom * -step_size).to(p.dtype))
         self.steps += 1
+        self._synced = False
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh_masks()
         return loss
@@ -312,6 +369,13 @@ class SparseAdamW(torch.optim.Optimizer):
         total = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
                     if isinstance(t, Tensor))
         return total + sum(g.numel() * g.element_size() for g in self._grads.values())
+
+    def index_buffer_bytes(self) -> int:
+        """Bytes of the ``sparse_grad`` path's index buffers: each mask's CSR row pointers and the column-index
+        scratch its weights share. (Each weight's ``(k,)`` gradient buffer also stays allocated between steps,
+        to be reused; it is the gradient :meth:`state_bytes` counts while one is gathered.)"""
+        crow = sum(pt.crow.numel() * pt.crow.element_size() for pt in self._patterns.values())
+        return crow + sum(t.numel() * t.element_size() for t in self._scratch.values())
 
     def is_sparse(self, p: Tensor) -> bool:
         """Whether ``p`` is one of this optimizer's sparse (masked) weights."""

@@ -8,7 +8,8 @@ entries at the mask's sorted flat indices. :func:`masked_weight_grad` computes t
 * above it, row block by row block of the dense product (BLAS is then cheaper per useful entry), gathering
   the mask's entries of each block, so at most ``max(k, 2²⁰)`` dense entries exist at a time.
 
-Both equal ``(grad_outᵀ x).view(-1)[indices]`` up to float rounding (a different summation order over the
+:class:`MaskPattern` keeps a mask's CSR pattern and its ``(k,)`` output buffer between backward passes. Both
+paths equal ``(grad_outᵀ x).view(-1)[indices]`` up to float rounding (a different summation order over the
 ``T`` rows; tested to ``rtol = 1e-5`` in float32). :func:`masked_grad_linear` makes an ``nn.Linear`` use it
 (``LiftConfig(sparse_grad=True)``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,18 +43,74 @@ def row_pointers(indices: Tensor, shape: tuple[int, int]) -> Tensor:
     return torch.searchsorted(indices, bounds).to(indices.dtype)
 
 
-def column_indices(indices: Tensor, crow: Tensor, n: int) -> Tensor:
+def column_indices(indices: Tensor, crow: Tensor, n: int, *, out: Tensor | None = None) -> Tensor:
     """Columns ``(k,)`` of sorted flat ``indices``: a bit mask when ``n`` is a power of two, else the index
-    minus its row's start (cheaper than an integer remainder)."""
+    minus its row's start (cheaper than an integer remainder); written into ``out[:k]`` when given."""
+    dest = None if out is None else out[: indices.numel()]
     if n & (n - 1) == 0:
-        return indices.bitwise_and(n - 1)
+        return torch.bitwise_and(indices, n - 1, out=dest) if dest is not None else indices.bitwise_and(n - 1)
     starts = torch.arange(crow.numel() - 1, dtype=indices.dtype, device=indices.device) * n  # (m,)
-    return indices - torch.repeat_interleave(starts, crow.diff(), output_size=indices.numel())
+    row_starts = torch.repeat_interleave(starts, crow.diff(), output_size=indices.numel())
+    return torch.sub(indices, row_starts, out=dest) if dest is not None else indices - row_starts
+
+
+@dataclass(eq=False)
+class MaskPattern:
+    """One mask's CSR row pointers and the ``(k,)`` buffer its gradient is written into, built once per mask
+    and reused by every backward pass (the optimizer keeps one per weight): the gradient buffer is the one
+    the optimizer steps with, so no ``k``-sized buffer is allocated per step (on a CPU a fresh one costs page
+    faults). The column indices (``k`` ints) are derived per pass, into a scratch buffer the caller may share
+    between its weights, so the memory held between steps stays the gradient's.
+
+    Attributes:
+        indices: ``(k,)`` sorted flat indices into the ``(m, n)`` weight.
+        shape: ``(m, n)``.
+        crow: :func:`row_pointers` of ``indices``.
+        values: ``(k,)`` the gradient buffer, in the compute dtype (float32 for half precision).
+        sampled: the density is low enough for the sampled matmul (else row blocks of the dense product).
+    """
+
+    indices: Tensor
+    shape: tuple[int, int]
+    crow: Tensor
+    values: Tensor
+    sampled: bool
+
+    @classmethod
+    def of(cls, indices: Tensor, shape: tuple[int, int], *, dtype: torch.dtype) -> MaskPattern:
+        m, n = shape
+        k = indices.numel()
+        crow = row_pointers(indices, shape)  # (m + 1,)
+        compute = dtype if dtype in SAMPLED_DTYPES else torch.float32
+        values = torch.zeros(k, dtype=compute, device=indices.device)  # (k,)
+        return cls(indices, (m, n), crow, values, sampled=k <= SAMPLED_MAX_DENSITY * m * n)
+
+    def grad(self, grad_out: Tensor, x: Tensor, *, accumulate: bool = False, chunk_elements: int | None = None,
+             scratch: Tensor | None = None) -> Tensor:
+        """Write ``(grad_outᵀ x).view(-1)[indices]`` into :attr:`values` (add it when ``accumulate``) and
+        return :attr:`values`; ``grad_out`` is ``(T, m)``, ``x`` is ``(T, n)``; ``scratch`` (at least ``k``
+        ints of the indices' dtype) takes the column indices."""
+        k = self.indices.numel()
+        if k == 0:
+            return self.values
+        if not accumulate:
+            self.values.zero_()  # (sampled_addmm scales the old values by beta, so a NaN would stay)
+        if not self.sampled:
+            _blocked(grad_out, x, self.indices, self.crow, self.shape, out=self.values,
+                     chunk=chunk_elements or max(k, 1 << 20))
+            return self.values
+        compute = self.values.dtype
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            cols = column_indices(self.indices, self.crow, self.shape[1], out=scratch)
+            csr = torch.sparse_csr_tensor(self.crow, cols, self.values, self.shape,
+                                          check_invariants=False)  # over the buffer
+            torch.sparse.sampled_addmm(csr, grad_out.to(compute).T, x.to(compute), out=csr)
+        return self.values
 
 
 def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tuple[int, int], *,
-                       dtype: torch.dtype, chunk_elements: int | None = None,
-                       crow: Tensor | None = None) -> Tensor:
+                       dtype: torch.dtype, chunk_elements: int | None = None) -> Tensor:
     """``(grad_outᵀ x).view(-1)[indices]`` without forming the ``(m, n)`` product.
 
     Args:
@@ -62,33 +120,17 @@ def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tupl
         shape: ``(m, n)``.
         dtype: dtype of the result (float32 for half-precision layers).
         chunk_elements: dense entries per row block on the blocked path (default ``max(k, 2²⁰)``).
-        crow: :func:`row_pointers` of ``indices`` if the caller keeps them (computed otherwise).
 
     Returns:
-        ``(k,)`` gradient entries in ``dtype``.
+        ``(k,)`` gradient entries in ``dtype`` (a fresh tensor; :class:`MaskPattern` reuses one).
     """
-    m, n = shape
-    k = indices.numel()
-    if k == 0:
-        return torch.zeros(0, dtype=dtype, device=grad_out.device)
-    crow = row_pointers(indices, shape) if crow is None else crow  # (m + 1,)
-    if k > SAMPLED_MAX_DENSITY * m * n:
-        return _blocked(grad_out, x, indices, crow, shape, dtype=dtype, chunk=chunk_elements or max(k, 1 << 20))
-    compute = dtype if dtype in SAMPLED_DTYPES else torch.float32
-    cols = column_indices(indices, crow, n)  # (k,)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(k, dtype=compute, device=grad_out.device),
-                                          (m, n), check_invariants=False)
-        sampled = torch.sparse.sampled_addmm(pattern, grad_out.to(compute).T, x.to(compute), beta=0.0)
-    return sampled.values().to(dtype)  # (k,)
+    return MaskPattern.of(indices, shape, dtype=dtype).grad(grad_out, x, chunk_elements=chunk_elements).to(dtype)
 
 
 def _blocked(grad_out: Tensor, x: Tensor, indices: Tensor, crow: Tensor, shape: tuple[int, int], *,
-             dtype: torch.dtype, chunk: int) -> Tensor:
-    """Row blocks of ``grad_outᵀ x`` ``(b, n)``, each gathered at its mask entries."""
+             out: Tensor, chunk: int) -> None:
+    """Add row blocks of ``grad_outᵀ x`` ``(b, n)``, each gathered at its mask entries, into ``out`` ``(k,)``."""
     m, n = shape
-    out = torch.empty(indices.numel(), dtype=dtype, device=grad_out.device)  # (k,)
     bounds = crow.tolist()
     common = torch.promote_types(grad_out.dtype, x.dtype)
     step = max(1, chunk // n)
@@ -98,8 +140,7 @@ def _blocked(grad_out: Tensor, x: Tensor, indices: Tensor, crow: Tensor, shape: 
         if s == e:
             continue
         block = grad_out[:, r0:r1].T.to(common) @ x.to(common)  # (b, n)
-        out[s:e] = block.reshape(-1).index_select(0, indices[s:e] - r0 * n).to(dtype)
-    return out
+        out[s:e] += block.reshape(-1).index_select(0, indices[s:e] - r0 * n).to(out.dtype)
 
 
 class _MaskedGradLinear(torch.autograd.Function):
