@@ -196,11 +196,13 @@ class SparseAdamW(torch.optim.Optimizer):
         if st["indices"].device != p.device:
             for key in ("indices", "exp_avg", "exp_avg_sq"):
                 st[key] = st[key].to(p.device)
-        g = p.grad.reshape(-1).index_select(0, st["indices"]).to(st["exp_avg"].dtype)  # (k,)
+        flat = p.grad.reshape(-1)
         if p in self._grads:
-            self._grads[p].add_(g)
+            self._grads[p].add_(flat.index_select(0, st["indices"]).to(st["exp_avg"].dtype))
+        elif flat.dtype == st["exp_avg"].dtype:  # into the mask's reused (k,) buffer
+            self._grads[p] = torch.index_select(flat, 0, st["indices"], out=self._pattern(p).values)
         else:
-            self._grads[p] = g
+            self._grads[p] = flat.index_select(0, st["indices"]).to(st["exp_avg"].dtype)  # (k,)
         p.grad = None
         self._count_unstepped(p)
 
