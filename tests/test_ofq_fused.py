@@ -110,3 +110,52 @@ def test_qat_gradients_match_the_composed_quantizers(monkeypatch, method: str) -
     assert all(a is not None for a in grads[0])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_attention_quantizes_q_k_v_in_one_node_with_the_three_nodes_numbers(monkeypatch) -> None:
+    from weightlab.methods.quant import layers
+
+    torch.manual_seed(0)
+    model = prepare(TinyViT(10, image_size=8, patch_size=4, dim=16, depth=1, num_heads=2),
+                    QuantConfig(bits_w=2, bits_a=2)).model
+    attn = next(m for m in model.modules() if isinstance(m, layers.QuantAttention))
+    x = torch.randn(3, 5, 16)
+    attn(x)  # the first batch initialises each of the three steps on its own view (three nodes)
+    steps = [attn.q_quantizer.step, attn.k_quantizer.step, attn.v_quantizer.step]
+    assert len({float(s.detach()) for s in steps}) == 3 and layers.joinable(
+        (attn.q_quantizer, attn.k_quantizer, attn.v_quantizer))
+    calls = []
+    monkeypatch.setattr(lsq_mod, "lsq_quantize", lambda *a, **k: calls.append(a[0].shape) or lsq_quantize(*a, **k))
+    results = []
+    for joint in (True, False):
+        if not joint:
+            monkeypatch.setattr(layers, "joinable", lambda quantizers: False)
+        calls.clear()
+        xi = x.clone().requires_grad_(True)
+        out = attn(xi)
+        grads = torch.autograd.grad(out.pow(2).sum(), [xi, *steps])
+        results.append((out, *grads, len(calls)))
+        assert ((3, 5, 3, 2, 8) in calls) is joint  # one node on the contiguous (B, N, 3, H, hd) qkv
+    (out_a, gx_a, *gs_a, nodes_a), (out_b, gx_b, *gs_b, nodes_b) = results
+    assert nodes_a == nodes_b - 2
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    for a, b in zip(gs_a, gs_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8) and a != 0
+
+
+def test_a_hooked_or_uninitialised_quantizer_keeps_the_three_nodes() -> None:
+    from weightlab.methods.quant import layers
+
+    model = prepare(TinyViT(10, image_size=8, patch_size=4, dim=16, depth=1, num_heads=2),
+                    QuantConfig(bits_w=2, bits_a=2)).model
+    attn = next(m for m in model.modules() if isinstance(m, layers.QuantAttention))
+    trio = (attn.q_quantizer, attn.k_quantizer, attn.v_quantizer)
+    assert not layers.joinable(trio)  # no batch seen yet
+    attn(torch.randn(2, 5, 16))
+    assert layers.joinable(trio)
+    seen = []
+    handle = attn.k_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    assert not layers.joinable(trio)
+    attn(torch.randn(2, 5, 16))
+    assert seen == [(2, 2, 5, 8)]  # the hook still sees k
+    handle.remove()

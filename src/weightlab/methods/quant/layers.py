@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightlab.errors import WeightlabError
+from weightlab.methods.quant import lsq
 from weightlab.methods.quant.act import ActOptions, make_act_quantizer
 from weightlab.methods.quant.lsq import LsqWeightQuantizer
 from weightlab.methods.quant.statsq import StatsQuantizer
@@ -136,6 +137,15 @@ def mask_logits(logits: Tensor, attn_mask: Tensor | None = None, is_causal: bool
     return logits + attn_mask
 
 
+def joinable(quantizers: tuple[nn.Module, ...]) -> bool:
+    """Whether ``quantizers`` can run as one LSQ node: all plain, initialised :class:`~.lsq.LsqActQuantizer`
+    of one range and one step each, with no forward hooks to bypass."""
+    first = quantizers[0]
+    return all(type(qz) is lsq.LsqActQuantizer and qz._initialized and qz.step.numel() == 1
+               and (qz.qn, qz.qp) == (first.qn, first.qp) and not qz._forward_hooks
+               and not qz._forward_pre_hooks for qz in quantizers)
+
+
 class QuantAttention(nn.Module):
     """Multi-head self-attention with quantized ``qkv``/``proj`` weights and LSQ-quantized q, k, v and
     attention probabilities (unsigned), as OFQ's baseline ``QAttention``. Same module names as timm.
@@ -158,10 +168,26 @@ class QuantAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, _ = x.shape  # (B, N, C)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        q, k = self.q_quantizer(self.q_norm(q)), self.k_quantizer(self.k_norm(k))
+        q, k, v = self.quantized_qkv(self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim))
         attn = mask_logits((q @ k.transpose(-2, -1)) * self.scale, attn_mask, is_causal)  # (B, H, N, N)
         attn = self.attn_drop(self.attn_quantizer(attn.softmax(dim=-1)))
-        out = (attn @ self.v_quantizer(v)).transpose(1, 2).reshape(b, n, -1)  # (B, N, H·hd)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)  # (B, N, H·hd)
         return self.proj_drop(self.proj(self.norm(out)))
+
+    def quantized_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, N, 3, H, hd)`` → the quantized q, k, v, each ``(B, H, N, hd)``.
+
+        When the three are plain per-tensor LSQ quantizers (initialised, without hooks) and there is no
+        q/k norm, one LSQ node quantizes the contiguous ``qkv`` with the three steps broadcast over its
+        ``3`` axis: the same outputs and input gradients as three nodes on the strided q, k and v views, the
+        step gradients up to float summation order, in a third of the nodes and without strided passes."""
+        quantizers = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
+        if (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+                and joinable(quantizers)):
+            first = self.q_quantizer
+            steps = torch.stack([qz.step for qz in quantizers]).view(1, 1, 3, 1, 1)
+            g = lsq.lsq_grad_scale(first.qp, qkv.shape[1] * qkv.shape[3] * qkv.shape[4])  # features of one
+            q, k, v = lsq.lsq_quantize(qkv, steps, qn=first.qn, qp=first.qp, g=g).permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+        return self.q_quantizer(self.q_norm(q)), self.k_quantizer(self.k_norm(k)), self.v_quantizer(v)

@@ -87,9 +87,9 @@ class _LsqQuantize(torch.autograd.Function):
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_step = None
         if ctx.needs_input_grad[1]:
-            if step.numel() == 1:  # one pass, no temporary
-                grad_s = torch.dot(grad.reshape(-1), d.reshape(-1).to(grad.dtype)).reshape(step.shape)
-            else:
+            if step.numel() == 1 and grad.is_contiguous() and d.is_contiguous():  # one pass, no temporary
+                grad_s = torch.dot(grad.view(-1), d.view(-1).to(grad.dtype)).reshape(step.shape)
+            else:  # (a strided q, k or v of attention: reshape(-1) would copy both)
                 grad_s = (grad * d).sum_to_size(step.shape)
             grad_step = grad_s.mul_(ctx.g).masked_fill_(step.lt(1e-5), 0.0)  # clamp_min passes nothing below
         return grad_x, grad_step, None, None, None
