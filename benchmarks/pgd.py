@@ -1,23 +1,25 @@
 """PGD speed: weightlab's ℓ∞ PGD against torchattacks' PGD (if importable) and a plain reference loop.
 
-Same model, same batch, same ε / step / steps, in one process; prints median wall times and the ratio
-weightlab / baseline (target ≤ 1.0). Without a random start the three produce the same adversarial examples
-(the loss is summed here and averaged there, which leaves the gradient's sign unchanged); that is checked too.
+Same model, same batch, same ε / step / steps, in one process; the contenders alternate round by round
+(``_interleave.py``) and the script prints median wall and CPU times and the ratio weightlab / baseline
+(target ≤ 1.0), then a final JSON line with ``weightlab_vs_<baseline>`` ratios and the load average. Without
+a random start the three produce the same adversarial examples (the loss is summed here and averaged there,
+which leaves the gradient's sign unchanged); that is checked first.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/pgd.py [--batch 256] [--size 32] [--repeats 7]
 
-torchattacks is optional: install it into a separate environment (``pip install torchattacks --no-deps``).
+torchattacks is optional (``make`` installs it with ``pip install --no-deps 'torchattacks>=3.5'``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import json
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _interleave import interleaved, machine
 from torch import Tensor, nn
 
 from weightlab.methods.adversarial.attacks import PGD
@@ -39,16 +41,6 @@ def plain_pgd(
         adv = adv.detach() + alpha * grad.sign()
         adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1).detach()
     return adv
-
-
-def median_time(fn: Callable[[], Tensor], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -89,14 +81,26 @@ def main() -> None:
     for name, fn in candidates.items():
         diff = (fn(False) - reference).abs().max().item()
         print(f"{name:>22}: max |Δ adv| vs weightlab without random start = {diff:.2e}")
-    times = {name: median_time(lambda fn=fn: fn(True), args.repeats) for name, fn in candidates.items()}
+    for fn in candidates.values():  # warm-up
+        fn(True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = interleaved({name: (lambda fn=fn: fn(True)) for name, fn in candidates.items()},
+                        repeats=args.repeats, sync=sync)
     print(
         f"PGD-{args.steps}, batch {args.batch}×1×{args.size}×{args.size}, SmallCNN(width={args.width}), "
-        f"device {device}, median of {args.repeats}"
+        f"device {device}, medians of {args.repeats} interleaved rounds"
     )
+    ratios: dict[str, float] = {}
     for name, t in times.items():
-        ratio = times["weightlab"] / t
-        print(f"{name:>22}: {t * 1000:8.1f} ms   weightlab / {name} = {ratio:.2f}")
+        ratio = times["weightlab"]["wall_s"] / t["wall_s"]
+        cpu_ratio = times["weightlab"]["cpu_s"] / t["cpu_s"]
+        print(f"{name:>22}: {t['wall_s'] * 1000:8.1f} ms   weightlab / {name} = {ratio:.2f} (CPU {cpu_ratio:.2f})")
+        if name != "weightlab":
+            key = name.split()[0].replace(" ", "_")
+            ratios[f"weightlab_vs_{key}"], ratios[f"weightlab_vs_{key}_cpu"] = ratio, cpu_ratio
+    print(json.dumps({"benchmark": "pgd", "batch": args.batch, "size": args.size, "steps": args.steps,
+                      "repeats": args.repeats, "device": str(device), **ratios,
+                      "ms": {n: 1000 * t["wall_s"] for n, t in times.items()}, "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ does not inflate.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _interleave import machine
 
 from weightlab.data import digits
 from weightlab.data.scenarios import SCoLeStream
@@ -158,6 +160,11 @@ def main() -> None:
         ends = [statistics.mean(t) for t in (times[:10], times[-10:], times[:k], times[-k:])]
         print(f"{name:<12}{1e3 * mean:>10.2f}{mean / base:>8.2f}" + "".join(
             f"{1e3 * e:>{w}.2f}" for e, w in zip(ends, (11, 10, 11, 10), strict=True)))
+    means = {name: statistics.mean(times) for name, times in per_task.items()}
+    print(json.dumps({"benchmark": "scole_overhead", "tasks": args.tasks, "repeats": args.repeats,
+                      "clock": args.clock, "train_vs_bare": means["train()"] / base,
+                      "experiment_vs_bare": means["experiment"] / base,
+                      "ms_per_task": {n: 1e3 * m for n, m in means.items()}, "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ the median wall time of each and the speed-up.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
+from _interleave import machine
 from torch import nn
 
 from weightlab.methods.universality.sgld import SGLD, SGLDConfig
@@ -92,6 +94,9 @@ def main() -> None:
     print(f"  sequential chains: {seq:.3f} s")
     print(f"  batched (K, in, out) + baddbmm: {bat:.3f} s")
     print(f"  speed-up: {seq / bat:.2f}x")
+    print(json.dumps({"benchmark": "sgld_chains", "chains": args.chains, "steps": args.steps,
+                      "repeats": args.repeats, "batched_speedup": seq / bat, "sequential_s": seq,
+                      "batched_s": bat, "machine": machine()}))
 
 
 if __name__ == "__main__":

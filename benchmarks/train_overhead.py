@@ -9,12 +9,14 @@ median wall times are compared. Target: ratio ≤ 1.05.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from _interleave import machine
 
 from weightlab.data import digits
 from weightlab.models import MLP
@@ -84,6 +86,9 @@ def main() -> None:
     print(f"bare PyTorch loop : {bare:.3f} s (median)")
     print(f"weightlab train() : {ours:.3f} s (median)")
     print(f"ratio weightlab / bare = {ours / bare:.3f}  (target ≤ 1.05)")
+    print(json.dumps({"benchmark": "train_overhead", "steps": steps, "repeats": args.repeats,
+                      "weightlab_vs_bare": ours / bare, "bare_s": bare, "weightlab_s": ours,
+                      "machine": machine()}))
 
 
 if __name__ == "__main__":
