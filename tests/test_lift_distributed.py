@@ -87,3 +87,38 @@ def test_prepare_tells_ddp_to_skip_the_targets_and_unload_forgets_it() -> None:
     alone = make()  # only the targets train: DDP would refuse a module with nothing to all-reduce
     prepare(alone, config(sparse_grad=False, head=False))
     assert not hasattr(alone, DDP_IGNORE)
+
+
+def test_synchronize_averages_and_keeps_weights_no_rank_saw(monkeypatch) -> None:
+    """One rank's view, with the other rank's contribution injected into the all-reduce: a weight gathered
+    here only gets the average with the other rank's zeros, one gathered on both the mean, and one no rank
+    gathered stays without a gradient (no step, as in one process)."""
+    from weightlab.methods.lift import optimizer as opt_mod
+
+    a, b, c = (nn.Parameter(torch.zeros(4, 4)) for _ in range(3))
+    idx = torch.tensor([0, 5, 10], dtype=torch.int32)
+    opt = opt_mod.SparseAdamW([{"params": [a, b, c], "sparse": True, "selectors": [lambda p, g: idx] * 3}])
+    opt._grads[a] = torch.tensor([2.0, 4.0, 6.0])  # only this rank
+    opt._grads[b] = torch.tensor([1.0, 1.0, 1.0])  # both ranks (the other has 3, 3, 3)
+    other = torch.tensor([0.0, 0, 0, 3, 3, 3, 0, 0, 0, 0, 1, 0])  # a's, b's, c's entries, then presence flags
+    calls = []
+
+    def all_reduce(flat, op=None):
+        calls.append(flat.numel())
+        flat.add_(other)
+
+    monkeypatch.setattr(opt_mod.dist, "is_available", lambda: True)
+    monkeypatch.setattr(opt_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(opt_mod.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(opt_mod.dist, "all_reduce", all_reduce)
+    opt.synchronize()
+    opt.synchronize()  # already averaged: no second all-reduce
+    assert calls == [12]
+    assert opt._grads[a].tolist() == [1.0, 2.0, 3.0] and opt._grads[b].tolist() == [2.0, 2.0, 2.0]
+    assert c not in opt._grads
+    opt.step()
+    assert float(opt.state[c]["step"]) == 0 and float(opt.state[a]["step"]) == 1
+    opt._grads[a] = torch.ones(3)
+    opt.sync_grads = False
+    opt.synchronize()
+    assert calls == [12]  # ranks train independently
