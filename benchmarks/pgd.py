@@ -96,7 +96,7 @@ def main() -> None:
         cpu_ratio = times["weightlab"]["cpu_s"] / t["cpu_s"]
         print(f"{name:>22}: {t['wall_s'] * 1000:8.1f} ms   weightlab / {name} = {ratio:.2f} (CPU {cpu_ratio:.2f})")
         if name != "weightlab":
-            key = name.split()[0].replace(" ", "_")
+            key = name.split()[0]
             ratios[f"weightlab_vs_{key}"], ratios[f"weightlab_vs_{key}_cpu"] = ratio, cpu_ratio
     print(json.dumps({"benchmark": "pgd", "batch": args.batch, "size": args.size, "steps": args.steps,
                       "repeats": args.repeats, "device": str(device), **ratios,

@@ -91,7 +91,7 @@ class _LsqQuantize(torch.autograd.Function):
                 grad_s = torch.dot(grad.view(-1), d.view(-1).to(grad.dtype)).reshape(step.shape)
             else:  # (a strided q, k or v of attention: reshape(-1) would copy both)
                 grad_s = (grad * d).sum_to_size(step.shape)
-            grad_step = grad_s.mul_(ctx.g).masked_fill_(step.lt(1e-5), 0.0)  # clamp_min passes nothing below
+            grad_step = grad_s.mul_(ctx.g).masked_fill_(step.ge(1e-5).logical_not_(), 0.0)  # clamp_min (NaN too)
         return grad_x, grad_step, None, None, None
 
 
